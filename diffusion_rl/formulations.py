@@ -1,0 +1,377 @@
+"""Diffusion formulations behind one interface.
+
+A formulation owns the noise process: its index grid (index grows toward the data), noising, coupled pairs of
+states, posterior coefficients, the preconditioning that turns a raw network into an x0-predicting denoiser, and
+the base loss weight. The TD layer (envs/, agents/) asks nothing else of it.
+
+- `EDMFormulation` ("edm"): VE, continuous time, the rho grid (spec 1, 2).
+- `VPFormulation`  ("vp", alias "ddpm"): DDPM discrete time; the network predicts eps (spec 2, derived posterior).
+- `CTFormulation`  ("ct"): the EDM grid with the consistency boundary parametrisation (spec 5).
+
+Levels are noise levels: sigma for EDM/CT, the (possibly fractional) timestep t for VP. Per-sample levels are
+1-D tensors of shape [B]; `expand_as_image` broadcasts them over image dimensions.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, check_choice, check_positive
+from .schedules import (
+    alpha_bar_from_betas,
+    cosine_betas,
+    edm_index_of_sigma,
+    edm_sigma_of_index,
+    linear_betas,
+)
+
+__all__ = [
+    "COUPLINGS",
+    "Coupling",
+    "Formulation",
+    "EDMFormulation",
+    "VPFormulation",
+    "CTFormulation",
+    "FORMULATIONS",
+    "make_formulation",
+    "expand_as_image",
+]
+
+Coupling = Literal["markov", "shared"]
+COUPLINGS: tuple[str, ...] = ("markov", "shared")
+
+
+def expand_as_image(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample tensor [B] (or a scalar) so it broadcasts against x [B, *F]."""
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if v.dim() == 0:
+        return v
+    return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+class Formulation(ABC):
+    """The noise process of one diffusion family; see the module docstring."""
+
+    name: str = ""
+    samplers: tuple[str, ...] = ()
+    steps: int  # N, points of the index grid; index 0 is the noisiest level, N-1 the cleanest
+
+    # ---- grid -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def level(self, index: Tensor) -> Tensor:
+        """Noise level at a continuous grid index (clamped to the grid)."""
+
+    @abstractmethod
+    def index(self, level: Tensor) -> Tensor:
+        """Continuous grid index of a noise level (levels are clamped to the grid first)."""
+
+    @abstractmethod
+    def in_range(self, level: Tensor) -> Tensor:
+        """Boolean mask: the level lies inside [min level, max level] of the grid."""
+
+    def grid(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Levels at the integer indices 0..N-1 (noisiest first)."""
+        return self.level(torch.arange(self.steps, dtype=dtype))
+
+    def shift(self, level: Tensor, delta: float) -> Tensor:
+        """The level `delta` index units toward the data: level(index(level) + delta) (spec 2)."""
+        return self.level(self.index(level) + delta)
+
+    # ---- forward process ----------------------------------------------------------------------------------
+    @abstractmethod
+    def add_noise(self, x0: Tensor, level: Tensor, noise: Tensor) -> Tensor:
+        """A sample of q(x_level | x0) built from standard normal `noise`."""
+
+    @abstractmethod
+    def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+        """A sample at the noisiest level, from which samplers start."""
+
+    @abstractmethod
+    def coupled_pair(self, x0: Tensor, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov",
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(x_t, x_s) at a noisier level t and a less noisy level s, coupled as spec section 3 says."""
+
+    @abstractmethod
+    def posterior(self, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
+        """(A, kappa) with E[x_s | x_t, x0] = A x0 + kappa x_t under the coupling (spec 2)."""
+
+    @abstractmethod
+    def posterior_variance(self, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov") -> Tensor:
+        """Var[x_s | x_t, x0] per pixel under the coupling (0 for shared noise: x_s is then determined)."""
+
+    def reverse_step(self, x0: Tensor, x_t: Tensor, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov",
+                     generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_s from the true x0-conditioned reverse kernel q(x_s | x_t, x0) (spec 3)."""
+        A, kappa = self.posterior(level_t, level_s, coupling)
+        std = self.posterior_variance(level_t, level_s, coupling).clamp(min=0).sqrt()
+        noise = _randn_like(x_t, generator)
+        return (expand_as_image(A, x_t) * x0 + expand_as_image(kappa, x_t) * x_t
+                + expand_as_image(std, x_t) * noise)
+
+    # ---- network and loss ---------------------------------------------------------------------------------
+    @abstractmethod
+    def preconditioning(self, level: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in, c_noise): D(x) = c_skip x + c_out F(c_in x, c_noise)."""
+
+    @abstractmethod
+    def base_weight(self, level: Tensor) -> Tensor:
+        """Weight of the base loss w(level) * mean_pixels (D(x_level) - x0)^2."""
+
+    @abstractmethod
+    def sample_training_level(self, n: int, generator: torch.Generator | None = None,
+                              device: torch.device | str = "cpu") -> Tensor:
+        """Training noise levels [n], from the family's own distribution."""
+
+    def base_loss(self, denoised: Tensor, x0: Tensor, level: Tensor) -> Tensor:
+        """Per-sample base loss w(level) * mean over pixels of (D - x0)^2 (spec 4.3; eps loss for VP)."""
+        err = (denoised - x0).pow(2).flatten(1).mean(1)
+        return self.base_weight(level).to(err) * err
+
+    def check_coupling(self, coupling: str) -> None:
+        check_choice("coupling", coupling, COUPLINGS)
+
+    def config(self) -> dict:
+        """Constructor arguments, for checkpoints and results records."""
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class EDMFormulation(Formulation):
+    """EDM / VE, continuous time (Karras et al. 2022), on the rho grid of spec section 1."""
+
+    name = "edm"
+    samplers = ("heun", "euler")
+
+    def __init__(self, steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+        check_positive("steps", steps)
+        if steps < 2:
+            raise ConfigError(f"steps must be >= 2 for the index grid, got {steps}")
+        if not 0 < sigma_min < sigma_max:
+            raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        check_positive("rho", rho, integer=False)
+        check_positive("sigma_data", sigma_data, integer=False)
+        self.steps, self.sigma_min, self.sigma_max, self.rho = int(steps), sigma_min, sigma_max, rho
+        self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
+
+    def config(self) -> dict:
+        return {"name": self.name, "steps": self.steps, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+                "rho": self.rho, "sigma_data": self.sigma_data, "p_mean": self.p_mean, "p_std": self.p_std}
+
+    def level(self, index: Tensor) -> Tensor:
+        return edm_sigma_of_index(index, self.steps, self.sigma_min, self.sigma_max, self.rho)
+
+    def index(self, level: Tensor) -> Tensor:
+        return edm_index_of_sigma(level, self.steps, self.sigma_min, self.sigma_max, self.rho)
+
+    def in_range(self, level: Tensor) -> Tensor:
+        return (level >= self.sigma_min) & (level <= self.sigma_max)
+
+    def add_noise(self, x0: Tensor, level: Tensor, noise: Tensor) -> Tensor:
+        return x0 + expand_as_image(level, x0) * noise
+
+    def prior(self, shape, generator=None, device="cpu", dtype=torch.float32) -> Tensor:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.sigma_max
+
+    def coupled_pair(self, x0, level_t, level_s, coupling="markov", generator=None):
+        # spec 3 / pitfall 7.4: Markov draws the less noisy state first, then adds fresh noise; variance >= 0.
+        self.check_coupling(coupling)
+        st, ss = expand_as_image(level_t, x0), expand_as_image(level_s, x0)
+        n1 = _randn_like(x0, generator)
+        x_s = x0 + ss * n1
+        if coupling == "shared":
+            return x0 + st * n1, x_s
+        n2 = _randn_like(x0, generator)
+        return x_s + (st.pow(2) - ss.pow(2)).clamp(min=0).sqrt() * n2, x_s
+
+    def posterior(self, level_t, level_s, coupling="markov"):
+        # spec 2: Markov kappa = (sigma_s/sigma_t)^2, shared kappa = sigma_s/sigma_t, A = 1 - kappa (VE only).
+        self.check_coupling(coupling)
+        ratio = level_s / level_t
+        kappa = ratio.pow(2) if coupling == "markov" else ratio
+        return 1 - kappa, kappa
+
+    def posterior_variance(self, level_t, level_s, coupling="markov"):
+        # x_t = x_s + sqrt(st^2 - ss^2) n2 with x_s ~ N(x0, ss^2): Var = ss^2 (st^2 - ss^2) / st^2.
+        self.check_coupling(coupling)
+        if coupling == "shared":
+            return torch.zeros_like(level_t)
+        return (level_s.pow(2) * (1 - (level_s / level_t).pow(2))).clamp(min=0)
+
+    def preconditioning(self, level):
+        # EDM (Karras et al. 2022, Table 1)
+        sd = self.sigma_data
+        var = level.pow(2) + sd ** 2
+        return sd ** 2 / var, level * sd / var.sqrt(), 1 / var.sqrt(), level.log() / 4
+
+    def base_weight(self, level):
+        # spec 4.3: w_edm = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2
+        return (level.pow(2) + self.sigma_data ** 2) / (level * self.sigma_data).pow(2)
+
+    def sample_training_level(self, n, generator=None, device="cpu"):
+        # spec 4.1: log-normal sigma, ln sigma ~ N(P_mean, P_std^2)
+        z = torch.randn(n, generator=generator, device=device)
+        return (self.p_mean + self.p_std * z).exp()
+
+
+class CTFormulation(EDMFormulation):
+    """Consistency training on the EDM grid with the boundary parametrisation of spec section 5.
+
+    f(x, sigma_min) = x exactly. Training levels are grid points sigma(n), n ~ U{0..N-2}; the partner of the
+    consistency pair is sigma(n + 1), drawn with shared noise by the agent.
+    """
+
+    name = "ct"
+    samplers = ("onestep", "multistep", "heun", "euler")
+
+    def preconditioning(self, level):
+        sd, smin = self.sigma_data, self.sigma_min
+        c_skip = sd ** 2 / ((level - smin).pow(2) + sd ** 2)
+        c_out = (level - smin) * sd / (level.pow(2) + sd ** 2).sqrt()
+        return c_skip, c_out, 1 / (level.pow(2) + sd ** 2).sqrt(), level.log() / 4
+
+    def base_weight(self, level):
+        # Original consistency training weights every level equally (lambda(t) = 1).
+        return torch.ones_like(level)
+
+    def sample_training_level(self, n, generator=None, device="cpu"):
+        idx = torch.randint(0, self.steps - 1, (n,), generator=generator, device=device)
+        return self.level(idx.to(torch.float32))
+
+
+class VPFormulation(Formulation):
+    """DDPM / VP, discrete time (Ho et al. 2020); the raw network predicts eps.
+
+    Levels are timesteps t in [1, T] (t = 0 is clean data); the index grid has `steps` points from t = T (index 0)
+    to t = 1 (index N-1), so N = T gives one index unit per timestep. Fractional t interpolates log abar linearly,
+    which is exact at integer t.
+    """
+
+    name = "vp"
+    samplers = ("ddim", "ddpm")
+    SCHEDULES = ("linear", "cosine")
+
+    def __init__(self, timesteps: int = 1000, schedule: str = "linear", steps: int | None = None) -> None:
+        check_positive("timesteps", timesteps)
+        if timesteps < 2:
+            raise ConfigError(f"timesteps must be >= 2, got {timesteps}")
+        check_choice("beta schedule", schedule, self.SCHEDULES)
+        steps = timesteps if steps is None else steps
+        check_positive("steps", steps)
+        if steps < 2:
+            raise ConfigError(f"steps must be >= 2 for the index grid, got {steps}")
+        self.timesteps, self.schedule, self.steps = int(timesteps), schedule, int(steps)
+        betas = linear_betas(timesteps) if schedule == "linear" else cosine_betas(timesteps)
+        self.betas = betas
+        self.alpha_bars = alpha_bar_from_betas(betas)  # [T + 1], abar_0 = 1
+        self._log_abar = self.alpha_bars.log()
+
+    def config(self) -> dict:
+        return {"name": self.name, "timesteps": self.timesteps, "schedule": self.schedule, "steps": self.steps}
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """abar at (possibly fractional) timesteps t in [0, T]."""
+        t = torch.as_tensor(t).clamp(0, self.timesteps)
+        table = self._log_abar.to(device=t.device)
+        lo = t.floor().long().clamp(max=self.timesteps - 1)
+        frac = (t - lo).to(table.dtype)
+        out = (table[lo] * (1 - frac) + table[lo + 1] * frac).exp()
+        return out.to(t.dtype) if t.is_floating_point() else out
+
+    def level(self, index: Tensor) -> Tensor:
+        T = self.timesteps
+        return (T - index / (self.steps - 1) * (T - 1)).clamp(1, T)
+
+    def index(self, level: Tensor) -> Tensor:
+        T = self.timesteps
+        return (T - level.clamp(1, T)) / (T - 1) * (self.steps - 1)
+
+    def in_range(self, level: Tensor) -> Tensor:
+        return (level >= 1) & (level <= self.timesteps)
+
+    def add_noise(self, x0, level, noise):
+        ab = expand_as_image(self.alpha_bar(level), x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def prior(self, shape, generator=None, device="cpu", dtype=torch.float32):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def coupled_pair(self, x0, level_t, level_s, coupling="markov", generator=None):
+        self.check_coupling(coupling)
+        n1 = _randn_like(x0, generator)
+        x_s = self.add_noise(x0, level_s, n1)
+        if coupling == "shared":
+            return self.add_noise(x0, level_t, n1), x_s
+        ratio = expand_as_image(self.alpha_bar(level_t) / self.alpha_bar(level_s), x0)  # abar_t / abar_s
+        n2 = _randn_like(x0, generator)
+        return ratio.sqrt() * x_s + (1 - ratio).clamp(min=0).sqrt() * n2, x_s
+
+    def posterior(self, level_t, level_s, coupling="markov"):
+        self.check_coupling(coupling)
+        ab_t, ab_s = self.alpha_bar(level_t), self.alpha_bar(level_s)
+        if coupling == "markov":
+            # spec 2 (derived): the DDPM posterior q(x_s | x_t, x0); here A + kappa != 1.
+            A = ab_s.sqrt() * (1 - ab_t / ab_s) / (1 - ab_t)
+            kappa = (ab_t / ab_s).sqrt() * (1 - ab_s) / (1 - ab_t)
+        else:
+            # shared noise: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) n with n recovered from x_t.
+            kappa = ((1 - ab_s) / (1 - ab_t)).sqrt()
+            A = ab_s.sqrt() - kappa * ab_t.sqrt()
+        return A, kappa
+
+    def posterior_variance(self, level_t, level_s, coupling="markov"):
+        # DDPM's beta-tilde between any s < t: (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s); 0 for shared noise.
+        self.check_coupling(coupling)
+        if coupling == "shared":
+            return torch.zeros_like(torch.as_tensor(level_t, dtype=torch.float32))
+        ab_t, ab_s = self.alpha_bar(level_t), self.alpha_bar(level_s)
+        return ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).clamp(min=0)
+
+    def preconditioning(self, level):
+        # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar); c_noise is log of the VE-equivalent sigma, / 4 as in EDM.
+        ab = self.alpha_bar(level)
+        c_skip = 1 / ab.sqrt()
+        c_out = -(1 - ab).sqrt() / ab.sqrt()
+        sigma_ve = ((1 - ab) / ab).sqrt()
+        return c_skip, c_out, torch.ones_like(ab), sigma_ve.log() / 4
+
+    def base_weight(self, level):
+        # |eps_hat - eps|^2 = abar / (1 - abar) |D - x0|^2: the standard eps loss in x0 terms.
+        ab = self.alpha_bar(level)
+        return ab / (1 - ab)
+
+    def eps_from_x0(self, x: Tensor, x0: Tensor, level: Tensor) -> Tensor:
+        ab = expand_as_image(self.alpha_bar(level), x)
+        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    def x0_from_eps(self, x: Tensor, eps: Tensor, level: Tensor) -> Tensor:
+        ab = expand_as_image(self.alpha_bar(level), x)
+        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    def sample_training_level(self, n, generator=None, device="cpu"):
+        return torch.randint(1, self.timesteps + 1, (n,), generator=generator, device=device).float()
+
+
+FORMULATIONS: dict[str, type[Formulation]] = {
+    "edm": EDMFormulation, "ve": EDMFormulation, "vp": VPFormulation, "ddpm": VPFormulation, "ct": CTFormulation,
+}
+
+
+def make_formulation(spec: str | Formulation, **kwargs) -> Formulation:
+    """A formulation from its name ("edm", "vp"/"ddpm", "ct") or an instance (returned as is)."""
+    if isinstance(spec, Formulation):
+        return spec
+    check_choice("formulation", spec, FORMULATIONS)
+    return FORMULATIONS[spec](**kwargs)
+

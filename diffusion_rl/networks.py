@@ -1,0 +1,214 @@
+"""Raw networks and the preconditioned denoiser (EDM's split).
+
+A raw network F(x_in, c_noise, labels) knows nothing of noise schedules. `Denoiser` wraps it with a formulation's
+preconditioning, D(x; level) = c_skip x + c_out F(c_in x, c_noise), so D always predicts x0.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, check_positive
+from .formulations import Formulation, expand_as_image
+
+__all__ = ["FourierEmbedding", "UNet", "MLP", "Denoiser", "build_network"]
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of the scalar noise conditioning c_noise (as in EDM's NCSN++)."""
+
+    def __init__(self, dim: int, scale: float = 16.0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        arg = c_noise.float()[:, None] * self.freqs[None, :] * (2 * math.pi)
+        return torch.cat([arg.cos(), arg.sin()], dim=1)
+
+
+class _NoiseLabelEmbedding(nn.Module):
+    """Noise embedding plus an optional class embedding, mapped to `dim` features."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.fourier = FourierEmbedding(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.num_classes = num_classes
+        self.label = nn.Embedding(num_classes, dim) if num_classes > 0 else None
+
+    def forward(self, c_noise: Tensor, labels: Tensor | None) -> Tensor:
+        emb = self.fourier(c_noise)
+        if self.label is not None and labels is not None:
+            emb = emb + self.label(labels.long())
+        return self.mlp(emb)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(8, cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(min(8, cout), cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class UNet(nn.Module):
+    """A small UNet for gray or RGB images.
+
+    Args:
+        resolution: image side (square images); must be divisible by 2^(len(channel_mult) - 1).
+        channels: 1 (gray) or 3 (RGB).
+        width: base channel count; level l has width * channel_mult[l] channels.
+        depth: residual blocks per level.
+        num_classes: > 0 adds a class embedding (class-conditional); 0 is unconditional.
+        dropout: dropout rate inside residual blocks.
+    """
+
+    def __init__(self, resolution: int, channels: int = 1, width: int = 32, depth: int = 1,
+                 channel_mult: Sequence[int] = (1, 2), num_classes: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        for what, v in (("resolution", resolution), ("channels", channels), ("width", width), ("depth", depth)):
+            check_positive(what, v)
+        factor = 2 ** (len(channel_mult) - 1)
+        if resolution % factor:
+            raise ConfigError(f"resolution {resolution} is not divisible by {factor} (channel_mult={tuple(channel_mult)})")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
+        emb_dim = 4 * width
+        self.embed = _NoiseLabelEmbedding(emb_dim, num_classes)
+        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips, c = [width], width
+        for level, mult in enumerate(channel_mult):
+            for _ in range(depth):
+                self.down.append(_ResBlock(c, width * mult, emb_dim, dropout))
+                c = width * mult
+                skips.append(c)
+            if level < len(channel_mult) - 1:
+                self.down.append(nn.AvgPool2d(2))
+                skips.append(c)
+        self.mid = nn.ModuleList([_ResBlock(c, c, emb_dim, dropout), _ResBlock(c, c, emb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(depth + 1):
+                self.up.append(_ResBlock(c + skips.pop(), width * mult, emb_dim, dropout))
+                c = width * mult
+            if level > 0:
+                self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        self.norm_out = nn.GroupNorm(min(8, c), c)
+        self.conv_out = nn.Conv2d(c, channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.resolution, self.resolution)
+
+    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        emb = self.embed(c_noise, labels)
+        h = self.conv_in(x)
+        hs = [h]
+        for block in self.down:
+            h = block(h, emb) if isinstance(block, _ResBlock) else block(h)
+            hs.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for block in self.up:
+            if isinstance(block, _ResBlock):
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            else:
+                h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MLP(nn.Module):
+    """A residual MLP for low-dimensional data (the 2-D toys)."""
+
+    def __init__(self, dim: int = 2, width: int = 128, depth: int = 3, num_classes: int = 0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        check_positive("dim", dim)
+        check_positive("width", width)
+        check_positive("depth", depth)
+        self.dim, self.num_classes = dim, num_classes
+        self.embed = _NoiseLabelEmbedding(width, num_classes)
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Dropout(dropout),
+                          nn.Linear(width, width)) for _ in range(depth))
+        self.out = nn.Linear(width, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+        h = self.inp(x) + self.embed(c_noise, labels)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(F.silu(h))
+
+
+class Denoiser(nn.Module):
+    """x0-predicting denoiser D(x; level) = c_skip x + c_out F(c_in x, c_noise) (EDM preconditioning).
+
+    The raw network runs in its own dtype (float32); the skip connection and the output keep the dtype of x,
+    so float64 sampling stays float64 outside the network.
+    """
+
+    def __init__(self, net: nn.Module, formulation: Formulation) -> None:
+        super().__init__()
+        self.net = net
+        self.formulation = formulation
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.net.sample_shape)
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """Raise ConfigError when samples of `shape` (without batch) do not fit the network."""
+        if tuple(shape) != self.sample_shape:
+            raise ConfigError(f"data of shape {tuple(shape)} does not fit the network, which takes {self.sample_shape}")
+
+    def forward(self, x: Tensor, level: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        level = torch.as_tensor(level, dtype=x.dtype, device=x.device)
+        if level.dim() == 0:
+            level = level.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.formulation.preconditioning(level)
+        net_dtype = next(self.net.parameters()).dtype
+        out = self.net((expand_as_image(c_in, x) * x).to(net_dtype), c_noise.to(net_dtype), labels)
+        return expand_as_image(c_skip, x) * x + expand_as_image(c_out, x) * out.to(x.dtype)
+
+
+def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int | None = None,
+                  depth: int = 1, dropout: float = 0.0, channel_mult: Sequence[int] | None = None) -> nn.Module:
+    """A default raw network for samples of `sample_shape`: an MLP for vectors, a UNet for [C, H, W] images."""
+    shape = tuple(sample_shape)
+    if len(shape) == 1:
+        return MLP(dim=shape[0], width=width or 128, depth=max(depth, 2), num_classes=num_classes, dropout=dropout)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ConfigError(f"sample shape {shape} is not supported; expected (D,) vectors or square (C, H, W) images")
+    c, res, _ = shape
+    if channel_mult is None:
+        channel_mult = (1, 2) if res <= 16 else (1, 2, 2)
+        while res % 2 ** (len(channel_mult) - 1):
+            channel_mult = channel_mult[:-1]
+    return UNet(res, channels=c, width=width or 32, depth=depth, channel_mult=channel_mult,
+                num_classes=num_classes, dropout=dropout)

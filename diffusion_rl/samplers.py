@@ -1,0 +1,165 @@
+"""Samplers with one call signature.
+
+Every sampler is `fn(denoise, formulation, x, steps, labels=None, generator=None) -> (x0, nfe)`, where `denoise(x,
+level, labels)` predicts x0, `x` is the starting sample at the noisiest level (in the dtype sampling runs in), and
+`nfe` is the number of denoiser evaluations actually spent. `sample(...)` is the front door: it picks the steps
+for an NFE budget, draws the start, and returns a `SampleResult`.
+
+- "heun", "euler": EDM's deterministic ODE samplers on the rho grid with sigma = 0 appended (spec 6);
+  Heun NFE = 2 steps - 1 (its last step, to sigma = 0, is Euler), Euler NFE = steps (spec 7.8).
+- "ddim" (eta = 0) and "ddpm" (ancestral, the posterior of spec 2) for the VP formulation.
+- "onestep" and "multistep" consistency sampling for CT.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, check_choice, check_positive
+from .formulations import CTFormulation, EDMFormulation, Formulation, VPFormulation
+from .schedules import edm_sampling_sigmas
+
+__all__ = ["SampleResult", "SAMPLERS", "steps_for_nfe", "sample", "default_sampler", "sampler_for_nfe"]
+
+DenoiseFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+@dataclass
+class SampleResult:
+    x: Tensor
+    nfe: int
+    sampler: str
+    steps: int
+
+
+def _levels(x: Tensor, level: Tensor) -> Tensor:
+    return level.to(x).expand(x.shape[0])
+
+
+def _edm_sigmas(formulation: Formulation, steps: int, dtype: torch.dtype) -> Tensor:
+    f = formulation
+    return edm_sampling_sigmas(steps, f.sigma_min, f.sigma_max, f.rho, dtype=dtype)
+
+
+def heun(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
+    """EDM Algorithm 1 (deterministic, no churn): Heun steps, Euler on the last step to sigma = 0."""
+    sigmas, nfe = _edm_sigmas(formulation, steps, x.dtype).to(x.device), 0
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - denoise(x, _levels(x, s), labels)) / s
+        x_next = x + (s_next - s) * d
+        nfe += 1
+        if s_next > 0:
+            d_next = (x_next - denoise(x_next, _levels(x, s_next), labels)) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
+            nfe += 1
+        x = x_next
+    return x, nfe
+
+
+def euler(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma on the rho grid."""
+    sigmas = _edm_sigmas(formulation, steps, x.dtype).to(x.device)
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (s_next - s) * (x - denoise(x, _levels(x, s), labels)) / s
+    return x, steps
+
+
+def _vp_timesteps(formulation: VPFormulation, steps: int, dtype: torch.dtype) -> Tensor:
+    """`steps` evenly spaced integer timesteps from T down to 1, then 0 (clean)."""
+    ts = torch.linspace(formulation.timesteps, 1, steps, dtype=torch.float64).round().to(dtype)
+    return torch.cat([ts, ts.new_zeros(1)])
+
+
+def ddim(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
+    """Deterministic DDIM (eta = 0): x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat."""
+    ts = _vp_timesteps(formulation, steps, x.dtype).to(x.device)
+    for t, s in zip(ts[:-1], ts[1:]):
+        lt = _levels(x, t)
+        x0 = denoise(x, lt, labels)
+        eps = formulation.eps_from_x0(x, x0, lt)
+        x = formulation.add_noise(x0, _levels(x, s), eps)
+    return x, steps
+
+
+def ddpm(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
+    """Ancestral sampling: x_s ~ q(x_s | x_t, x0_hat), the DDPM posterior between strided timesteps (spec 2)."""
+    ts = _vp_timesteps(formulation, steps, x.dtype).to(x.device)
+    for t, s in zip(ts[:-1], ts[1:]):
+        lt, ls = _levels(x, t), _levels(x, s)
+        x0 = denoise(x, lt, labels)
+        x = formulation.reverse_step(x0, x, lt, ls, "markov", generator=generator)
+    return x, steps
+
+
+def onestep(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
+    """Consistency one-step sampling: x0 = f(x_T, sigma_max)."""
+    return denoise(x, _levels(x, torch.tensor(formulation.sigma_max)), labels), 1
+
+
+def multistep(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
+    """Consistency multistep sampling: denoise, re-noise to the next grid level, repeat (`steps` evaluations)."""
+    sigmas = _edm_sigmas(formulation, steps, x.dtype)[:-1].to(x.device)
+    x = denoise(x, _levels(x, sigmas[0]), labels)
+    for s in sigmas[1:]:
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x_s = x + (s ** 2 - formulation.sigma_min ** 2).clamp(min=0).sqrt() * z
+        x = denoise(x_s, _levels(x, s), labels)
+    return x, steps
+
+
+SAMPLERS: dict[str, Callable] = {
+    "heun": heun, "euler": euler, "ddim": ddim, "ddpm": ddpm, "onestep": onestep, "multistep": multistep,
+}
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """Steps that spend exactly `nfe` evaluations; ConfigError if the sampler cannot reach that budget."""
+    check_choice("sampler", sampler, SAMPLERS)
+    check_positive("nfe", nfe)
+    if sampler == "heun":
+        if nfe % 2 == 0:
+            raise ConfigError(f"nfe {nfe} is unreachable by heun (NFE = 2 steps - 1: odd budgets 1, 3, 5, ...); "
+                              "use euler for even budgets")
+        return (nfe + 1) // 2
+    if sampler == "onestep" and nfe != 1:
+        raise ConfigError(f"nfe {nfe} is unreachable by onestep (NFE = 1 only)")
+    return nfe
+
+
+def default_sampler(formulation: Formulation) -> str:
+    """The family's main sampler: heun (EDM), ddim (VP), multistep (CT)."""
+    if isinstance(formulation, CTFormulation):
+        return "multistep"
+    return "heun" if isinstance(formulation, EDMFormulation) else "ddim"
+
+
+def sampler_for_nfe(formulation: Formulation, nfe: int, preferred: str | None = None) -> str:
+    """`preferred` (default: the family's main sampler), or Euler where Heun cannot reach the budget."""
+    name = preferred or default_sampler(formulation)
+    if name == "heun" and nfe % 2 == 0:
+        return "euler"
+    return name
+
+
+def sample(denoise: DenoiseFn, formulation: Formulation, shape: tuple[int, ...], *, sampler: str | None = None,
+           nfe: int | None = None, steps: int | None = None, labels: Tensor | None = None,
+           generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+           device: torch.device | str = "cpu") -> SampleResult:
+    """Draw `shape[0]` samples with `sampler`, given either an NFE budget or a number of steps.
+
+    Seeded by `generator` (the start noise and any ancestral noise); `dtype` is the sampling precision.
+    """
+    sampler = sampler or default_sampler(formulation)
+    check_choice(f"sampler for formulation {formulation.name!r}", sampler, formulation.samplers)
+    if (nfe is None) == (steps is None):
+        raise ConfigError("give exactly one of nfe or steps")
+    steps = steps_for_nfe(sampler, nfe) if nfe is not None else check_positive("steps", steps)
+    x = formulation.prior(tuple(shape), generator=generator, device=device, dtype=dtype)
+    with torch.no_grad():
+        x, spent = SAMPLERS[sampler](denoise, formulation, x, int(steps), labels=labels, generator=generator)
+    if nfe is not None and spent != nfe:
+        raise RuntimeError(f"sampler {sampler} spent {spent} evaluations for a budget of {nfe}")
+    return SampleResult(x=x, nfe=spent, sampler=sampler, steps=int(steps))
