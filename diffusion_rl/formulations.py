@@ -103,6 +103,17 @@ class Formulation(ABC):
     def posterior(self, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
         """(A, kappa) with E[x_s | x_t, x0] = A x0 + kappa x_t under the coupling (spec 2)."""
 
+    def one_step_posterior(self, level: Tensor, one_step: float,
+                           coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
+        """(A, kappa) toward the level `one_step` index units less noisy: the value's coefficients (spec 2)."""
+        return self.posterior(level, self.shift(level, one_step), coupling)
+
+    def one_step_mean(self, x0: Tensor, x: Tensor, level: Tensor, one_step: float,
+                      coupling: Coupling = "markov") -> Tensor:
+        """mu(x, level) = A x0 + kappa x (spec 2): mu_true with the clean x0, mu_theta with D_theta(x) for x0."""
+        A, kappa = self.one_step_posterior(level, one_step, coupling)
+        return expand_as_image(A, x) * x0 + expand_as_image(kappa, x) * x
+
     @abstractmethod
     def posterior_variance(self, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov") -> Tensor:
         """Var[x_s | x_t, x0] per pixel under the coupling (0 for shared noise: x_s is then determined)."""
