@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, check_positive
 from .formulations import Formulation, expand_as_image
 
-__all__ = ["FourierEmbedding", "UNet", "MLP", "Denoiser", "build_network"]
+__all__ = ["FourierEmbedding", "UNet", "MLP", "Denoiser", "build_network", "network_from_config"]
 
 
 class FourierEmbedding(nn.Module):
@@ -89,6 +89,9 @@ class UNet(nn.Module):
         if not 0 <= dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
+        self.config = {"kind": "unet", "resolution": resolution, "channels": channels, "width": width,
+                       "depth": depth, "channel_mult": list(channel_mult), "num_classes": num_classes,
+                       "dropout": dropout}
         emb_dim = 4 * width
         self.embed = _NoiseLabelEmbedding(emb_dim, num_classes)
         self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
@@ -146,6 +149,8 @@ class MLP(nn.Module):
         check_positive("width", width)
         check_positive("depth", depth)
         self.dim, self.num_classes = dim, num_classes
+        self.config = {"kind": "mlp", "dim": dim, "width": width, "depth": depth, "num_classes": num_classes,
+                       "dropout": dropout}
         self.embed = _NoiseLabelEmbedding(width, num_classes)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(
@@ -212,3 +217,13 @@ def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int 
             channel_mult = channel_mult[:-1]
     return UNet(res, channels=c, width=width or 32, depth=depth, channel_mult=channel_mult,
                 num_classes=num_classes, dropout=dropout)
+
+
+def network_from_config(config: dict) -> nn.Module:
+    """Rebuild a raw network from its `config` attribute (as stored in checkpoints)."""
+    kwargs = {k: v for k, v in config.items() if k != "kind"}
+    if config.get("kind") == "unet":
+        return UNet(**kwargs)
+    if config.get("kind") == "mlp":
+        return MLP(**kwargs)
+    raise ConfigError(f"unknown network kind {config.get('kind')!r}; accepted: unet, mlp")

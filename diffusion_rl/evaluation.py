@@ -1,0 +1,238 @@
+"""Evaluation across sampling budgets: samples at each NFE, metrics against the data, results.json, plots, grids.
+
+Images: FID and KID (torchmetrics) on the features of a classifier the library trains on the data set's labels
+(or Inception-v3 when its weights are installed and asked for). 2-D data: sliced Wasserstein-2 and energy
+distance against fresh true samples. Every record carries its protocol (spec 6): FIDs compare only under equal
+protocol.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .errors import ConfigError, check_choice, check_positive
+from .networks import Denoiser
+from .samplers import sample, sampler_for_nfe, steps_for_nfe
+
+__all__ = ["EvalConfig", "Evaluator", "evaluate_learner", "write_results", "plot_metric_vs_nfe", "save_sample_grid",
+           "DEFAULT_NFE_GRID", "format_table"]
+
+DEFAULT_NFE_GRID: tuple[int, ...] = (1, 2, 3, 5, 9, 17, 35)
+FEATURES = ("classifier", "inception")
+
+
+@dataclass
+class EvalConfig:
+    """How samples are drawn and scored."""
+
+    nfe_grid: Sequence[int] = DEFAULT_NFE_GRID  # sampling budgets to sweep
+    n_samples: int = 1000                       # generated samples per NFE
+    sampler: str | None = None                  # None: the family's main sampler, Euler where Heun can't reach
+    seed: int = 0                               # seeds sampling noise and labels
+    features: str = "classifier"                # FID features: "classifier" (trained here) or "inception"
+    batch_size: int = 500                       # samples per sampling batch
+    float64: bool = True                        # sample in float64 (the release's protocol)
+    grid_size: int = 64                         # images in each sample grid PNG
+    cache_dir: str | None = None                # feature-network cache (default ~/.cache/diffusion_rl)
+
+    def __post_init__(self) -> None:
+        self.nfe_grid = tuple(int(check_positive("nfe", n)) for n in self.nfe_grid)
+        check_positive("n_samples", self.n_samples)
+        check_positive("batch_size", self.batch_size)
+        check_choice("features", self.features, FEATURES)
+        if self.n_samples < 2:
+            raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {self.n_samples}")
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+@dataclass
+class Evaluator:
+    """Scores samples of one data set; builds the reference features once and reuses them across NFEs."""
+
+    dataset: object
+    config: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self._fid = None
+        self.feature_info: dict = {}
+        if self.dataset.kind == "image":
+            self._setup_image_metrics()
+        else:
+            self.feature_info = {"feature_net": "none (2-D metrics)", "reference": "fresh true samples"}
+
+    def _setup_image_metrics(self) -> None:
+        from .metrics import ImageFID, get_feature_net, inception_feature_net
+
+        if self.config.features == "inception":
+            net = inception_feature_net()
+            if net is None:
+                raise ConfigError("features 'inception' need torch-fidelity and its Inception-v3 weights installed "
+                                  "(pip install 'diffusion-rl[inception]'); accepted here: classifier")
+            self.feature_info = {"feature_net": "inception-v3 pool3 (2048-d)", "feature_net_accuracy": None}
+        else:
+            net = get_feature_net(self.dataset, cache_dir=self.config.cache_dir)
+            self.feature_info = {
+                "feature_net": f"classifier trained on {self.dataset.name} ({net.num_features}-d, "
+                               f"data hash {self.dataset.content_hash()})",
+                "feature_net_accuracy": round(float(net.accuracy), 4)}
+        self.feature_info["reference"] = f"{self.dataset.name} training set ({len(self.dataset.x)} images)"
+        self._fid = ImageFID(net, self.dataset.x)
+
+    def score(self, samples: Tensor) -> dict[str, float]:
+        """Metric name -> value for a batch of generated samples."""
+        samples = samples.float().cpu()
+        if self._fid is not None:
+            return self._fid.compute(samples)
+        from .metrics import energy_distance, sliced_wasserstein2
+
+        g = torch.Generator().manual_seed(self.config.seed + 12345)
+        ref = self.dataset.fresh(len(samples), g) if self.dataset.fresh is not None else self.dataset.x
+        return {"sw2": sliced_wasserstein2(samples, ref, generator=g), "energy": energy_distance(samples, ref)}
+
+    def generate(self, denoiser: Denoiser, nfe: int, device: torch.device | str = "cpu") -> tuple[Tensor, str]:
+        """`n_samples` samples at budget `nfe` (seeded), and the sampler used."""
+        cfg = self.config
+        name = sampler_for_nfe(denoiser.formulation, nfe, cfg.sampler)
+        steps_for_nfe(name, nfe)  # a clear error before any work when the budget is unreachable
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        labels_all = None
+        if getattr(denoiser.net, "num_classes", 0) > 0 and self.dataset.labels is not None:
+            idx = torch.randint(0, len(self.dataset.labels), (cfg.n_samples,), generator=torch.Generator().manual_seed(cfg.seed))
+            labels_all = self.dataset.labels[idx].to(device)
+        outs = []
+        denoiser.eval()
+        for start in range(0, cfg.n_samples, cfg.batch_size):
+            n = min(cfg.batch_size, cfg.n_samples - start)
+            labels = None if labels_all is None else labels_all[start:start + n]
+            res = sample(denoiser, denoiser.formulation, (n, *self.dataset.sample_shape), sampler=name, nfe=nfe,
+                         labels=labels, generator=g, dtype=torch.float64 if cfg.float64 else torch.float32,
+                         device=device)
+            outs.append(res.x.float().cpu())
+        return torch.cat(outs), name
+
+    def sweep(self, denoiser: Denoiser, method: str, training_steps: int, out_dir: str | Path | None = None,
+              device: torch.device | str = "cpu", progress: bool = True) -> list[dict]:
+        """One record per (NFE, metric) for `denoiser`; sample grids go to out_dir/samples/."""
+        from tqdm.auto import tqdm
+
+        records = []
+        for nfe in tqdm(self.config.nfe_grid, desc=f"eval {method}", disable=not progress, file=sys.stderr,
+                        leave=False):
+            t0 = time.perf_counter()
+            x, name = self.generate(denoiser, nfe, device)
+            scores = self.score(x)
+            wall = time.perf_counter() - t0
+            if out_dir is not None:
+                save_sample_grid(x[: self.config.grid_size], Path(out_dir) / "samples" / f"{method}_nfe{nfe:03d}.png",
+                                 title=f"{method}, {name}, NFE {nfe}")
+            for metric, value in scores.items():
+                records.append({
+                    "method": method, "sampler": name, "nfe": nfe, "metric": metric, "value": float(value),
+                    "dataset": self.dataset.name, "n_samples": self.config.n_samples, **self.feature_info,
+                    "seed": self.config.seed, "training_steps": int(training_steps), "wall_time_s": round(wall, 3),
+                    "float64": self.config.float64, "command": _command_line()})
+        return records
+
+
+def evaluate_learner(learner, nfe: int | Sequence[int] | None = None, config: EvalConfig | None = None,
+                     out_dir: str | Path | None = None, use_ema: bool = True) -> list[dict]:
+    """Evaluate a learner's EMA (or online) network across NFE budgets; returns result records."""
+    config = config or EvalConfig()
+    if nfe is not None:
+        config.nfe_grid = (nfe,) if isinstance(nfe, int) else tuple(nfe)
+        config.__post_init__()
+    net = learner.ema if use_ema else learner.denoiser
+    return Evaluator(learner.dataset, config).sweep(net, learner.method, learner.step, out_dir, learner.device)
+
+
+def write_results(records: list[dict], out_dir: str | Path, name: str = "results.json") -> Path:
+    """results.json: {"records": [...]} with one record per (method, sampler, NFE, metric)."""
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"records": records}, indent=1))
+    return path
+
+
+def format_table(records: list[dict], metric: str) -> str:
+    """A metric-vs-NFE table, one row per method."""
+    recs = [r for r in records if r["metric"] == metric]
+    methods = list(dict.fromkeys(r["method"] for r in recs))
+    nfes = sorted({r["nfe"] for r in recs})
+    head = f"{metric:>6} | " + " ".join(f"{'NFE ' + str(n):>9}" for n in nfes)
+    lines = [f"{'method':<22}{head}", "-" * (22 + len(head))]
+    for m in methods:
+        vals = {r["nfe"]: r["value"] for r in recs if r["method"] == m}
+        cells = " ".join(f"{vals[n]:>9.3f}" if n in vals else f"{'-':>9}" for n in nfes)
+        lines.append(f"{m:<22}{'':>6} | {cells}")
+    return "\n".join(lines)
+
+
+def plot_metric_vs_nfe(records: list[dict], path: str | Path, metric: str) -> Path:
+    """One curve per method: metric against NFE (log x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r["metric"] == metric]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m in dict.fromkeys(r["method"] for r in recs):
+        pts = sorted((r["nfe"], r["value"]) for r in recs if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(metric)
+    if recs:
+        r = recs[0]
+        ax.set_title(f"{metric} vs NFE on {r['dataset']} ({r['n_samples']} samples)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_sample_grid(x: Tensor, path: str | Path, title: str | None = None) -> Path:
+    """A PNG of images [B, C, H, W] in [-1, 1] tiled in a square grid, or a scatter of 2-D points [B, 2]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if x.dim() == 4:
+        n = x.shape[0]
+        rows = int(math.ceil(math.sqrt(n)))
+        pad = rows * rows - n
+        x = torch.cat([x, -torch.ones(pad, *x.shape[1:])]) if pad else x
+        grid = rearrange((x.clamp(-1, 1) + 1) / 2, "(r c) ch h w -> (r h) (c w) ch", r=rows)
+        ax.imshow(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray",
+                  vmin=0, vmax=1, interpolation="nearest")
+        ax.axis("off")
+    else:
+        ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.5)
+        ax.set_aspect("equal")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

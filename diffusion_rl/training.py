@@ -1,0 +1,296 @@
+"""The training loop shared by every learner: optimizer, evaluation EMA, checkpoints, metrics, resume.
+
+A `Learner` owns an online `Denoiser`, its evaluation EMA, Adam with linear warm-up, a seeded generator that drives
+data order and noise, and a step counter. Subclasses say how to `collect()` a batch and how to compute its
+`loss(batch)`; `update()` and `train()` do the rest, RL style. Checkpoints hold model, EMA, optimizer, RNG
+states, step and config; they are written atomically and loaded with `torch.load(weights_only=True)`, so
+`resume()` continues a run exactly (bit for bit on CPU).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, check_positive
+from .networks import Denoiser
+
+__all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" picks CUDA when there is a GPU, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every learner."""
+
+    batch_size: int = 128           # samples per optimizer step
+    lr: float = 1e-3                # Adam learning rate after warm-up
+    warmup_steps: int = 200         # linear learning-rate warm-up from 0
+    ema_halflife_images: float = 20_000.0  # evaluation EMA half-life, in training images (EDM)
+    grad_clip: float = 0.0          # max gradient norm; 0 disables clipping
+    seed: int = 0                   # seeds data order, noise and initialisation
+    checkpoint_every: int = 0       # steps between checkpoints; 0 writes only at the end of train()
+    log_every: int = 25             # steps between JSONL metric records
+
+    def __post_init__(self) -> None:
+        check_positive("batch_size", self.batch_size)
+        check_positive("lr", self.lr, integer=False)
+        check_positive("ema_halflife_images", self.ema_halflife_images, integer=False)
+        for name in ("warmup_steps", "checkpoint_every", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_positive("log_every", self.log_every)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint with weights_only=True; a missing or corrupt file raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise ConfigError(f"checkpoint {str(path)!r} is corrupt or not a diffusion-rl checkpoint ({type(e).__name__})")
+    missing = {"model", "ema", "optimizer", "step", "config", "rng"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ConfigError(f"checkpoint {str(path)!r} is not a diffusion-rl checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+class Learner(ABC):
+    """Base class of every trainable method: subclasses implement `collect` and `loss`.
+
+    Args:
+        denoiser: the online preconditioned network (its formulation is the learner's).
+        dataset: where training data comes from (`diffusion_rl.data.Dataset`).
+        config: optimisation settings.
+        out_dir: folder for checkpoints (`checkpoint.pt`) and metrics (`metrics.jsonl`); None keeps nothing on disk.
+        device: "auto" (GPU when there is one), "cpu" or "cuda".
+    """
+
+    method: str = "learner"
+
+    def __init__(self, denoiser: Denoiser, dataset, config: TrainConfig | None = None,
+                 out_dir: str | Path | None = None, device: str | torch.device = "auto") -> None:
+        self.config = config or TrainConfig()
+        self.device = resolve_device(device)
+        self.dataset = dataset
+        denoiser.check_shape(dataset.sample_shape)
+        self.denoiser = denoiser.to(self.device)
+        self.formulation = denoiser.formulation
+        self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=self.config.lr)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)  # noise
+        self.data_generator = torch.Generator().manual_seed(self.config.seed + 1)  # data order (CPU)
+        self.step = 0
+        self.images_seen = 0
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+
+    # ---- what a subclass defines ---------------------------------------------------------------------
+    @abstractmethod
+    def collect(self) -> TensorDict:
+        """Draw one training batch."""
+
+    @abstractmethod
+    def loss(self, batch: TensorDict) -> TensorDict:
+        """Per-sample terms and the scalar "loss" to minimise."""
+
+    def after_update(self) -> None:
+        """Hook run after each optimizer step (target networks move here)."""
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Modules besides the denoiser and EMA that a checkpoint must hold."""
+        return {}
+
+    def method_config(self) -> dict:
+        """Method settings that must match on resume."""
+        return {}
+
+    # ---- data helpers ----------------------------------------------------------------------------------
+    def draw_data(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random data batch (x0, labels) on the learner's device; labels are 0 for unlabeled data."""
+        n = batch_size or self.config.batch_size
+        x0, labels = self.dataset.draw(n, self.data_generator)
+        labels = torch.zeros(n, dtype=torch.long) if labels is None else labels
+        return x0.to(self.device), labels.to(self.device)
+
+    def labels_for_net(self, labels: torch.Tensor) -> torch.Tensor | None:
+        return labels if getattr(self.denoiser.net, "num_classes", 0) > 0 else None
+
+    # ---- one optimisation step ---------------------------------------------------------------------------
+    def _lr(self) -> float:
+        w = self.config.warmup_steps
+        return self.config.lr * min(1.0, (self.step + 1) / w) if w > 0 else self.config.lr
+
+    def update(self, batch: TensorDict) -> TensorDict:
+        """One optimizer step on `batch`, then the EMA and `after_update`. Raises NonFiniteLossError."""
+        self.denoiser.train()
+        out = self.loss(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {self.step}; "
+                                     "the last good checkpoint is left intact")
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self._update_ema(batch.batch_size[0])
+        self.step += 1
+        self.images_seen += batch.batch_size[0]
+        self.after_update()
+        return out.detach()
+
+    @torch.no_grad()
+    def _update_ema(self, batch_size: int) -> None:
+        # EDM: beta = 0.5 ** (batch / half-life in images)
+        beta = 0.5 ** (batch_size / self.config.ema_halflife_images)
+        for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters()):
+            p_ema.lerp_(p.detach(), 1 - beta)
+        for b_ema, b in zip(self.ema.buffers(), self.denoiser.buffers()):
+            b_ema.copy_(b)
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def train(self, steps: int, progress: bool = True) -> Iterator[dict]:
+        """Run until `self.step == steps` (total, so a resumed run stops where the uninterrupted one would),
+        yielding a metrics dict every `log_every` steps and writing checkpoints and metrics.jsonl to out_dir."""
+        check_positive("steps", steps)
+        cfg = self.config
+        bar = tqdm(total=steps, initial=self.step, desc=self.method, disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True, leave=False)
+        t0, acc = time.perf_counter(), {}
+        try:
+            while self.step < steps:
+                out = self.update(self.collect())
+                for k, v in out.items():
+                    if v.numel() == 1:
+                        acc[k] = acc.get(k, 0.0) + float(v)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == steps:
+                    n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                    rec = {"method": self.method, "step": self.step, "images": self.images_seen,
+                           "lr": self._lr(), "seconds": time.perf_counter() - t0,
+                           **{k: v / n for k, v in acc.items()}}
+                    acc = {}
+                    bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
+                    self._log(rec)
+                    yield rec
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+        self.save()
+
+    def _log(self, rec: dict) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def full_config(self) -> dict:
+        """Everything a resume must agree on."""
+        return {"method": self.method, "formulation": self.formulation.config(),
+                "network": getattr(self.denoiser.net, "config", {}),
+                "dataset": getattr(self.dataset, "name", "?"), "sample_shape": list(self.dataset.sample_shape),
+                "train": asdict(self.config), "method_config": self.method_config()}
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+               "data_generator": self.data_generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"model": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "extra": {k: m.state_dict() for k, m in self.extra_modules().items()},
+                "step": self.step, "images_seen": self.images_seen,
+                "config": json.loads(json.dumps(self.full_config())), "rng": rng}
+
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """Write a checkpoint atomically (default out_dir/checkpoint.pt); returns its path."""
+        if path is None:
+            if self.out_dir is None:
+                return None
+            path = self.out_dir / "checkpoint.pt"
+        atomic_save(self.state_dict(), path)
+        return Path(path)
+
+    def load_state_dict(self, ckpt: dict, strict_config: bool = True) -> None:
+        mine = json.loads(json.dumps(self.full_config()))
+        if strict_config and ckpt["config"] != mine:
+            diffs = _config_diff(ckpt["config"], mine)
+            raise ConfigError(f"checkpoint config does not match this run: {diffs}")
+        self.denoiser.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for k, m in self.extra_modules().items():
+            m.load_state_dict(ckpt["extra"][k])
+        self.step, self.images_seen = int(ckpt["step"]), int(ckpt.get("images_seen", 0))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.generator.set_state(ckpt["rng"]["generator"])
+        self.data_generator.set_state(ckpt["rng"]["data_generator"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+    def resume(self, path: str | Path | None = None) -> "Learner":
+        """Continue from a checkpoint (default out_dir/checkpoint.pt); the config must match."""
+        path = path or (self.out_dir / "checkpoint.pt" if self.out_dir else None)
+        if path is None:
+            raise ConfigError("resume needs a checkpoint path or an out_dir")
+        self.load_state_dict(load_checkpoint(path))
+        return self
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> str:
+    """The first differing key between two nested config dicts, as 'key: saved X vs now Y'."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: saved {a!r} vs now {b!r}"
+

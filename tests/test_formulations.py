@@ -1,0 +1,140 @@
+"""Closed-form checks of the formulations (spec sections 1, 2)."""
+import pytest
+import torch
+
+from diffusion_rl.errors import ConfigError
+from diffusion_rl.formulations import CTFormulation, EDMFormulation, VPFormulation, make_formulation
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These are closed-form checks: run them in float64, and restore the default afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+
+def test_edm_grid_matches_spec_formula_and_direction():
+    f = EDMFormulation()
+    a, b = 80 ** (1 / 7), 0.002 ** (1 / 7)
+    expected = torch.tensor([(a + i / 17 * (b - a)) ** 7 for i in range(18)])
+    assert torch.allclose(f.grid(), expected, rtol=1e-12)
+    assert f.grid()[0] == pytest.approx(80) and f.grid()[-1] == pytest.approx(0.002)
+    assert (f.grid().diff() < 0).all()  # larger index = less noise
+
+
+def test_edm_index_round_trip_and_clamps():
+    f = EDMFormulation()
+    i = torch.linspace(0, 17, 101)
+    assert torch.allclose(f.index(f.level(i)), i, atol=1e-9)
+    assert f.level(torch.tensor([-3.0, 20.0])).tolist() == pytest.approx([80.0, 0.002])
+    assert f.index(torch.tensor([1e3, 1e-6])).tolist() == pytest.approx([0.0, 17.0])
+
+
+def test_vp_index_round_trip_and_alpha_bar_exact_at_integers():
+    f = VPFormulation(timesteps=100)
+    i = torch.linspace(0, 99, 37)
+    assert torch.allclose(f.index(f.level(i)), i, atol=1e-9)
+    betas = torch.linspace(1e-4 * 10, 0.02 * 10, 100)
+    ab = torch.cumprod(1 - betas, 0)
+    assert torch.allclose(f.alpha_bar(torch.arange(1, 101).double()), ab, rtol=1e-10)
+    assert f.alpha_bar(torch.tensor(0.0)) == 1
+
+
+def test_edm_preconditioning_and_weight():
+    f = EDMFormulation()
+    s = torch.tensor([0.01, 0.5, 3.0, 80.0])
+    c_skip, c_out, c_in, c_noise = f.preconditioning(s)
+    assert torch.allclose(c_skip, 0.25 / (s ** 2 + 0.25))
+    assert torch.allclose(c_out, s * 0.5 / (s ** 2 + 0.25).sqrt())
+    assert torch.allclose(c_in, 1 / (s ** 2 + 0.25).sqrt())
+    assert torch.allclose(c_noise, s.log() / 4)
+    assert torch.allclose(f.base_weight(s), 1 / c_out ** 2)
+
+
+def test_ct_boundary_condition():
+    f = CTFormulation()
+    c_skip, c_out, _, _ = f.preconditioning(torch.tensor([0.002]))
+    assert c_skip.item() == pytest.approx(1.0) and c_out.item() == pytest.approx(0.0)
+
+
+def test_edm_kappa_depends_on_coupling():
+    f = EDMFormulation()
+    t, s = torch.tensor([2.0]), torch.tensor([1.0])
+    A, k = f.posterior(t, s, "markov")
+    assert k.item() == pytest.approx(0.25) and A.item() == pytest.approx(0.75)
+    A, k = f.posterior(t, s, "shared")
+    assert k.item() == pytest.approx(0.5) and A.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name,coupling", [("edm", "markov"), ("edm", "shared"), ("vp", "markov"), ("vp", "shared")])
+def test_posterior_matches_monte_carlo(name, coupling):
+    """E[x_s | x_t, x0] = A x0 + kappa x_t: regress x_s on x_t for fixed x0 over coupled pairs."""
+    f = make_formulation(name)
+    lt, ls = (torch.tensor([3.0]), torch.tensor([1.2])) if name == "edm" else (torch.tensor([600.0]), torch.tensor([350.0]))
+    n = 200_000
+    x0 = torch.full((n, 1), 0.7)
+    g = torch.Generator().manual_seed(0)
+    x_t, x_s = f.coupled_pair(x0, lt.expand(n), ls.expand(n), coupling, generator=g)
+    A, kappa = f.posterior(lt, ls, coupling)
+    xt, xs = x_t[:, 0], x_s[:, 0]
+    slope = ((xt - xt.mean()) * (xs - xs.mean())).mean() / xt.var()
+    intercept = xs.mean() - slope * xt.mean()
+    assert slope.item() == pytest.approx(kappa.item(), abs=0.01)
+    assert intercept.item() == pytest.approx(A.item() * 0.7, abs=0.01)
+    resid = xs - (A * 0.7 + kappa * xt)
+    assert resid.var().item() == pytest.approx(f.posterior_variance(lt, ls, coupling).item(), abs=0.01)
+
+
+def test_vp_posterior_is_not_ve_shortcut():
+    f = VPFormulation()
+    A, kappa = f.posterior(torch.tensor([500.0]), torch.tensor([400.0]))
+    assert abs((A + kappa).item() - 1) > 1e-3  # spec 7.3: VP needs its own A and kappa
+
+
+def test_vp_eps_x0_round_trip_and_eps_loss_weight():
+    f = VPFormulation()
+    x0, eps, t = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([1.0, 10.0, 500.0, 999.0])
+    x = f.add_noise(x0, t, eps)
+    assert torch.allclose(f.eps_from_x0(x, x0, t), eps, atol=1e-8)
+    assert torch.allclose(f.x0_from_eps(x, eps, t), x0, atol=1e-6)
+    # the base loss on D equals the eps loss on the implied eps prediction
+    d = x0 + 0.1 * torch.randn(4, 3)
+    eps_hat = f.eps_from_x0(x, d, t)
+    assert torch.allclose(f.base_loss(d, x0, t), (eps_hat - eps).pow(2).mean(1), rtol=1e-6)
+
+
+def test_vp_preconditioning_gives_x0_from_eps():
+    f = VPFormulation()
+    t = torch.tensor([3.0, 700.0])
+    x, eps = torch.randn(2, 5), torch.randn(2, 5)
+    c_skip, c_out, c_in, _ = f.preconditioning(t)
+    d = c_skip[:, None] * x + c_out[:, None] * eps
+    assert torch.allclose(d, f.x0_from_eps(x, eps, t))
+
+
+def test_cosine_schedule_alpha_bar_decreasing():
+    f = VPFormulation(schedule="cosine")
+    ab = f.alpha_bars
+    assert ab[0] == 1 and (ab.diff() < 0).all() and ab[-1] < 1e-3
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: make_formulation("edn"), "edn"),
+    (lambda: EDMFormulation(steps=0), "steps"),
+    (lambda: EDMFormulation(sigma_min=5, sigma_max=1), "sigma_min"),
+    (lambda: VPFormulation(schedule="quadratic"), "quadratic"),
+    (lambda: EDMFormulation().posterior(torch.ones(1), torch.ones(1), "tied"), "tied"),
+])
+def test_bad_input_is_named(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        bad()
+
+
+def test_training_level_distribution_is_lognormal():
+    f = EDMFormulation()
+    s = f.sample_training_level(100_000, torch.Generator().manual_seed(0))
+    assert s.log().mean().item() == pytest.approx(-1.2, abs=0.02)
+    assert s.log().std().item() == pytest.approx(1.2, abs=0.02)

@@ -1,0 +1,91 @@
+"""Samplers against the exact Gaussian denoiser, NFE bookkeeping and errors."""
+import pytest
+import torch
+
+from diffusion_rl.errors import ConfigError
+from diffusion_rl.formulations import EDMFormulation, VPFormulation, expand_as_image
+from diffusion_rl.samplers import sample, sampler_for_nfe, steps_for_nfe
+
+M, S = 0.3, 0.5
+
+
+def gaussian_denoiser(x, sigma, labels=None):
+    # D*(x; sigma) = m + s^2 / (s^2 + sigma^2) (x - m) for x0 ~ N(m, s^2)
+    sig = expand_as_image(sigma, x)
+    return M + S ** 2 / (S ** 2 + sig ** 2) * (x - M)
+
+
+def exact_ode_solution(x_T, sigma_max):
+    # (x_sigma - m) / sqrt(s^2 + sigma^2) is constant along the probability-flow ODE
+    return M + (x_T - M) * S / (S ** 2 + sigma_max ** 2) ** 0.5
+
+
+@pytest.mark.parametrize("sampler,nfe,tol", [("heun", 201, 5e-3), ("euler", 800, 1e-2)])
+def test_edm_samplers_reach_exact_ode_solution(sampler, nfe, tol):
+    f = EDMFormulation()
+    res = sample(gaussian_denoiser, f, (500, 1), sampler=sampler, nfe=nfe, generator=torch.Generator().manual_seed(0))
+    x_T = f.prior((500, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert res.nfe == nfe and res.x.dtype == torch.float64
+    assert (res.x - exact_ode_solution(x_T, 80.0)).abs().max().item() < tol
+
+
+def test_heun_error_shrinks_with_nfe():
+    f = EDMFormulation()
+    errs = []
+    for nfe in (9, 35, 101):
+        res = sample(gaussian_denoiser, f, (200, 1), nfe=nfe, generator=torch.Generator().manual_seed(1))
+        x_T = f.prior((200, 1), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        errs.append((res.x - exact_ode_solution(x_T, 80.0)).abs().max().item())
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_nfe_bookkeeping():
+    assert [steps_for_nfe("heun", n) for n in (1, 3, 5, 35)] == [1, 2, 3, 18]
+    assert steps_for_nfe("euler", 2) == 2
+    assert sampler_for_nfe(EDMFormulation(), 2) == "euler" and sampler_for_nfe(EDMFormulation(), 9) == "heun"
+    calls = []
+
+    def counting(x, s, y):
+        calls.append(1)
+        return gaussian_denoiser(x, s, y)
+
+    for nfe in (1, 3, 9):
+        calls.clear()
+        assert sample(counting, EDMFormulation(), (4, 1), sampler="heun", nfe=nfe).nfe == nfe == len(calls)
+
+
+def test_vp_samplers_with_exact_denoiser():
+    """DDIM with the exact VP denoiser recovers the data moments; DDPM ancestral too (stochastic)."""
+    f = VPFormulation()
+
+    def d_vp(x, t, labels=None):
+        ab = expand_as_image(f.alpha_bar(t), x)
+        # x = sqrt(ab) x0 + sqrt(1-ab) n with x0 ~ N(m, s^2): E[x0 | x] by Gaussian conditioning
+        var = ab * S ** 2 + (1 - ab)
+        return M + ab.sqrt() * S ** 2 / var * (x - ab.sqrt() * M)
+
+    for name, nfe in (("ddim", 100), ("ddpm", 200)):
+        x = sample(d_vp, f, (20000, 1), sampler=name, nfe=nfe, generator=torch.Generator().manual_seed(0)).x
+        assert x.mean().item() == pytest.approx(M, abs=0.02)
+        assert x.std().item() == pytest.approx(S, abs=0.02)
+
+
+def test_seeded_and_batched():
+    f = EDMFormulation()
+    a = sample(gaussian_denoiser, f, (8, 1), nfe=5, generator=torch.Generator().manual_seed(3)).x
+    b = sample(gaussian_denoiser, f, (8, 1), nfe=5, generator=torch.Generator().manual_seed(3)).x
+    assert torch.equal(a, b)
+    c = sample(gaussian_denoiser, f, (8, 1), nfe=5, dtype=torch.float32).x
+    assert c.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"sampler": "heun", "nfe": 4}, "nfe 4"),
+    ({"sampler": "rk4", "nfe": 3}, "rk4"),
+    ({"sampler": "ddim", "nfe": 3}, "ddim"),
+    ({"sampler": "euler", "nfe": 0}, "nfe"),
+    ({"sampler": "euler", "steps": -2}, "steps"),
+])
+def test_bad_sampler_input(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        sample(gaussian_denoiser, EDMFormulation(), (2, 1), **kwargs)
