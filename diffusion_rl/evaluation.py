@@ -89,7 +89,7 @@ class Evaluator:
                                f"data hash {self.dataset.content_hash()})",
                 "feature_net_accuracy": round(float(net.accuracy), 4)}
         self.feature_info["reference"] = f"{self.dataset.name} training set ({len(self.dataset.x)} images)"
-        self._fid = ImageFID(net, self.dataset.x)
+        self._fid = ImageFID(self.dataset, net)
 
     def score(self, samples: Tensor) -> dict[str, float]:
         """Metric name -> value for a batch of generated samples."""
@@ -136,7 +136,8 @@ class Evaluator:
             scores = self.score(x)
             wall = time.perf_counter() - t0
             if out_dir is not None:
-                save_sample_grid(x[: self.config.grid_size], Path(out_dir) / "samples" / f"{method}_nfe{nfe:03d}.png",
+                shown = x[: self.config.grid_size] if x.dim() == 4 else x[:2000]
+                save_sample_grid(shown, Path(out_dir) / "samples" / f"{method}_nfe{nfe:03d}.png",
                                  title=f"{method}, {name}, NFE {nfe}")
             for metric, value in scores.items():
                 records.append({
@@ -223,7 +224,8 @@ def save_sample_grid(x: Tensor, path: str | Path, title: str | None = None) -> P
         rows = int(math.ceil(math.sqrt(n)))
         pad = rows * rows - n
         x = torch.cat([x, -torch.ones(pad, *x.shape[1:])]) if pad else x
-        grid = rearrange((x.clamp(-1, 1) + 1) / 2, "(r c) ch h w -> (r h) (c w) ch", r=rows)
+        x = torch.nn.functional.pad((x.clamp(-1, 1) + 1) / 2, (0, 1, 0, 1), value=0.5)  # gray 1-px separators
+        grid = rearrange(x, "(r c) ch h w -> (r h) (c w) ch", r=rows)
         ax.imshow(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray",
                   vmin=0, vmax=1, interpolation="nearest")
         ax.axis("off")

@@ -36,7 +36,8 @@ FEATURE_NET_VERSION = 1  # bump when the architecture or the training recipe cha
 
 
 class FeatureNet(nn.Module):
-    """A small CNN classifier; its penultimate layer gives the features for FID/KID.
+    """A small CNN classifier (3 conv layers, 2x2 average pool, a feature layer, a linear head); its penultimate
+    layer gives the features for FID/KID.
 
     Input: images [B, C, H, W] in [-1, 1]. `forward` returns features [B, num_features]; `logits` the class logits.
     No batch norm or dropout, so train/eval mode does not change the features.
@@ -49,21 +50,26 @@ class FeatureNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, num_features: int = 64) -> None:
         super().__init__()
         w = width
-        self.arch = {"in_channels": in_channels, "num_classes": num_classes, "width": width,
-                     "num_features": num_features}
+        self.arch = self.default_arch(in_channels, num_classes, width, num_features)
         self.trunk = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.GroupNorm(min(8, w), w), nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
+            nn.Conv2d(in_channels, w, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(8, w), w), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(math.gcd(8, 2 * w), 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(math.gcd(8, 4 * w), 4 * w), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # a 2x2 grid keeps coarse layout (global pooling loses it)
         )
-        self.embed = nn.Linear(4 * w, num_features)
+        self.embed = nn.Linear(16 * w, num_features)
         self.head = nn.Linear(num_features, num_classes)
         self.num_features = int(num_features)
         self.accuracy = float("nan")
 
+    @staticmethod
+    def default_arch(in_channels: int, num_classes: int, width: int = 16, num_features: int = 64) -> dict[str, int]:
+        """The constructor arguments as a plain dict (stored in the cache metadata)."""
+        return {"in_channels": int(in_channels), "num_classes": int(num_classes), "width": int(width),
+                "num_features": int(num_features)}
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.trunk(x.float()).mean(dim=(2, 3))
-        return F.silu(self.embed(h))
+        return F.silu(self.embed(self.trunk(x.float())))
 
     def logits(self, x: Tensor) -> Tensor:
         return self.head(self.forward(x))
@@ -176,7 +182,7 @@ def get_feature_net(dataset: Dataset, cache_dir: str | None = None, seed: int = 
     folder = os.path.expanduser(cache_dir) if cache_dir is not None else _default_cache()
     content_hash = dataset.content_hash()
     path = os.path.join(folder, f"featurenet-v{FEATURE_NET_VERSION}-{content_hash}-seed{seed}.pt")
-    arch = FeatureNet(dataset.sample_shape[0], dataset.num_classes).arch
+    arch = FeatureNet.default_arch(dataset.sample_shape[0], dataset.num_classes)
     if os.path.isfile(path):
         net = _load_cached(path, content_hash, arch)
         if net is not None:

@@ -91,6 +91,7 @@ class DiffusionMRP(EnvBase):
             [0, N-1-(stride+one_step)], so that at least one step is always possible.
         device: where states live; the env's torch.Generator lives there too.
         seed: seed of the env's generators (None: drawn from torch's global RNG).
+        dtype: float dtype of states and rewards (float32; float64 makes reward sums telescope to rounding error).
     """
 
     batch_locked = False  # TorchRL idiom (pendulum tutorial): the batch may come from the reset tensordict
@@ -98,7 +99,8 @@ class DiffusionMRP(EnvBase):
     def __init__(self, dataset: str | Dataset = "digits", formulation: str | Formulation = "edm", *,
                  batch_size: int | Sequence[int] = (1,), stride: float | None = None,
                  one_step: float | None = None, coupling: str = "markov", start: str = "max",
-                 device: str | torch.device = "cpu", seed: int | None = None) -> None:
+                 device: str | torch.device = "cpu", seed: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         # --- validate everything cheap before loading data ---
         check_choice("coupling", coupling, COUPLINGS)
         check_choice("start", start, STARTS)
@@ -111,6 +113,7 @@ class DiffusionMRP(EnvBase):
                                                  d_one if one_step is None else one_step, form.steps)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed must be an int or None, got {seed!r}")
+        check_choice("dtype", dtype, (torch.float32, torch.float64))
 
         super().__init__(device=device, batch_size=batch_size)
         self.formulation = form
@@ -119,7 +122,7 @@ class DiffusionMRP(EnvBase):
         self.dataset = load_dataset(dataset, seed=0 if seed is None else seed) if isinstance(dataset, str) else dataset
         self.sample_shape = tuple(self.dataset.sample_shape)
         self.num_classes = int(getattr(self.dataset, "num_classes", 0) or 0)
-        self.dtype = torch.float32
+        self.dtype = dtype
         self.last_index = float(form.steps - 1)  # N-1
         self._make_spec()
         if seed is None:
@@ -157,8 +160,13 @@ class DiffusionMRP(EnvBase):
 
     @property
     def generator(self) -> torch.Generator:
-        """The env's noise generator (on the env's device)."""
+        """The env's noise generator (on the env's device); `set_seed` replaces it."""
         return self._generator
+
+    @property
+    def data_generator(self) -> torch.Generator:
+        """The CPU generator of the data draws (`Dataset.draw`); `set_seed` replaces it."""
+        return self._data_generator
 
     # ---- helpers -----------------------------------------------------------------------------------------------
     def _draw(self, n: int) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,80 @@
+"""A single-sample Gymnasium view of the diffusion MRP ("diffusion_rl/DiffusionMRP-v0").
+
+Observations are numpy dicts {"x": Box(*F), "level": Box((1,)), "index": Box((1,)), "label": Discrete(C)}; the
+clean sample x0 is not observable and travels in `info["x0"]`. There is one action (Discrete(1), ignored).
+
+Reward: Gymnasium wants a scalar, so `step` returns the MEAN over sample elements of the image-valued reward
+mu_true(s) - mu_true(s') (a mean of telescoping rewards still telescopes); the full image-valued reward is in
+`info["reward_image"]`. Episodes are never terminated, only truncated at the sigma_min end (spec 3).
+"""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from .diffusion_mrp import DiffusionMRP
+
+__all__ = ["DiffusionMRPGym", "ENV_ID"]
+
+ENV_ID = "diffusion_rl/DiffusionMRP-v0"
+
+
+class DiffusionMRPGym(gym.Env):
+    """Gymnasium adapter around an unbatched `DiffusionMRP` (CPU, float32); arguments as for DiffusionMRP."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, dataset="digits", formulation="edm", *, stride: float | None = None,
+                 one_step: float | None = None, coupling: str = "markov", start: str = "max",
+                 seed: int | None = None, render_mode: str | None = None) -> None:
+        super().__init__()
+        if render_mode is not None:
+            from diffusion_rl.errors import ConfigError
+            raise ConfigError(f"render_mode {render_mode!r} is not supported; accepted: None")
+        self.mrp = DiffusionMRP(dataset, formulation, batch_size=(), stride=stride, one_step=one_step,
+                                coupling=coupling, start=start, device="cpu", seed=seed)
+        shape = tuple(self.mrp.sample_shape)
+        n_last = float(self.mrp.last_index)
+        form = self.mrp.formulation
+        max_level = float(form.level(torch.zeros((), dtype=torch.float64))) * (1 + 1e-3)  # the noisiest level
+        self.observation_space = spaces.Dict({
+            "x": spaces.Box(-np.inf, np.inf, shape=shape, dtype=np.float32),
+            "level": spaces.Box(0.0, max_level, shape=(1,), dtype=np.float32),
+            "index": spaces.Box(0.0, n_last, shape=(1,), dtype=np.float32),
+            "label": spaces.Discrete(max(self.mrp.num_classes, 1)),
+        })
+        self.action_space = spaces.Discrete(1)
+        self._state = None
+
+    def _obs(self, td) -> dict:
+        return {
+            "x": td["x"].detach().cpu().numpy().astype(np.float32),
+            "level": td["level"].detach().cpu().reshape(1).numpy().astype(np.float32),
+            "index": td["index"].detach().cpu().reshape(1).numpy().astype(np.float32),
+            "label": np.int64(td["label"].item()),
+        }
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self.mrp.set_seed(seed)
+        td = self.mrp.reset()
+        self._state = td.select("x", "level", "index", "label", "x0")
+        return self._obs(td), {"x0": td["x0"].cpu().numpy()}
+
+    def step(self, action):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        if not self.action_space.contains(action):
+            raise ValueError(f"action {action!r} is not in {self.action_space}")
+        td = self._state.clone()
+        td.set("action", torch.zeros((), dtype=torch.int64))
+        nxt = self.mrp.step(td)["next"]
+        self._state = nxt.select("x", "level", "index", "label", "x0")
+        reward_image = nxt["reward"]
+        reward = float(reward_image.mean())
+        truncated = bool(nxt["truncated"].item())
+        info = {"x0": nxt["x0"].cpu().numpy(), "reward_image": reward_image.cpu().numpy()}
+        return self._obs(nxt), reward, False, truncated, info

@@ -1,0 +1,379 @@
+"""The diffusion MRP environment (envs/diffusion_mrp.py, envs/gym_env.py): specs, dynamics, rewards, draws."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import gymnasium
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import check_env_specs
+
+import envs
+from diffusion_rl.errors import ConfigError
+from diffusion_rl.formulations import EDMFormulation, VPFormulation
+from envs import DiffusionMRP, default_stride_one_step
+
+STATE = ("x", "level", "index", "label", "x0")
+DONE = ("done", "terminated", "truncated")
+
+
+@pytest.fixture(scope="module")
+def points():
+    from diffusion_rl.data import load_dataset
+    return load_dataset("8gaussians", n_points=2000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from diffusion_rl.data import load_dataset
+    return load_dataset("digits")
+
+
+def data_for(name, points, digits):
+    return points if name == "points" else digits
+
+
+# ---------------------------------------------------------------- specs and rollouts ----------------------------
+
+@pytest.mark.parametrize("data,form", [("digits", "edm"), ("digits", "vp"), ("points", "edm"), ("points", "vp"),
+                                       ("points", "ct")])
+def test_check_env_specs(data, form, points, digits):
+    env = DiffusionMRP(data_for(data, points, digits), form, batch_size=(3,), seed=0)
+    check_env_specs(env, seed=0)
+
+
+def test_check_env_specs_random_start_and_2d_batch(points):
+    env = DiffusionMRP(points, "edm", batch_size=(2, 3), start="random", seed=1)
+    check_env_specs(env, seed=1, break_when_any_done="all")
+    td = env.reset()
+    assert td["index"].shape == (2, 3)
+    hi = env.last_index - (env.stride + env.one_step)
+    assert (td["index"] >= 0).all() and (td["index"] <= hi).all()
+
+
+@pytest.mark.parametrize("form", ["edm", "vp", "ct"])
+def test_rollout_shapes_strides_truncation(form, points):
+    B = 4
+    env = DiffusionMRP(points, form, batch_size=(B,), seed=0)
+    N1 = env.formulation.steps - 1
+    k, d = env.stride, env.one_step
+    T_expected = math.floor((N1 - d) / k + 1e-9)  # states 0, k, ..., all with index <= N-1-d; transitions between
+    ro = env.rollout(1000)
+    T = ro.batch_size[1]
+    assert ro.batch_size == (B, T) and T == T_expected
+    assert ro["x"].shape == (B, T, 2) and ro["next", "reward"].shape == (B, T, 2)
+    for key in DONE:
+        assert ro[key].shape == (B, T, 1) and ro["next", key].shape == (B, T, 1)
+    idx = ro["index"]
+    torch.testing.assert_close(ro["next", "index"] - idx, torch.full_like(idx, k))
+    torch.testing.assert_close(idx[:, 0], torch.zeros(B))
+    torch.testing.assert_close(ro["next", "level"], env.formulation.level(ro["next", "index"]))
+    assert not ro["next", "terminated"].any()
+    trunc = ro["next", "truncated"].squeeze(-1)
+    assert trunc[:, -1].all() and not trunc[:, :-1].any()
+    assert torch.equal(ro["next", "done"], ro["next", "truncated"])
+    assert (ro["next", "index"] <= N1 - d + 1e-4).all()  # every visited state keeps its one-step shift in the grid
+    assert (ro["next", "index"][:, -1] + k > N1 - d).all()
+    torch.testing.assert_close(ro["x0"], ro["next", "x0"])
+    assert torch.equal(ro["label"], ro["next", "label"])
+
+
+def test_default_strides():
+    assert default_stride_one_step(EDMFormulation()) == (3.0, 0.2)
+    k, d = default_stride_one_step(VPFormulation())
+    assert k == pytest.approx(3 * 999 / 17) and d == pytest.approx(0.2 * 999 / 17)
+    from diffusion_rl.formulations import CTFormulation
+    assert default_stride_one_step(CTFormulation()) == (1.0, 0.25)
+
+
+def test_digits_rollout_image_reward(digits):
+    env = DiffusionMRP(digits, "edm", batch_size=(2,), seed=0)
+    ro = env.rollout(100)
+    assert ro["next", "reward"].shape == (2, 5, 1, 8, 8)
+    assert ro["label"].dtype == torch.int64
+    assert ((ro["label"] >= 0) & (ro["label"] < 10)).all()
+
+
+@pytest.mark.parametrize("form", ["edm", "vp", "ct"])
+@pytest.mark.parametrize("coupling", ["markov", "shared"])
+def test_rewards_telescope(form, coupling, points):
+    env = DiffusionMRP(points, form, batch_size=(8,), coupling=coupling, seed=3, dtype=torch.float64)
+    ro = env.rollout(1000)
+    f = env.formulation
+    mu0 = f.one_step_mean(ro["x0"][:, 0], ro["x"][:, 0], ro["level"][:, 0], env.one_step, coupling)
+    muT = f.one_step_mean(ro["x0"][:, -1], ro["next", "x"][:, -1], ro["next", "level"][:, -1], env.one_step, coupling)
+    torch.testing.assert_close(ro["next", "reward"].sum(1), mu0 - muT, atol=1e-5, rtol=0)
+    # each reward is mu_true(s) - mu_true(s')
+    r0 = mu0 - f.one_step_mean(ro["x0"][:, 0], ro["next", "x"][:, 0], ro["next", "level"][:, 0], env.one_step,
+                               coupling)
+    torch.testing.assert_close(ro["next", "reward"][:, 0], r0, atol=1e-9, rtol=0)
+
+
+def test_rewards_telescope_float32(points):
+    env = DiffusionMRP(points, "edm", batch_size=(8,), seed=3)
+    ro = env.rollout(1000)
+    f = env.formulation
+    mu0 = f.one_step_mean(ro["x0"][:, 0], ro["x"][:, 0], ro["level"][:, 0], env.one_step)
+    muT = f.one_step_mean(ro["x0"][:, -1], ro["next", "x"][:, -1], ro["next", "level"][:, -1], env.one_step)
+    scale = mu0.abs().max()
+    assert (ro["next", "reward"].sum(1) - (mu0 - muT)).abs().max() <= 1e-6 * scale
+
+
+def test_unbatched_env_takes_batch_from_reset(points):
+    env = DiffusionMRP(points, "edm", batch_size=(), seed=0)
+    check_env_specs(env, seed=0)
+    td = env.reset(TensorDict(batch_size=[7]))
+    assert td["x"].shape == (7, 2) and td["index"].shape == (7,)
+    ro = env.rollout(100, tensordict=td, auto_reset=False)
+    assert ro.batch_size == (7, 5)
+    single = env.reset()
+    assert single["x"].shape == (2,) and single["level"].shape == ()
+
+
+def test_auto_reset_after_truncation(points):
+    env = DiffusionMRP(points, "edm", batch_size=(2,), seed=0)
+    ro = env.rollout(12, break_when_any_done=False)
+    assert ro.batch_size == (2, 12)
+    # 5 steps per episode, then a fresh episode at index 0
+    torch.testing.assert_close(ro["index"][:, 5], torch.zeros(2))
+    torch.testing.assert_close(ro["index"][:, 6], torch.full((2,), 3.0))
+
+
+# ---------------------------------------------------------------- the reverse kernel ----------------------------
+
+@pytest.mark.parametrize("form", ["edm", "vp"])
+def test_markov_kernel_moments(form, points):
+    """Monte Carlo: x' | x, x0 has mean A x0 + kappa x and per-pixel variance posterior_variance (spec 2-3)."""
+    M = 200_000
+    env = DiffusionMRP(points, form, batch_size=(), seed=11, dtype=torch.float64)
+    f = env.formulation
+    idx = torch.tensor(env.stride + 1.5, dtype=torch.float64)  # off-grid: a fractional index
+    level = f.level(idx)
+    level_next = f.level(idx + env.stride)
+    x0 = torch.tensor([0.7, -1.2], dtype=torch.float64)
+    x = torch.tensor([3.0, 1.0], dtype=torch.float64) * (level if form == "edm" else 1.0)
+    td = TensorDict({"x": x.expand(M, 2).clone(), "level": level.expand(M).clone(), "index": idx.expand(M).clone(),
+                     "label": torch.zeros(M, dtype=torch.int64), "x0": x0.expand(M, 2).clone(),
+                     "action": torch.zeros(M, dtype=torch.int64)}, batch_size=[M])
+    nxt = env.step(td)["next"]
+    A, kappa = f.posterior(level, level_next, "markov")
+    var = f.posterior_variance(level, level_next, "markov")
+    mean = A * x0 + kappa * x
+    sample_mean, sample_var = nxt["x"].mean(0), nxt["x"].var(0)
+    se = (var / M).sqrt()
+    assert ((sample_mean - mean).abs() <= 5 * se).all(), (sample_mean, mean)
+    assert ((sample_var / var - 1).abs() <= 5 * math.sqrt(2 / M)).all(), (sample_var, var)
+    torch.testing.assert_close(nxt["level"], level_next.expand(M))
+
+
+@pytest.mark.parametrize("form", ["edm", "vp"])
+def test_shared_kernel_is_deterministic(form, points):
+    env = DiffusionMRP(points, form, batch_size=(5,), coupling="shared", seed=0, dtype=torch.float64)
+    td = env.reset()
+    td["action"] = torch.zeros(5, dtype=torch.int64)
+    nxt = env.step(td.clone())["next"]
+    A, kappa = env.formulation.posterior(td["level"], nxt["level"], "shared")
+    torch.testing.assert_close(nxt["x"], A[:, None] * td["x0"] + kappa[:, None] * td["x"])
+
+
+def test_markov_pairs_increments_independent(points):
+    """EDM Markov pairs: x_t - x_t' ~ N(0, sigma_t^2 - sigma_t'^2), independent of x_t' - x0 ~ N(0, sigma_t'^2)."""
+    env = DiffusionMRP(points, "edm", batch_size=(1,), seed=5, dtype=torch.float64)
+    p = env.sample_pairs(100_000)
+    st, ss = p["level"], p["next", "level"]
+    keep = st > ss * 1.01
+    d1 = (p["x"] - p["next", "x"])[keep] / (st[keep] ** 2 - ss[keep] ** 2).sqrt()[:, None]
+    d2 = (p["next", "x"] - p["x0"])[keep] / ss[keep][:, None]
+    n = d1.shape[0]
+    tol = 5 / math.sqrt(n)
+    for z in (d1, d2):
+        assert (z.mean(0).abs() < tol).all()
+        assert ((z.var(0) - 1).abs() < 5 * math.sqrt(2 / n)).all()
+    corr = (d1 * d2).mean(0)
+    assert (corr.abs() < tol).all()
+    # the unnormalised form, per sample: E[(x_t - x_t')^2] = sigma_t^2 - sigma_t'^2
+    ratio = ((p["x"] - p["next", "x"])[keep] ** 2).mean(1) / (st[keep] ** 2 - ss[keep] ** 2)
+    assert abs(ratio.mean().item() - 1) < 0.02
+
+
+# ---------------------------------------------------------------- sample_pairs ----------------------------------
+
+def _edm_index_reference(sigma: torch.Tensor, f: EDMFormulation) -> torch.Tensor:
+    a, b = f.sigma_max ** (1 / f.rho), f.sigma_min ** (1 / f.rho)
+    s = sigma.double().clamp(f.sigma_min, f.sigma_max)
+    return (s ** (1 / f.rho) - a) / (b - a) * (f.steps - 1)
+
+
+def test_sample_pairs_keys_match_rollout(points, digits):
+    for data in (points, digits):
+        env = DiffusionMRP(data, "edm", batch_size=(2,), seed=0)
+        ro = env.rollout(3)
+        p = env.sample_pairs(6)
+        assert set(p.keys(True, True)) == set(ro.keys(True, True)) | {"valid"}
+        assert p.batch_size == (6,)
+        for key in ro.keys(True, True):
+            assert p[key].shape[1:] == ro[key].shape[2:], key
+            assert p[key].dtype == ro[key].dtype, key
+        assert p["valid"].dtype == torch.bool and p["valid"].shape == (6,)
+
+
+def test_sample_pairs_valid_mask_edm(points):
+    env = DiffusionMRP(points, "edm", batch_size=(1,), seed=0)
+    f = env.formulation
+    p = env.sample_pairs(20_000)
+    sigma = p["level"]
+    i_ref = _edm_index_reference(sigma, f)
+    thr = (f.steps - 1) - (env.stride + env.one_step)
+    ref = (sigma >= f.sigma_min) & (sigma <= f.sigma_max) & (i_ref <= thr)
+    clear = (i_ref - thr).abs() > 1e-4
+    assert torch.equal(p["valid"][clear], ref[clear])
+    assert p["valid"].any() and (~p["valid"]).any()
+    # training levels are the raw log-normal sigmas: some fall off the grid, and those are invalid
+    assert not p["valid"][(sigma > f.sigma_max) | (sigma < f.sigma_min)].any()
+    torch.testing.assert_close(p["index"].double(), i_ref, atol=1e-3, rtol=0)
+    # partner: stride index units on, never clamped into validity; finite everywhere
+    torch.testing.assert_close(p["next", "index"], p["index"] + env.stride)
+    torch.testing.assert_close(p["next", "level"], f.level(p["index"] + env.stride))
+    for key in ("x", "level", "index", "reward"):
+        assert torch.isfinite(p["next", key]).all()
+    assert torch.isfinite(p["x"]).all()
+    # reward = mu_true(s) - mu_true(s')
+    r = (f.one_step_mean(p["x0"], p["x"], p["level"], env.one_step)
+         - f.one_step_mean(p["x0"], p["next", "x"], p["next", "level"], env.one_step))
+    torch.testing.assert_close(p["next", "reward"], r)
+    assert not p["next", "terminated"].any() and not p["terminated"].any() and not p["done"].any()
+    torch.testing.assert_close(p["next", "truncated"].squeeze(-1),
+                               p["next", "index"] + env.stride > (f.steps - 1) - env.one_step)
+
+
+def test_sample_pairs_valid_mask_vp(points):
+    env = DiffusionMRP(points, "vp", batch_size=(1,), seed=0)
+    p = env.sample_pairs(4000)
+    t = p["level"].double()
+    T, N1 = 1000, env.formulation.steps - 1
+    i_ref = (T - t) / (T - 1) * N1
+    ref = (t >= 1) & (t <= T) & (i_ref <= N1 - (env.stride + env.one_step))
+    assert torch.equal(p["valid"], ref)
+    assert p["valid"].any() and (~p["valid"]).any()
+
+
+def test_sample_pairs_batch_one_and_seeding(points):
+    env = DiffusionMRP(points, "edm", batch_size=(4,), seed=123)
+    p = env.sample_pairs(1)
+    assert p["valid"].shape == (1,) and p["level"].shape == (1,)
+    assert env.sample_pairs().batch_size == (4,)
+    a = DiffusionMRP(points, "edm", batch_size=(4,), seed=7)
+    b = DiffusionMRP(points, "edm", batch_size=(4,), seed=7)
+    assert (a.sample_pairs(16) == b.sample_pairs(16)).all()
+    a.set_seed(99)
+    first = a.sample_pairs(16)
+    a.set_seed(99)
+    assert (a.sample_pairs(16) == first).all()
+    assert not torch.equal(a.sample_pairs(16)["x"], first["x"])
+
+
+def test_reset_step_seeding(digits):
+    a = DiffusionMRP(digits, "edm", batch_size=(3,), seed=5)
+    b = DiffusionMRP(digits, "edm", batch_size=(3,), seed=5)
+    assert (a.rollout(4) == b.rollout(4)).all()
+    a.set_seed(1)
+    r1 = a.rollout(4)
+    a.set_seed(1)
+    assert (a.rollout(4) == r1).all()
+    c = DiffusionMRP(digits, "edm", batch_size=(3,), seed=6)
+    assert not torch.equal(c.rollout(4)["x"], r1["x"])
+
+
+# ---------------------------------------------------------------- sample_trajectories ---------------------------
+
+@pytest.mark.parametrize("form", ["edm", "vp"])
+def test_sample_trajectories(form, points):
+    env = DiffusionMRP(points, form, batch_size=(2,), seed=0)
+    n, B = 3, 500
+    tr = env.sample_trajectories(n, B)
+    ro = env.rollout(2)
+    assert tr.batch_size == (B, n)
+    assert set(tr.keys(True, True)) == set(ro.keys(True, True)) | {"valid"}
+    torch.testing.assert_close(tr["next", "index"] - tr["index"], torch.full((B, n), env.stride))
+    for key in STATE:
+        torch.testing.assert_close(tr["next", key][:, :-1], tr[key][:, 1:])
+    f = env.formulation
+    thr = (f.steps - 1) - (env.stride + env.one_step)
+    ref = f.in_range(tr["level"][:, :1]) & (tr["index"] <= thr)
+    assert torch.equal(tr["valid"], ref)
+    v = tr["valid"].int()
+    assert (v[:, 1:] <= v[:, :-1]).all()  # non-increasing along the chain
+    assert tr["valid"][:, -1].any() and (~tr["valid"][:, -1]).any()
+    # fully valid chains are truncated at most at their last step
+    full = tr["valid"][:, -1]
+    assert not tr["next", "truncated"][full][:, :-1].any()
+    # rewards still telescope along each chain
+    m0 = f.one_step_mean(tr["x0"][:, 0], tr["x"][:, 0], tr["level"][:, 0], env.one_step)
+    mT = f.one_step_mean(tr["x0"][:, -1], tr["next", "x"][:, -1], tr["next", "level"][:, -1], env.one_step)
+    scale = m0.abs().max().clamp(min=1)
+    assert (tr["next", "reward"].sum(1) - (m0 - mT)).abs().max() <= 1e-5 * scale
+    for key in ("x", "level", "reward"):
+        assert torch.isfinite(tr["next", key]).all()
+
+
+# ---------------------------------------------------------------- bad input -------------------------------------
+
+def test_bad_inputs(points):
+    with pytest.raises(ConfigError, match=r"17.*0\.5.*17"):
+        DiffusionMRP(points, "edm", stride=17, one_step=0.5)
+    with pytest.raises(ConfigError, match="foo"):
+        DiffusionMRP(points, "edm", coupling="foo")
+    with pytest.raises(ConfigError, match="bar"):
+        DiffusionMRP(points, "edm", start="bar")
+    with pytest.raises(ConfigError, match="-1"):
+        DiffusionMRP(points, "edm", stride=-1)
+    with pytest.raises(ConfigError, match="one_step"):
+        DiffusionMRP(points, "edm", one_step=0.0)
+    with pytest.raises(ConfigError, match="nope"):
+        DiffusionMRP(points, "nope")
+    with pytest.raises(ConfigError, match="batch_size"):
+        DiffusionMRP(points, "edm", batch_size=(-2,))
+    env = DiffusionMRP(points, "edm", seed=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        env.sample_pairs(0)
+    with pytest.raises(ConfigError):
+        env.sample_trajectories(0)
+    # the boundary is allowed
+    DiffusionMRP(points, "edm", stride=16.5, one_step=0.5, seed=0)
+
+
+# ---------------------------------------------------------------- gymnasium -------------------------------------
+
+GYM_BOX_WARNING = "ignore:.*Box observation space.*:UserWarning"  # x is a Gaussian sample: unbounded by nature
+
+
+@pytest.mark.filterwarnings(GYM_BOX_WARNING)
+def test_gymnasium_make_and_check_env():
+    from gymnasium.utils.env_checker import check_env
+    importlib.reload(envs)  # registering twice must not fail
+    assert envs.ENV_ID in gymnasium.registry
+    env = gymnasium.make("diffusion_rl/DiffusionMRP-v0", dataset="digits")
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, info = env.reset(seed=0)
+    assert set(obs) == {"x", "level", "index", "label"} and "x0" in info
+    assert obs["x"].shape == (1, 8, 8)
+    steps = 0
+    while True:
+        obs, reward, terminated, truncated, info = env.step(0)
+        steps += 1
+        assert not terminated
+        assert reward == pytest.approx(float(info["reward_image"].mean()), rel=1e-6, abs=1e-6)
+        assert info["reward_image"].shape == (1, 8, 8)
+        if truncated:
+            break
+    assert steps == 5 and obs["index"][0] == pytest.approx(15.0)
+    env.close()
+
+
+@pytest.mark.filterwarnings(GYM_BOX_WARNING)
+def test_gymnasium_points_vp():
+    from gymnasium.utils.env_checker import check_env
+    env = gymnasium.make("diffusion_rl/DiffusionMRP-v0", dataset="8gaussians", formulation="vp")
+    check_env(env.unwrapped, skip_render_check=True)

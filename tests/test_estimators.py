@@ -1,0 +1,208 @@
+"""Value estimators with gamma = 1 on image-valued rewards (agents/estimators.py, spec 3 and 7.7)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.objectives.value import TD0Estimator, TDLambdaEstimator
+from torchrl.objectives.value.functional import td_lambda_return_estimate
+
+from agents import TDEvaluator
+from agents.estimators import ESTIMATORS, make_estimator, returns, td_errors
+from diffusion_rl.data import Dataset
+from diffusion_rl.errors import ConfigError
+from diffusion_rl.networks import MLP, Denoiser
+from diffusion_rl.training import TrainConfig
+from envs import DiffusionMRP
+
+B, T, F = 3, 5, (2, 3, 4)
+
+
+def _traj(seed: int = 0, feat=F):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, *feat, generator=g, dtype=torch.float64)
+    v = torch.randn(B, T, *feat, generator=g, dtype=torch.float64)
+    return r, v
+
+
+def _hand_lambda_return(r, v, lam):
+    """G_t = r_t + (1 - lam) v_{t+1} + lam G_{t+1}, G_{T-1} = r_{T-1} + v_T (truncation bootstrap), gamma 1."""
+    g = torch.empty_like(r)
+    g[:, -1] = r[:, -1] + v[:, -1]
+    for t in range(r.shape[1] - 2, -1, -1):
+        g[:, t] = r[:, t] + (1 - lam) * v[:, t] + lam * g[:, t + 1]
+    return g
+
+
+def test_names_and_instances():
+    assert ESTIMATORS == ("td0", "nstep", "td_lambda")
+    for name in ESTIMATORS:
+        est = make_estimator(name, lmbda=0.5)
+        assert float(est.gamma) == 1.0
+    inst = TD0Estimator(gamma=1.0, value_network=None)
+    assert make_estimator(inst) is inst
+    with pytest.raises(ConfigError, match="'td2'"):
+        make_estimator("td2")
+    with pytest.raises(ConfigError, match="1.5"):
+        make_estimator("td_lambda", lmbda=1.5)
+    with pytest.raises(ConfigError, match="-0.1"):
+        make_estimator("td_lambda", lmbda=-0.1)
+
+
+def test_td0_single_transitions_and_td_error():
+    g = torch.Generator().manual_seed(1)
+    r, v_next, v = (torch.randn(4, *F, generator=g, dtype=torch.float64) for _ in range(3))
+    est = make_estimator("td0")
+    torch.testing.assert_close(returns(est, r, v_next), r + v_next, rtol=0, atol=1e-12)
+    # spec 3: delta = r + V-(s') - V(s), gamma 1, gradient only through V(s)
+    v.requires_grad_(True)
+    v_next.requires_grad_(True)
+    delta = td_errors(est, v, r, v_next)
+    torch.testing.assert_close(delta, r + v_next - v, rtol=0, atol=1e-12)
+    delta.sum().backward()
+    assert v.grad is not None and torch.all(v.grad == -1)
+    assert v_next.grad is None  # the bootstrap value is detached
+
+
+def test_td_lambda_zero_equals_td0():
+    r, v = _traj()
+    g_lam = returns(make_estimator("td_lambda", lmbda=0.0), r, v, time_dim=1)
+    g_td0 = returns(make_estimator("td0"), r, v, time_dim=1)
+    torch.testing.assert_close(g_lam, g_td0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_td0, r + v, rtol=0, atol=1e-12)
+
+
+def test_td_lambda_one_equals_monte_carlo_and_nstep():
+    r, v = _traj(2)
+    mc = r.flip(1).cumsum(1).flip(1) + v[:, -1:]  # sum of remaining rewards + bootstrap at the truncation end
+    g1 = returns(make_estimator("td_lambda", lmbda=1.0), r, v, time_dim=1)
+    gn = returns(make_estimator("nstep"), r, v, time_dim=1)
+    torch.testing.assert_close(g1, mc, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gn, mc, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [1e-9, 0.3, 0.95])
+def test_td_lambda_recursion_and_mixture(lam):
+    r, v = _traj(3)
+    g = returns(make_estimator("td_lambda", lmbda=lam), r, v, time_dim=1)
+    torch.testing.assert_close(g, _hand_lambda_return(r, v, lam), rtol=1e-12, atol=1e-12)
+    # spec 3 (derived): at t = 0 the TD(lambda) return mixes the j-step returns with weights (1-lam) lam^(j-1),
+    # the remaining mass lam^(T-1) on the full return
+    nstep = [r[:, :j].sum(1) + v[:, j - 1] for j in range(1, T + 1)]
+    mix = sum((1 - lam) * lam ** (j - 1) * nstep[j - 1] for j in range(1, T)) + lam ** (T - 1) * nstep[-1]
+    torch.testing.assert_close(g[:, 0], mix, rtol=1e-10, atol=1e-10)
+
+
+def test_truncation_inside_trajectory_bootstraps():
+    r, v = _traj(4)
+    done = torch.zeros(B, T, dtype=torch.bool)
+    done[:, 1] = True  # a chain cut after step 1: returns there bootstrap from V(s_2), not look through
+    g = returns(make_estimator("nstep"), r, v, done, time_dim=1)
+    torch.testing.assert_close(g[:, 1], r[:, 1] + v[:, 1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(g[:, 0], r[:, 0] + r[:, 1] + v[:, 1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(g[:, 2], r[:, 2:].sum(1) + v[:, -1], rtol=0, atol=1e-12)
+    # terminated=False everywhere is the default (spec 3); a terminated flag would drop the bootstrap
+    term = torch.zeros(B, T, dtype=torch.bool)
+    term[:, -1] = True
+    g_term = returns(make_estimator("td0"), r, v, None, term, time_dim=1)
+    torch.testing.assert_close(g_term[:, -1], r[:, -1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["td0", "nstep", "td_lambda"])
+def test_image_layout_is_pixelwise(name):
+    """Pinned layout (spec 7.7): pixels are flattened to [*B, T, P] with done expanded; this equals both a
+    per-pixel scalar computation and TorchRL's image-shaped [*B, T, *F] call with time_dim."""
+    r, v = _traj(5)
+    est = make_estimator(name, lmbda=0.7)
+    g = returns(est, r, v, time_dim=1)
+    assert g.shape == r.shape
+    # per pixel, one scalar trajectory [B, T, 1] at a time
+    rf, vf = r.reshape(B, T, -1), v.reshape(B, T, -1)
+    per_pixel = torch.stack([returns(est, rf[..., p:p + 1], vf[..., p:p + 1], time_dim=1)[..., 0]
+                             for p in range(rf.shape[-1])], dim=-1).reshape(r.shape)
+    torch.testing.assert_close(g, per_pixel, rtol=0, atol=1e-12)
+    # TorchRL's functional on image-shaped tensors with time_dim=1 and done/terminated expanded to the image
+    lam = {"td0": 0.0, "nstep": 1.0, "td_lambda": 0.7}[name]
+    done = torch.zeros(B, T, *F, dtype=torch.bool)
+    done[:, -1] = True
+    if lam == 0.0:
+        ref = r + v
+    else:
+        ref = td_lambda_return_estimate(1.0, lam, v, r, done, torch.zeros_like(done), time_dim=1)
+    torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_estimator_module_forward_agrees():
+    """The estimator's own forward (value_network=None, values read from the tensordict) gives G - V."""
+    r, v_next = _traj(6, feat=(4,))
+    v = torch.randn_like(r)
+    est = TDLambdaEstimator(gamma=1.0, lmbda=0.5, value_network=None, vectorized=False)
+    done = torch.zeros(B, T, 4, dtype=torch.bool)
+    done[:, -1] = True
+    td = TensorDict({"state_value": v, "next": {"state_value": v_next, "reward": r, "done": done,
+                                                "terminated": torch.zeros_like(done)}}, [B, T])
+    est(td)
+    torch.testing.assert_close(td["advantage"], returns(est, r, v_next, time_dim=1) - v, rtol=1e-12, atol=1e-12)
+
+
+# ---- telescoping through the agent: n-step with stride k == td0 with stride n k (spec 3) ---------------------------
+
+
+def _toy_dataset() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    return Dataset("toy", torch.randn(512, 2, generator=g), None, 0, "points")
+
+
+def _denoiser(env) -> Denoiser:
+    torch.manual_seed(0)
+    net = MLP(dim=2, width=16, depth=1)
+    torch.nn.init.normal_(net.out.weight, std=0.3)  # non-trivial outputs (the zero init gives D = c_skip x)
+    return Denoiser(net, env.formulation)
+
+
+def test_nstep_stride_k_equals_td0_stride_nk():
+    n, k, one_step = 3, 1.0, 0.2
+    data = _toy_dataset()
+    env_k = DiffusionMRP(data, "edm", stride=k, one_step=one_step, seed=3)
+    env_nk = DiffusionMRP(data, "edm", stride=n * k, one_step=one_step, seed=3)
+    den = _denoiser(env_k)
+    cfg = TrainConfig(batch_size=8)
+    ag_n = TDEvaluator(env_k, denoiser=copy.deepcopy(den), estimator="nstep", n_steps=n, config=cfg, device="cpu")
+    ag_0 = TDEvaluator(env_nk, denoiser=copy.deepcopy(den), estimator="td0", config=cfg, device="cpu")
+    traj = env_k.sample_trajectories(n, 256)
+    keep = traj["valid"].all(1)
+    assert keep.sum() > 20
+    traj = traj[keep]
+    first, last = traj[:, 0], traj[:, -1]["next"]
+    # the same two states as one td0 transition of stride n k, with that env's own reward
+    reward = (env_nk.true_value(first["x0"], first["x"], first["level"])
+              - env_nk.true_value(last["x0"], last["x"], last["level"]))
+    pair = first.clone()
+    pair.set("valid", env_nk.td_valid(first["level"], first["index"]))
+    assert pair["valid"].all()
+    nxt = last.clone()
+    nxt.set("reward", reward)
+    pair.set("next", nxt)
+    out_n = ag_n.loss(traj)
+    out_0 = ag_0.loss(pair)
+    torch.testing.assert_close(out_n["td_error"][:, 0], out_0["td_error"], rtol=1e-4, atol=2e-4)
+    # telescoping of the rewards themselves
+    torch.testing.assert_close(traj["next", "reward"].sum(1), reward, rtol=1e-4, atol=2e-4)
+
+
+def test_td_lambda_zero_through_agent_is_per_transition_td0():
+    data = _toy_dataset()
+    env = DiffusionMRP(data, "edm", stride=1.0, one_step=0.2, seed=4)
+    ag = TDEvaluator(env, denoiser=_denoiser(env), estimator="td_lambda", lmbda=0.0, n_steps=3,
+                     config=TrainConfig(batch_size=8), device="cpu")
+    traj = env.sample_trajectories(3, 64)
+    out = ag.loss(traj)
+    with torch.no_grad():
+        v = ag.critic(traj.select("x", "level", "label").clone())["state_value"]
+        v_next = ag.target_critic(traj["next"].select("x", "level", "label").clone())["state_value"]
+    expected = traj["next", "reward"] + v_next - v
+    valid = traj["valid"]
+    torch.testing.assert_close(out["td_error"][valid], expected[valid], rtol=1e-5, atol=1e-5)
+    assert torch.all(out["td_error"][~valid] == 0)

@@ -1,0 +1,94 @@
+"""The shared training loop: exact resume, atomic checkpoints, non-finite losses, config checks."""
+import json
+
+import pytest
+import torch
+
+from agents import DiffusionBaseline
+from diffusion_rl.data import load_dataset
+from diffusion_rl.errors import ConfigError
+from diffusion_rl.formulations import make_formulation
+from diffusion_rl.networks import Denoiser, build_network
+from diffusion_rl.training import NonFiniteLossError, TrainConfig, load_checkpoint
+
+
+def make(out_dir, formulation="edm", seed=0, lr=1e-3, data="8gaussians", **kw):
+    ds = load_dataset(data, n_points=2000)
+    torch.manual_seed(seed)
+    d = Denoiser(build_network(ds.sample_shape, width=32, dropout=0.1), make_formulation(formulation))
+    cfg = TrainConfig(batch_size=32, lr=lr, warmup_steps=5, seed=seed, log_every=5, **kw)
+    return DiffusionBaseline(d, ds, cfg, out_dir=out_dir, device="cpu")
+
+
+@pytest.mark.parametrize("formulation", ["edm", "vp"])
+def test_resume_matches_uninterrupted_run_exactly(tmp_path, formulation):
+    full = make(tmp_path / "full", formulation)
+    list(full.train(20, progress=False))
+    half = make(tmp_path / "half", formulation)
+    list(half.train(10, progress=False))
+    resumed = make(tmp_path / "half", formulation).resume()
+    assert resumed.step == 10
+    list(resumed.train(20, progress=False))
+    for a, b in zip(full.denoiser.state_dict().values(), resumed.denoiser.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_contents_and_metrics(tmp_path):
+    L = make(tmp_path)
+    recs = list(L.train(10, progress=False))
+    assert [r["step"] for r in recs] == [5, 10]
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert {"model", "ema", "optimizer", "rng", "step", "config"} <= set(ckpt) and ckpt["step"] == 10
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["step"] == 10
+
+
+def test_ema_moves_toward_online_weights(tmp_path):
+    L = make(None)
+    before = [p.clone() for p in L.ema.parameters()]
+    list(L.train(3, progress=False))
+    moved = any(not torch.equal(a, b) for a, b in zip(before, L.ema.parameters()))
+    differs = any(not torch.equal(a, b) for a, b in zip(L.denoiser.parameters(), L.ema.parameters()))
+    assert moved and differs
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    L = make(tmp_path, checkpoint_every=5)
+    list(L.train(5, progress=False))
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        next(L.denoiser.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        list(L.train(10, progress=False))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path):
+    L = make(tmp_path)
+    list(L.train(5, progress=False))
+    with pytest.raises(ConfigError, match="lr"):
+        make(tmp_path, lr=5e-3).resume()
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="corrupt"):
+        L.resume(tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="does not exist"):
+        L.resume(tmp_path / "missing.pt")
+
+
+def test_shape_mismatch_and_bad_config_fail_before_training():
+    ds = load_dataset("digits")
+    d = Denoiser(build_network((1, 16, 16)), make_formulation("edm"))
+    with pytest.raises(ConfigError, match=r"\(1, 8, 8\)"):
+        DiffusionBaseline(d, ds, TrainConfig(), device="cpu")
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="steps"):
+        list(make(None).train(0))
+
+
+def test_baseline_loss_decreases_on_toy_data():
+    L = make(None, lr=3e-3)
+    recs = list(L.train(150, progress=False))
+    assert recs[-1]["loss"] < recs[0]["loss"]
