@@ -1,4 +1,4 @@
-"""Agents: the TD policy-evaluation agent (spec sections 3-5), its TorchRL loss and estimators, and the plain diffusion baselines."""
+"""Agents: the TD policy-evaluation agent (spec 3-5), its TorchRL loss and estimators, and plain diffusion baselines."""
 from .baselines import DiffusionBaseline
 from .estimators import ESTIMATORS, make_estimator, returns, td_errors
 from .td_evaluator import REWEIGHTINGS, TARGET_UPDATES, TDEvaluator, TDLoss, combine_losses, td_weight

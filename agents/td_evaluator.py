@@ -312,7 +312,7 @@ class TDEvaluator(Learner):
             # HardUpdate copies when its counter reaches the interval, i.e. every interval + 1 steps
             self.target_updater = HardUpdate(self.loss_module, value_network_update_interval=self.hard_period - 1)
 
-    # ---- Learner hooks ----------------------------------------------------------------------------------------------
+    # ---- Learner hooks ---------------------------------------------------------------------------------------------
     def collect(self) -> TensorDict:
         """td0: the paper's sampled pairs, env.sample_pairs(batch_size) [B]; nstep / td_lambda:
         env.sample_trajectories(n_steps, batch_size) [B, n_steps]. Noise and data come from the env's generators,
@@ -346,10 +346,10 @@ class TDEvaluator(Learner):
                 "stride": float(self.env.stride), "one_step": float(self.env.one_step),
                 "coupling": self.env.coupling}
 
-    # ---- checkpoints: add the env's generators and the hard-update counter -------------------------------------------
+    # ---- checkpoints: add the env's generators and the hard-update counter -----------------------------------------
     def _env_generators(self) -> dict[str, torch.Generator]:
         gens = {"generator": getattr(self.env, "generator", None),
-                "data_generator": getattr(self.env, "_data_generator", None)}
+                "data_generator": getattr(self.env, "data_generator", None)}
         return {k: g for k, g in gens.items() if isinstance(g, torch.Generator)}
 
     def state_dict(self) -> dict:
@@ -366,7 +366,7 @@ class TDEvaluator(Learner):
             self.target_updater.counter = self.step % self.hard_period
         self.target.eval()
 
-    # ---- evaluation ---------------------------------------------------------------------------------------------------
+    # ---- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self, nfe=None, **kwargs):
         """Sample at each NFE budget and score against the data (`diffusion_rl.evaluation.evaluate_learner`)."""
         from diffusion_rl.evaluation import evaluate_learner

@@ -66,14 +66,17 @@ class Dataset:
         """First 16 hex digits of sha256 over the shape, the bytes of x and of the labels (not the name)."""
         h = hashlib.sha256()
         h.update(repr(tuple(self.x.shape)).encode())
-        h.update(self.x.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(np.ascontiguousarray(self.x.detach().cpu().to(torch.float32).numpy()))  # no bytes copy
         if self.labels is not None:
             h.update(b"labels")
-            h.update(self.labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+            h.update(np.ascontiguousarray(self.labels.detach().cpu().to(torch.int64).numpy()))
         return h.hexdigest()[:16]
 
     def draw(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """A batch drawn uniformly with replacement: (x [B, ...], labels [B] or None); reproducible given `generator`."""
+        """A batch drawn uniformly with replacement: (x [B, ...], labels [B] or None), reproducible given `generator`.
+
+        Indices come from torch.randint on `generator` (CPU).
+        """
         check_positive("batch_size", batch_size)
         idx = torch.randint(0, len(self), (int(batch_size),), generator=generator)
         idx = idx.to(self.x.device)
@@ -331,6 +334,8 @@ def load_dataset(name_or_path: str, *, root: str | None = None, n_points: int = 
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ConfigError(f"data set must be a name or a path, got {name_or_path!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
     name = os.fspath(name_or_path)
     if name in TOYS:
         check_positive("n_points", n_points)

@@ -32,7 +32,7 @@ __all__ = [
     "evaluate_samples",
 ]
 
-FEATURE_NET_VERSION = 1  # bump when the architecture or the training recipe changes (invalidates the cache)
+FEATURE_NET_VERSION = 2  # bump when the architecture or the training recipe changes (invalidates the cache)
 
 
 class FeatureNet(nn.Module):
@@ -102,7 +102,7 @@ def train_feature_net(dataset: Dataset, seed: int = 0, verbose: bool = False, ho
                       device: str | torch.device | None = None) -> FeatureNet:
     """Train a `FeatureNet` on the data set's labels (seeded split: 85% train, 15% held out) with Adam.
 
-    Epochs: ceil(25000 / n_train) clipped to [3, 30] (batch 128, one-cycle learning rate). Global RNG state is left
+    Epochs: ceil(60000 / n_train) clipped to [4, 40] (batch 128, one-cycle learning rate). Global RNG state is left
     untouched. Sets `accuracy` to the held-out accuracy.
     """
     _check_labeled_images(dataset)
@@ -112,7 +112,7 @@ def train_feature_net(dataset: Dataset, seed: int = 0, verbose: bool = False, ho
     train_idx, val_idx = train_idx.to(device), val_idx.to(device)
     n_train = train_idx.numel()
     batch_size = 128
-    epochs = max(3, min(30, math.ceil(25_000 / n_train)))
+    epochs = max(4, min(40, math.ceil(60_000 / n_train)))
     t0 = time.time()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -216,6 +216,7 @@ class _InceptionFeatures(nn.Module):
         self.inception = inception
         self.num_features = 2048
         self.accuracy = float("nan")
+        self.batch_size = 64  # 299x299 activations are large
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1:
@@ -285,12 +286,12 @@ class ImageFID:
         real: the reference data set (its images) or a tensor of reference images [N, C, H, W] in [-1, 1].
         feature_net: a module mapping [B, C, H, W] in [-1, 1] to [B, num_features] with an int `num_features`
             (a `FeatureNet`, `inception_feature_net()`, ...).
-        batch_size: images per feature-net call.
+        batch_size: images per feature-net call (default: the net's `batch_size` attribute, else 500).
         kid_subsets: number of random subsets KID averages over.
         seed: seeds KID's subset sampling (global RNG state is left untouched).
     """
 
-    def __init__(self, real: Dataset | Tensor, feature_net: nn.Module, batch_size: int = 500,
+    def __init__(self, real: Dataset | Tensor, feature_net: nn.Module, batch_size: int | None = None,
                  kid_subsets: int = 100, seed: int = 0) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -301,6 +302,7 @@ class ImageFID:
         nf = getattr(feature_net, "num_features", None)
         if not isinstance(nf, int) or nf < 1:
             raise ConfigError(f"feature_net must have a positive int attribute num_features, got {nf!r}")
+        batch_size = batch_size if batch_size is not None else getattr(feature_net, "batch_size", 500)
         check_positive("batch_size", batch_size)
         check_positive("kid_subsets", kid_subsets)
         if images.shape[0] < 2:
@@ -323,13 +325,19 @@ class ImageFID:
         return int(self.real_features.shape[0])
 
     def compute(self, fake: Tensor) -> dict[str, float]:
-        """{"fid", "kid", "kid_std"} of the generated images `fake` [M, C, H, W] (M >= 2) against the reference."""
+        """{"fid", "kid", "kid_std"} of the generated images `fake` [M, C, H, W] (M >= 2) against the reference.
+
+        Images are clamped to [-1, 1]; if any value is NaN or infinite all three results are nan.
+        """
         if tuple(fake.shape[1:]) != self.sample_shape:
             raise ConfigError(f"generated images have shape {tuple(fake.shape[1:])}; the reference set has "
                               f"{self.sample_shape}")
         if fake.shape[0] < 2:
             raise ConfigError(f"FID needs at least 2 generated images, got {fake.shape[0]}")
-        fake_features = _features(self.feature_net, torch.nan_to_num(fake.float()), self.batch_size)
+        if not torch.isfinite(fake).all():  # a diverged sampler: report it instead of a meaningless number
+            warnings.warn("generated images contain NaN or infinite values; FID/KID reported as nan", stacklevel=2)
+            return {"fid": math.nan, "kid": math.nan, "kid_std": math.nan}
+        fake_features = _features(self.feature_net, fake, self.batch_size)
         return self.compute_from_features(fake_features)
 
     def compute_from_features(self, fake_features: Tensor) -> dict[str, float]:
@@ -355,10 +363,15 @@ def _as_points(what: str, x: Tensor) -> Tensor:
     x = torch.as_tensor(x)
     if x.ndim != 2 or x.shape[0] < 1:
         raise ConfigError(f"{what} must be a [N, D] tensor of points with N >= 1, got shape {tuple(x.shape)}")
-    x = x.detach().double().cpu()
-    if not torch.isfinite(x).all():
-        raise ConfigError(f"{what} contains NaN or infinite values")
-    return x
+    return x.detach().double().cpu()
+
+
+def _nonfinite(x: Tensor, y: Tensor) -> bool:
+    """True (with a warning) if a point cloud holds NaN/inf, e.g. from a diverged sampler: the metric is then nan."""
+    if torch.isfinite(x).all() and torch.isfinite(y).all():
+        return False
+    warnings.warn("point cloud contains NaN or infinite values; distance reported as nan", stacklevel=3)
+    return True
 
 
 def _w2_squared_1d(xs: Tensor, ys: Tensor) -> Tensor:
@@ -386,12 +399,14 @@ def sliced_wasserstein2(x: Tensor, y: Tensor, n_projections: int = 256,
     Returns sqrt( mean over `n_projections` random unit directions theta of W2^2(<x, theta>, <y, theta>) ),
     where W2^2 between the 1-D empirical measures is computed exactly (sorted samples; for n != m by integrating
     the two step quantile functions over their merged breakpoints). For y = x + mu with isotropic directions in
-    D dimensions, the expected value of the squared result is |mu|^2 / D.
+    D dimensions, the expected value of the squared result is |mu|^2 / D. NaN/inf in the input gives nan.
     """
     x, y = _as_points("x", x), _as_points("y", y)
     if x.shape[1] != y.shape[1]:
         raise ConfigError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
     check_positive("n_projections", n_projections)
+    if _nonfinite(x, y):
+        return math.nan
     theta = torch.randn(int(n_projections), x.shape[1], generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=1, keepdim=True).clamp_min(1e-12)
     xs = (theta @ x.T).sort(dim=1).values
@@ -413,13 +428,15 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
 
     Unbiased U-statistic: the within-sample means exclude the i = j pairs, so the value is an unbiased estimate of
     the population energy distance and may be slightly negative when the distributions are equal. This is the
-    squared form (no square root). Cost O(n m D) time, O(1024 max(n, m)) memory.
+    squared form (no square root). NaN/inf in the input gives nan. Cost O(n m D) time, O(1024 max(n, m)) memory.
     """
     x, y = _as_points("x", x), _as_points("y", y)
     if x.shape[1] != y.shape[1]:
         raise ConfigError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ConfigError(f"energy distance needs at least 2 points per sample, got {x.shape[0]} and {y.shape[0]}")
+    if _nonfinite(x, y):
+        return math.nan
     return 2 * _mean_distance(x, y, False) - _mean_distance(x, x, True) - _mean_distance(y, y, True)
 
 

@@ -154,9 +154,9 @@ class DiffusionMRP(EnvBase):
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
         seed = int(seed) % (2 ** 63)
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
-        # data draws index a CPU tensor: their own CPU generator, on a derived seed
-        self._data_generator = torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407)
-                                                             % (2 ** 63))
+        # data draws index a CPU tensor: their own CPU generator, seeded seed + 1 exactly as the Learner's data
+        # order (diffusion_rl.training), so a baseline and a TD agent with one seed see the same batches
+        self._data_generator = torch.Generator().manual_seed((seed + 1) % (2 ** 63))
 
     @property
     def generator(self) -> torch.Generator:

@@ -15,7 +15,7 @@ from diffusion_rl.networks import MLP, Denoiser
 from diffusion_rl.training import TrainConfig
 from envs import DiffusionMRP
 
-# ---- an independent transcription of spec sections 1, 2 and 4 (no library calls) ------------------------------------
+# ---- an independent transcription of spec sections 1, 2 and 4 (no library calls) -----------------------------------
 N, RHO, SMIN, SMAX, SDATA = 18, 7.0, 0.002, 80.0, 0.5
 STRIDE, ONE_STEP, LAM = 3.0, 0.2, 0.5
 
@@ -59,7 +59,7 @@ def spec_w_td(name, A_t, A_n, sigma):
     return torch.ones_like(A_t)
 
 
-# ---- fixtures ----------------------------------------------------------------------------------------------------------
+# ---- fixtures ------------------------------------------------------------------------------------------------------
 def toy_data(dim: int = 2) -> Dataset:
     g = torch.Generator().manual_seed(0)
     return Dataset("toy", torch.randn(256, dim, generator=g), None, 0, "points")
@@ -131,7 +131,7 @@ def spec_loss(ag, batch, coupling, reweighting):
     return per, base, torch.where(valid, td, torch.zeros_like(td)), delta
 
 
-# ---- parity with the spec --------------------------------------------------------------------------------------------
+# ---- parity with the spec ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("coupling", ["markov", "shared"])
 @pytest.mark.parametrize("reweighting", ["edm", "pairwise", "linear", "none"])
 def test_parity_with_spec_section_4(coupling, reweighting):
@@ -223,7 +223,7 @@ def test_semi_gradient():
     assert all(p.grad is None for p in ag.target.parameters())
 
 
-# ---- VP and CT through the same code -----------------------------------------------------------------------------------
+# ---- VP and CT through the same code -------------------------------------------------------------------------------
 def spec_vp_A(t_s, t_t, T=1000):
     """DDPM posterior coefficient of x0 (spec 2, derived), linear betas 1e-4..0.02, by hand at integer steps."""
     betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -273,9 +273,9 @@ def test_td_ct_loss():
     """Spec 5: loss_ct = mean (f(x_t, t) - f-(x_t2, t2))^2 on shared-noise grid pairs; TD with f, pairwise weight;
     boundary n = N-2: (1 + lambda) loss_ct."""
     form = CTFormulation()
-    env = DiffusionMRP(toy_data(), form, coupling="shared", seed=0)
+    env = DiffusionMRP(toy_data(), form, coupling="shared", seed=0, dtype=torch.float64)
     assert (env.stride, env.one_step) == (1.0, 0.25)
-    ag = TDEvaluator(env, denoiser=random_denoiser(form, dtype=torch.float32), base_weight_lambda=LAM,
+    ag = TDEvaluator(env, denoiser=random_denoiser(form), base_weight_lambda=LAM,
                      config=TrainConfig(batch_size=8), device="cpu")
     assert ag.reweighting == "pairwise" and ag.method == "td-ct"
     batch = env.sample_pairs(256)
@@ -311,7 +311,7 @@ def test_ct_needs_shared_coupling_and_stride_one():
         TDEvaluator(DiffusionMRP(toy_data(), form, coupling="shared", stride=2.0, seed=0), device="cpu")
 
 
-# ---- Gaussian oracle ---------------------------------------------------------------------------------------------------
+# ---- Gaussian oracle -----------------------------------------------------------------------------------------------
 M0, S0 = 0.3, 0.5
 
 

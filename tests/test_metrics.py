@@ -63,8 +63,12 @@ def test_sliced_w2_exact_1d_unequal_sizes() -> None:
 def test_point_metrics_reject_bad_input() -> None:
     with pytest.raises(ConfigError, match="dimension"):
         energy_distance(torch.zeros(5, 2), torch.zeros(5, 3))
-    with pytest.raises(ConfigError, match="NaN"):
-        sliced_wasserstein2(torch.full((5, 2), float("nan")), torch.zeros(5, 2))
+    with pytest.raises(ConfigError, match="shape"):
+        sliced_wasserstein2(torch.zeros(5), torch.zeros(5, 1))
+    with pytest.warns(UserWarning, match="NaN"):  # a diverged sampler is reported, not an error
+        assert math.isnan(sliced_wasserstein2(torch.full((5, 2), float("nan")), torch.zeros(5, 2)))
+    with pytest.warns(UserWarning, match="NaN"):
+        assert math.isnan(energy_distance(torch.zeros(5, 2), torch.full((5, 2), float("inf"))))
 
 
 # ------------------------------------------------------------------------------------------------ FID plumbing
@@ -103,16 +107,20 @@ def test_image_fid_matches_gaussian_frechet_distance() -> None:
     assert out["fid"] == pytest.approx(_frechet(m1, s1, m2, s2), abs=0.1)  # population closed form
     assert out["kid"] > 0.1 and out["kid_std"] >= 0
 
-    same = fid.compute((torch.from_numpy(m1) + torch.randn(n, 3, generator=g, dtype=torch.float64)).float()[:, :, None,
-                                                                                                          None] / 10)
+    f_same = torch.from_numpy(m1) + torch.randn(n, 3, generator=g, dtype=torch.float64)
+    same = fid.compute((f_same / 10).float()[:, :, None, None])
     assert same["fid"] < 0.01 and abs(same["kid"]) < 0.05 * out["kid"]
     assert fid.compute(fake)["fid"] == pytest.approx(out["fid"])  # real statistics survive the resets
 
 
-def test_image_fid_rejects_wrong_shape() -> None:
+def test_image_fid_rejects_wrong_shape_and_flags_nan() -> None:
     fid = ImageFID(torch.zeros(10, 3, 1, 1).uniform_(-0.1, 0.1), _Scale(), kid_subsets=2)
     with pytest.raises(ConfigError, match="shape"):
         fid.compute(torch.zeros(10, 1, 3, 1))
+    diverged = torch.zeros(10, 3, 1, 1)
+    diverged[3] = float("nan")
+    with pytest.warns(UserWarning, match="NaN"):
+        assert all(math.isnan(v) for v in fid.compute(diverged).values())
 
 
 # ------------------------------------------------------------------------------------------------ feature nets
@@ -134,7 +142,8 @@ def test_feature_net_digits_trains_and_is_cached(tmp_path, monkeypatch: pytest.M
     assert len(calls) == 1 and isinstance(net, FeatureNet)
     assert net.accuracy > 0.9 and net.num_features == 64
     files = [f for f in os.listdir(tmp_path) if f.endswith(".pt")]
-    assert len(files) == 1 and d.content_hash() in files[0] and not any(f.startswith(".tmp") for f in os.listdir(tmp_path))
+    assert len(files) == 1 and d.content_hash() in files[0]
+    assert not any(f.startswith(".tmp") for f in os.listdir(tmp_path))  # atomic write left no temp file
 
     again = get_feature_net(d, cache_dir=str(tmp_path))
     assert len(calls) == 1  # loaded, not retrained
@@ -167,7 +176,6 @@ def test_inception_absent_returns_none(tmp_path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("DIFFUSION_RL_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     assert inception_feature_net() is None
-    net = None
     monkeypatch.undo()
     net = inception_feature_net()  # whatever is installed locally: never downloads
     assert net is None or getattr(net, "num_features", None) == 2048

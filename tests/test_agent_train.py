@@ -1,0 +1,197 @@
+"""TDEvaluator training: target-network updates, bad input, short runs, checkpoint + resume (agents/td_evaluator.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tensordict.nn import TensorDictModule
+from torchrl.objectives import HardUpdate, SoftUpdate
+
+from agents import TDEvaluator, TDLoss
+from diffusion_rl.data import Dataset
+from diffusion_rl.errors import ConfigError
+from diffusion_rl.formulations import EDMFormulation
+from diffusion_rl.networks import MLP, Denoiser
+from diffusion_rl.training import TrainConfig
+from envs import DiffusionMRP
+from envs.critic import make_critic
+
+
+def toy_data() -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    return Dataset("toy", torch.randn(512, 2, generator=g), None, 0, "points")
+
+
+def small_denoiser(formulation, seed: int = 0) -> Denoiser:
+    torch.manual_seed(seed)
+    return Denoiser(MLP(dim=2, width=16, depth=1), formulation)
+
+
+def make(formulation="edm", coupling="markov", seed=0, batch_size=16, out_dir=None, **kw) -> TDEvaluator:
+    env = DiffusionMRP(toy_data(), formulation, coupling=coupling, seed=seed)
+    cfg = TrainConfig(batch_size=batch_size, lr=1e-3, warmup_steps=0, log_every=5, seed=seed)
+    return TDEvaluator(env, denoiser=small_denoiser(env.formulation), config=cfg, out_dir=out_dir, device="cpu", **kw)
+
+
+def params(module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# ---- the target network --------------------------------------------------------------------------------------------
+def test_defaults_are_the_paper_recipe():
+    ag = make()
+    assert ag.method == "td-edm"
+    assert (ag.env.formulation.steps, ag.env.stride, ag.env.one_step, ag.env.coupling) == (18, 3.0, 0.2, "markov")
+    assert (ag.estimator_name, ag.reweighting, ag.base_weight_lambda, ag.target_update, ag.tau) == (
+        "td0", "edm", 0.5, "soft", 0.999)
+    assert isinstance(ag.loss_module, TDLoss) and isinstance(ag.target_updater, SoftUpdate)
+    mc = ag.method_config()
+    for key in ("estimator", "reweighting", "lambda", "tau", "stride", "one_step", "coupling"):
+        assert key in mc
+    # the target is a frozen deep copy, in eval mode, distinct from the evaluation EMA
+    assert ag.target is not ag.denoiser and ag.target is not ag.ema
+    assert not ag.target.training and all(not p.requires_grad for p in ag.target.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(params(ag.target), params(ag.denoiser)))
+    assert "target" in ag.extra_modules() and "target" in ag.state_dict()["extra"]
+
+
+def test_soft_update_after_each_step():
+    ag = make(tau=0.9)
+    before = params(ag.target)
+    ema_before = params(ag.ema)
+    ag.update(ag.collect())
+    online = params(ag.denoiser)
+    for t0, t1, p in zip(before, params(ag.target), online):
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * p, rtol=1e-6, atol=1e-7)
+    assert not all(torch.equal(a, b) for a, b in zip(params(ag.target), online))
+    # the evaluation EMA follows its own (much slower) rate: it is not the target
+    beta = 0.5 ** (16 / ag.config.ema_halflife_images)
+    for e0, e1, p in zip(ema_before, params(ag.ema), online):
+        torch.testing.assert_close(e1, beta * e0 + (1 - beta) * p, rtol=1e-6, atol=1e-7)
+    assert not ag.target.training
+
+
+def test_hard_update_every_period():
+    ag = make(target_update="hard", hard_period=3)
+    assert isinstance(ag.target_updater, HardUpdate)
+    start = params(ag.target)
+    for step in range(1, 7):
+        ag.update(ag.collect())
+        tgt, online = params(ag.target), params(ag.denoiser)
+        if step % 3 == 0:
+            assert all(torch.equal(a, b) for a, b in zip(tgt, online)), step
+            start = tgt
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(tgt, start)), step
+            assert not all(torch.equal(a, b) for a, b in zip(tgt, online)), step
+
+
+def test_no_gradient_reaches_the_target():
+    ag = make()
+    out = ag.loss(ag.collect())
+    out["loss"].backward()
+    assert all(p.grad is None for p in ag.target.parameters())
+    assert any(p.grad is not None for p in ag.denoiser.parameters())
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+def _leaky_critic(denoiser, formulation, one_step, coupling):
+    crit = make_critic(denoiser, formulation, one_step, coupling)
+    return TensorDictModule(lambda x, level, label, x0: crit.module(x, level, label),
+                            in_keys=["x", "level", "label", "x0"], out_keys=["denoised", "state_value"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"estimator": "td2"}, "'td2'"),
+    ({"estimator": 3}, "3"),
+    ({"estimator": "td_lambda", "lmbda": 1.5}, "1.5"),
+    ({"estimator": "td_lambda", "lmbda": -0.2}, "-0.2"),
+    ({"base_weight_lambda": -0.1}, "-0.1"),
+    ({"base_weight_lambda": float("nan")}, "nan"),
+    ({"reweighting": "sqrt"}, "'sqrt'"),
+    ({"target_update": "polyak"}, "'polyak'"),
+    ({"tau": 1.5}, "1.5"),
+    ({"hard_period": 0}, "hard_period"),
+    ({"n_steps": 0}, "n_steps"),
+    ({"estimator": "td0", "n_steps": 3}, "n_steps=3"),
+    ({"critic_factory": _leaky_critic}, "x0"),
+])
+def test_bad_input_raises_config_error(kwargs, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        make(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_formulation_mismatch():
+    env = DiffusionMRP(toy_data(), "edm", seed=0)
+    other = Denoiser(MLP(dim=2, width=8, depth=1), EDMFormulation(steps=10))
+    with pytest.raises(ConfigError, match="'steps': 10"):
+        TDEvaluator(env, denoiser=other, device="cpu")
+    with pytest.raises(ConfigError, match="DiffusionMRP"):
+        TDEvaluator(object(), device="cpu")
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+def test_short_run_stays_finite():
+    ag = make()
+    recs = list(ag.train(30, progress=False))
+    assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30]
+    for r in recs:
+        for k in ("loss", "loss_td_mean", "loss_base_mean", "valid_fraction"):
+            assert math.isfinite(r[k]), (k, r)
+    assert all(torch.isfinite(p).all() for p in ag.denoiser.parameters())
+
+
+@pytest.mark.parametrize("kw", [
+    {"estimator": "nstep", "n_steps": 3},
+    {"estimator": "td_lambda", "n_steps": 3, "lmbda": 0.5, "target_update": "hard", "hard_period": 2},
+    {"formulation": "vp"},
+    {"formulation": "ct", "coupling": "shared"},
+    {"coupling": "shared", "reweighting": "pairwise"},
+])
+def test_variants_train(kw):
+    ag = make(**kw)
+    batch = ag.collect()
+    assert batch.batch_size == ((16, 3) if "n_steps" in kw else (16,))
+    recs = list(ag.train(4, progress=False))
+    assert math.isfinite(recs[-1]["loss"])
+    out = ag.loss(ag.collect())
+    assert out["valid"].shape == batch.batch_size
+    assert out["td_error"].shape == batch["x"].shape
+
+
+@pytest.mark.parametrize("kw", [{}, {"estimator": "td_lambda", "n_steps": 2, "target_update": "hard",
+                                     "hard_period": 3}])
+def test_resume_matches_uninterrupted_run(tmp_path, kw):
+    full = make(out_dir=tmp_path / "full", **kw)
+    list(full.train(8, progress=False))
+
+    half = make(out_dir=tmp_path / "half", **kw)
+    list(half.train(4, progress=False))  # writes half/checkpoint.pt at step 4
+    resumed = make(out_dir=tmp_path / "half", seed=0, **kw).resume()
+    assert resumed.step == 4
+    list(resumed.train(8, progress=False))
+
+    for name in ("denoiser", "ema", "target"):
+        a, b = params(getattr(full, name)), params(getattr(resumed, name))
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), name
+    assert full.env.generator.get_state().equal(resumed.env.generator.get_state())
+
+
+def test_resume_refuses_other_method_settings(tmp_path):
+    ag = make(out_dir=tmp_path)
+    list(ag.train(2, progress=False))
+    other = make(out_dir=tmp_path, reweighting="pairwise")
+    with pytest.raises(ConfigError, match="reweighting"):
+        other.resume()
+
+
+def test_evaluate_calls_the_evaluation_module():
+    from diffusion_rl.evaluation import EvalConfig
+
+    ag = make()
+    list(ag.train(2, progress=False))
+    records = ag.evaluate(nfe=[1, 3], config=EvalConfig(n_samples=64, batch_size=64, float64=False))
+    assert records and {r["nfe"] for r in records} == {1, 3}
+    assert all(r["method"] == "td-edm" for r in records)
