@@ -115,7 +115,7 @@ def train_feature_net(dataset: Dataset, seed: int = 0, verbose: bool = False, ho
     epochs = max(4, min(40, math.ceil(60_000 / n_train)))
     t0 = time.time()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: weight init happens on CPU; CUDA RNGs stay untouched
         net = FeatureNet(dataset.sample_shape[0], dataset.num_classes).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         steps = epochs * math.ceil(n_train / batch_size)
@@ -350,7 +350,7 @@ class ImageFID:
         self.kid.subset_size = min(1000, self.num_real, fake_features.shape[0])
         self.kid.update(fake_features, real=False)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            torch.default_generator.manual_seed(self.seed)  # KID's subsets use the CPU global RNG
             kid, kid_std = self.kid.compute()
         return {"fid": fid, "kid": float(kid), "kid_std": float(kid_std)}
 
