@@ -43,7 +43,7 @@ class Args:
     resume: bool = False            # continue from out/<method>/checkpoint.pt
     checkpoint_every: int = 250     # steps between checkpoints
     estimator: str = "td0"          # TD: td0 | nstep | td_lambda
-    n_steps: int = 2                # TD: transitions per trajectory for nstep / td_lambda
+    n_steps: int = 2                # TD: transitions per trajectory for nstep / td_lambda (td0 uses 1)
     lmbda: float = 0.95             # TD: lambda of td_lambda
     reweighting: str = "edm"        # TD: edm | pairwise | linear | none
     base_lambda: float = 0.5        # TD: weight of the base loss (the paper's lambda)
@@ -141,7 +141,8 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     if args.one_step > 0:
         env_kwargs["one_step"] = args.one_step
     env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size], **env_kwargs)
-    return TDEvaluator(env, denoiser=denoiser, estimator=args.estimator, n_steps=args.n_steps, lmbda=args.lmbda,
+    return TDEvaluator(env, denoiser=denoiser, estimator=args.estimator,
+                       n_steps=1 if args.estimator == "td0" else args.n_steps, lmbda=args.lmbda,
                        reweighting=args.reweighting, base_weight_lambda=args.base_lambda, tau=args.target_tau,
                        config=config, out_dir=out_dir, device=args.device)
 

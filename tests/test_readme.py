@@ -1,0 +1,17 @@
+"""The README's RL example runs as written (with fewer training steps)."""
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README lost its Python example"
+    code = blocks[0].replace("steps=200", "steps=10")
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "torch.Size([64, 5, 1, 8, 8])" in out
+    records = namespace["records"]
+    assert {r["nfe"] for r in records} == {3, 9} and {r["metric"] for r in records} >= {"fid", "kid"}
