@@ -53,15 +53,15 @@ def default_reweighting(formulation: Formulation) -> str:
     return "pairwise" if formulation.name == "ct" else "edm"
 
 
-def td_weight(reweighting: str, A_t: Tensor, A_next: Tensor, base_weight_t: Tensor) -> Tensor:
+def td_weight(reweighting: str, A_t: Tensor, A_next: Tensor, c_out_t: Tensor) -> Tensor:
     """Per-sample weight w_td of the TD term (spec 4.5).
 
-    "edm":      1 / max(A_t^2 c_out(sigma_t)^2, 1e-8), written for any formulation as
-                1 / max(A_t^2 / base_weight(level_t), 1e-8) (equal for EDM, where base_weight = w_edm = 1/c_out^2);
+    "edm":      1 / max(A_t^2 c_out(level_t)^2, 1e-8) with the formulation's own preconditioning c_out (EDM: equals
+                w_edm / A_t^2; VP: c_out^2 = (1 - abar)/abar, so it equals the eps-loss weight / A_t^2);
     "pairwise": 1 / max(A_t^2 + A_t'^2, 0.01);   "linear": 1 / max(A_t + A_t', 0.01);   "none": 1.
     """
     if reweighting == "edm":
-        return 1.0 / (A_t.pow(2) / base_weight_t).clamp(min=1e-8)
+        return 1.0 / (A_t.pow(2) * c_out_t.pow(2)).clamp(min=1e-8)
     if reweighting == "pairwise":
         return 1.0 / (A_t.pow(2) + A_next.pow(2)).clamp(min=0.01)
     if reweighting == "linear":
@@ -158,8 +158,8 @@ class TDLoss(LossModule):
         if self.consistency:
             # spec 5: the consistency pair (t, t2) uses f-(x_t2, t2) for every sample, boundary ones included.
             next_denoised, next_value_all = self._target(nxt)
-            loss_base = self.formulation.base_weight(level).to(denoised) * (
-                _mean_pixels((denoised - next_denoised).pow(2), 1))  # l2 loss_ct with the CT weighting
+            # l2 loss_ct with the CT weighting: w(t) mean_pixels (f_theta(x_t, t) - f-(x_t2, t2))^2
+            loss_base = self.formulation.base_loss(denoised, next_denoised, level)
             next_value = torch.where(expand_as_image(valid, value).bool(), next_value_all, next_value)
         else:
             loss_base = self.formulation.base_loss(denoised, x0, level)  # spec 4.3: w(level) mean (D - x0)^2
@@ -186,7 +186,8 @@ class TDLoss(LossModule):
         # spec 4.5: td = w_td mean_pixels delta^2 (partner A_t' = one stride ahead for the pairwise/linear weights)
         A_t, _ = self.formulation.one_step_posterior(level, self.one_step, self.coupling)
         A_n, _ = self.formulation.one_step_posterior(level_next, self.one_step, self.coupling)
-        w_td = td_weight(self.reweighting, A_t, A_n, self.formulation.base_weight(level)).to(value)
+        c_out = self.formulation.preconditioning(level)[1]
+        w_td = td_weight(self.reweighting, A_t, A_n, c_out).to(value)
         loss_td = torch.where(valid, w_td * _mean_pixels(delta.pow(2), 1), torch.zeros_like(loss_base))
         loss_sample = combine_losses(loss_td, loss_base, valid, self.base_weight_lambda)  # spec 4.6
 

@@ -45,9 +45,9 @@ class Args:
     estimator: str = "td0"          # TD: td0 | nstep | td_lambda
     n_steps: int = 2                # TD: transitions per trajectory for nstep / td_lambda (td0 uses 1)
     lmbda: float = 0.95             # TD: lambda of td_lambda
-    reweighting: str = "edm"        # TD: edm | pairwise | linear | none
+    reweighting: str = ""           # TD: edm | pairwise | linear | none ("": family default, edm; pairwise for CT)
     base_lambda: float = 0.5        # TD: weight of the base loss (the paper's lambda)
-    coupling: str = "markov"        # TD: markov | shared
+    coupling: str = ""              # TD: markov | shared ("": family default, markov; shared for CT)
     stride: float = -1.0            # TD: MRP stride in index units (-1: family default, 3 for EDM)
     one_step: float = -1.0          # TD: one-step stride delta (-1: family default, 0.2 for EDM)
     target_tau: float = 0.999       # TD: target-network EMA rate
@@ -115,7 +115,7 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     from .data import load_dataset
     from .formulations import make_formulation
     from .networks import Denoiser, build_network
-    from .training import TrainConfig
+    from .training import TrainConfig, resolve_device
 
     method = check_choice("method", method or args.method, METHODS)
     dataset = dataset if dataset is not None else load_dataset(args.data, seed=args.seed)
@@ -135,7 +135,7 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     from agents import TDEvaluator
     from envs import DiffusionMRP
 
-    env_kwargs = {"coupling": args.coupling, "seed": args.seed}
+    env_kwargs = {"coupling": args.coupling or None, "seed": args.seed, "device": resolve_device(args.device)}
     if args.stride > 0:
         env_kwargs["stride"] = args.stride
     if args.one_step > 0:
@@ -143,7 +143,7 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size], **env_kwargs)
     return TDEvaluator(env, denoiser=denoiser, estimator=args.estimator,
                        n_steps=1 if args.estimator == "td0" else args.n_steps, lmbda=args.lmbda,
-                       reweighting=args.reweighting, base_weight_lambda=args.base_lambda, tau=args.target_tau,
+                       reweighting=args.reweighting or None, base_weight_lambda=args.base_lambda, tau=args.target_tau,
                        config=config, out_dir=out_dir, device=args.device)
 
 

@@ -7,6 +7,7 @@ protocol.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -93,14 +94,10 @@ class Evaluator:
 
     def score(self, samples: Tensor) -> dict[str, float]:
         """Metric name -> value for a batch of generated samples."""
-        samples = samples.float().cpu()
-        if self._fid is not None:
-            return self._fid.compute(samples)
-        from .metrics import energy_distance, sliced_wasserstein2
+        from .metrics import evaluate_samples
 
         g = torch.Generator().manual_seed(self.config.seed + 12345)
-        ref = self.dataset.fresh(len(samples), g) if self.dataset.fresh is not None else self.dataset.x
-        return {"sw2": sliced_wasserstein2(samples, ref, generator=g), "energy": energy_distance(samples, ref)}
+        return evaluate_samples(self.dataset, samples.float().cpu(), fid=self._fid, generator=g)
 
     def generate(self, denoiser: Denoiser, nfe: int, device: torch.device | str = "cpu") -> tuple[Tensor, str]:
         """`n_samples` samples at budget `nfe` (seeded), and the sampler used."""
@@ -153,8 +150,7 @@ def evaluate_learner(learner, nfe: int | Sequence[int] | None = None, config: Ev
     """Evaluate a learner's EMA (or online) network across NFE budgets; returns result records."""
     config = config or EvalConfig()
     if nfe is not None:
-        config.nfe_grid = (nfe,) if isinstance(nfe, int) else tuple(nfe)
-        config.__post_init__()
+        config = dataclasses.replace(config, nfe_grid=(nfe,) if isinstance(nfe, int) else tuple(nfe))
     net = learner.ema if use_ema else learner.denoiser
     return Evaluator(learner.dataset, config).sweep(net, learner.method, learner.step, out_dir, learner.device)
 

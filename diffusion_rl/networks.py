@@ -51,10 +51,10 @@ class _NoiseLabelEmbedding(nn.Module):
 class _ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(8, cin), cin)
+        self.norm1 = nn.GroupNorm(math.gcd(8, cin), cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, cout)
-        self.norm2 = nn.GroupNorm(min(8, cout), cout)
+        self.norm2 = nn.GroupNorm(math.gcd(8, cout), cout)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -113,7 +113,7 @@ class UNet(nn.Module):
                 c = width * mult
             if level > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        self.norm_out = nn.GroupNorm(min(8, c), c)
+        self.norm_out = nn.GroupNorm(math.gcd(8, c), c)
         self.conv_out = nn.Conv2d(c, channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)

@@ -283,7 +283,17 @@ class Learner(ABC):
         if path is None:
             raise ConfigError("resume needs a checkpoint path or an out_dir")
         self.load_state_dict(load_checkpoint(path))
+        self._trim_log()
         return self
+
+    def _trim_log(self) -> None:
+        """Drop metric records written after the checkpoint (a crashed run's tail), so the resumed log has no
+        duplicate steps."""
+        log = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
+        if log is None or not log.exists():
+            return
+        keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        log.write_text("".join(line + "\n" for line in keep))
 
 
 def _config_diff(a: Any, b: Any, prefix: str = "") -> str:

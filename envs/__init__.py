@@ -10,11 +10,12 @@ from __future__ import annotations
 import gymnasium
 
 from .critic import CRITIC_IN_KEYS, CRITIC_OUT_KEYS, ValueNet, make_critic
-from .diffusion_mrp import STARTS, STATE_KEYS, DiffusionMRP, check_stride_one_step, default_stride_one_step
+from .diffusion_mrp import (STARTS, STATE_KEYS, DiffusionMRP, check_stride_one_step, default_coupling,
+                            default_stride_one_step)
 from .gym_env import ENV_ID, DiffusionMRPGym
 
 __all__ = [
-    "DiffusionMRP", "DiffusionMRPGym", "ENV_ID", "ValueNet", "make_critic", "default_stride_one_step",
+    "DiffusionMRP", "DiffusionMRPGym", "ENV_ID", "ValueNet", "make_critic", "default_stride_one_step", "default_coupling",
     "check_stride_one_step", "STARTS", "STATE_KEYS", "CRITIC_IN_KEYS", "CRITIC_OUT_KEYS",
 ]
 

@@ -34,7 +34,8 @@ from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice, check_positive
 from diffusion_rl.formulations import COUPLINGS, Formulation, make_formulation
 
-__all__ = ["DiffusionMRP", "default_stride_one_step", "check_stride_one_step", "STARTS", "STATE_KEYS"]
+__all__ = ["DiffusionMRP", "default_stride_one_step", "default_coupling", "check_stride_one_step", "STARTS",
+           "STATE_KEYS"]
 
 STARTS: tuple[str, ...] = ("max", "random")
 STATE_KEYS: tuple[str, ...] = ("x", "level", "index", "label", "x0")
@@ -51,6 +52,11 @@ def default_stride_one_step(formulation: Formulation) -> tuple[float, float]:
         return 1.0, 0.25
     span = (formulation.steps - 1) / 17.0
     return 3.0 * span, 0.2 * span
+
+
+def default_coupling(formulation: Formulation) -> str:
+    """"markov" (spec 3: the true reverse kernel, the Bellman fixed point), "shared" for CT (spec 5)."""
+    return "shared" if formulation.name == "ct" else "markov"
 
 
 def check_stride_one_step(stride, one_step, steps: int) -> tuple[float, float]:
@@ -86,7 +92,8 @@ class DiffusionMRP(EnvBase):
             rollout comes from the tensordict passed to `reset`.
         stride: k, index units per MRP step (defaults: `default_stride_one_step`).
         one_step: delta, index units of the one-step posterior mean that defines values and rewards.
-        coupling: "markov" (default; the true reverse kernel) or "shared" (shared noise: x' deterministic given x, x0).
+        coupling: "markov" (the true reverse kernel) or "shared" (shared noise: x' deterministic given x, x0);
+            None picks `default_coupling`: markov, or shared for CT (spec 5).
         start: "max" starts every episode at index 0 (the noisiest level); "random" at a uniform index in
             [0, N-1-(stride+one_step)], so that at least one step is always possible.
         device: where states live; the env's torch.Generator lives there too.
@@ -98,11 +105,12 @@ class DiffusionMRP(EnvBase):
 
     def __init__(self, dataset: str | Dataset = "digits", formulation: str | Formulation = "edm", *,
                  batch_size: int | Sequence[int] = (1,), stride: float | None = None,
-                 one_step: float | None = None, coupling: str = "markov", start: str = "max",
+                 one_step: float | None = None, coupling: str | None = None, start: str = "max",
                  device: str | torch.device = "cpu", seed: int | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         # --- validate everything cheap before loading data ---
-        check_choice("coupling", coupling, COUPLINGS)
+        if coupling is not None:
+            check_choice("coupling", coupling, COUPLINGS)
         check_choice("start", start, STARTS)
         batch_size = _as_batch_size(batch_size)
         if not isinstance(dataset, str) and not callable(getattr(dataset, "draw", None)):
@@ -118,7 +126,7 @@ class DiffusionMRP(EnvBase):
         super().__init__(device=device, batch_size=batch_size)
         self.formulation = form
         self.stride, self.one_step = stride, one_step
-        self.coupling, self.start = coupling, start
+        self.coupling, self.start = coupling or default_coupling(form), start
         self.dataset = load_dataset(dataset, seed=0 if seed is None else seed) if isinstance(dataset, str) else dataset
         self.sample_shape = tuple(self.dataset.sample_shape)
         self.num_classes = int(getattr(self.dataset, "num_classes", 0) or 0)
@@ -188,18 +196,28 @@ class DiffusionMRP(EnvBase):
         """
         return self.formulation.one_step_mean(x0, x, level, self.one_step, self.coupling)
 
+    @property
+    def max_valid_index(self) -> float:
+        """The last index a transition may start from: (N-1) - (stride + one_step) (spec 4.2)."""
+        return self.last_index - (self.stride + self.one_step)
+
     def truncation(self, index: Tensor) -> Tensor:
         """True where one more stride would take the index past N-1-one_step (the episode is truncated there)."""
-        return index + self.stride > self.last_index - self.one_step
+        return index > self.max_valid_index
 
     def td_valid(self, level: Tensor, index: Tensor) -> Tensor:
         """TD-valid mask of spec 4.2: in_range(level) & index <= (N-1) - (stride + one_step)."""
-        return self.formulation.in_range(level) & (index <= self.last_index - (self.stride + self.one_step))
+        return self.formulation.in_range(level) & (index <= self.max_valid_index)
+
+    def _next_level(self, level: Tensor, index_next: Tensor) -> Tensor:
+        """level(index + stride), never noisier than `level`: a training level below the grid's end (sigma_t <
+        sigma_min, an invalid sample) keeps its own level instead of being paired with the noisier grid end."""
+        return torch.minimum(self.formulation.level(index_next).to(self.dtype), level)
 
     def _transition(self, x: Tensor, level: Tensor, index: Tensor, x0: Tensor) -> dict[str, Tensor]:
         """One MRP step on flat tensors: x' ~ q(x' | x, x0) at index + stride, and the image-valued reward."""
         index_next = index + self.stride
-        level_next = self.formulation.level(index_next).to(self.dtype)
+        level_next = self._next_level(level, index_next)
         x_next = self.formulation.reverse_step(x0, x, level, level_next, self.coupling, self._generator)
         x_next = x_next.to(self.dtype)
         reward = self.true_value(x0, x, level) - self.true_value(x0, x_next, level_next)
@@ -241,7 +259,7 @@ class DiffusionMRP(EnvBase):
         if self.start == "max":
             index = torch.zeros(n, dtype=self.dtype, device=self.device)
         else:
-            high = self.last_index - (self.stride + self.one_step)
+            high = self.max_valid_index
             index = torch.rand(n, generator=self._generator, device=self.device, dtype=self.dtype) * high
         level = self.formulation.level(index).to(self.dtype)
         x = self.formulation.add_noise(x0, level, self._randn(x0.shape)).to(self.dtype)
@@ -282,7 +300,7 @@ class DiffusionMRP(EnvBase):
         level = self.formulation.sample_training_level(n, self._generator, self.device).to(self.dtype)
         index = self.formulation.index(level).to(self.dtype)
         index_next = index + self.stride
-        level_next = self.formulation.level(index_next).to(self.dtype)
+        level_next = self._next_level(level, index_next)
         x, x_next = self.formulation.coupled_pair(x0, level, level_next, self.coupling, self._generator)
         x, x_next = x.to(self.dtype), x_next.to(self.dtype)
         reward = self.true_value(x0, x, level) - self.true_value(x0, x_next, level_next)
@@ -312,7 +330,7 @@ class DiffusionMRP(EnvBase):
         truncated = torch.zeros(m, dtype=torch.bool, device=self.device)
         steps = []
         for _ in range(int(n)):
-            valid = in_range & (index <= self.last_index - (self.stride + self.one_step))
+            valid = in_range & (index <= self.max_valid_index)
             td = self._root(m, x=x, level=level, index=index, label=label, x0=x0, valid=valid)
             trunc = truncated.reshape(m, 1)
             td.update({"done": trunc.clone(), "truncated": trunc.clone()})

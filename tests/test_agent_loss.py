@@ -152,12 +152,12 @@ def test_parity_with_spec_section_4(coupling, reweighting):
 
 
 def test_edm_weight_generalisation_equals_c_out_form():
-    """w_td = 1/max(A^2 / base_weight, 1e-8) equals the spec's 1/max(A^2 c_out^2, 1e-8) for EDM."""
+    """td_weight("edm") with the formulation's c_out is the spec's 1/max(A^2 c_out^2, 1e-8), c_out written by hand."""
     _, ag = make_agent()
     sigma = torch.tensor(SIGMAS[:5], dtype=torch.float64)
     A, _ = spec_A_kappa(sigma, "markov")
     from agents import td_weight
-    w = td_weight("edm", A, A, ag.formulation.base_weight(sigma))
+    w = td_weight("edm", A, A, ag.formulation.preconditioning(sigma)[1])
     torch.testing.assert_close(w, 1 / (A ** 2 * spec_c_out(sigma) ** 2), rtol=1e-10, atol=0)
 
 

@@ -65,3 +65,13 @@ def test_readme_test_command_is_what_ci_runs():
     test_cmd = blocks[1].strip()
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
     assert "diffusion-rl demo" in blocks[0]
+
+
+def test_td_ct_from_the_command_line_uses_family_defaults(tmp_path):
+    """--formulation ct --method td picks shared coupling, stride 1 and the pairwise weight (spec 5)."""
+    from diffusion_rl.cli import Args, make_learner
+
+    learner = make_learner(Args(data="moons", formulation="ct", method="td", out=str(tmp_path), device="cpu"))
+    assert (learner.env.coupling, learner.env.stride, learner.reweighting) == ("shared", 1.0, "pairwise")
+    assert main(["train", "--data", "moons", "--formulation", "ct", "--method", "td", "--steps", "5",
+                 "--batch-size", "16", "--no-eval", "--no-progress", "--out", str(tmp_path)]) == 0

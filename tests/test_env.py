@@ -235,7 +235,8 @@ def test_sample_pairs_valid_mask_edm(points):
     torch.testing.assert_close(p["index"].double(), i_ref, atol=1e-3, rtol=0)
     # partner: stride index units on, never clamped into validity; finite everywhere
     torch.testing.assert_close(p["next", "index"], p["index"] + env.stride)
-    torch.testing.assert_close(p["next", "level"], f.level(p["index"] + env.stride))
+    # ... and never noisier than the state itself (a sigma_t below sigma_min keeps its own level)
+    torch.testing.assert_close(p["next", "level"], torch.minimum(f.level(p["index"] + env.stride), p["level"]))
     for key in ("x", "level", "index", "reward"):
         assert torch.isfinite(p["next", key]).all()
     assert torch.isfinite(p["x"]).all()
@@ -377,3 +378,20 @@ def test_gymnasium_points_vp():
     from gymnasium.utils.env_checker import check_env
     env = gymnasium.make("diffusion_rl/DiffusionMRP-v0", dataset="8gaussians", formulation="vp")
     check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_training_level_below_grid_keeps_its_own_noise():
+    """A log-normal sigma_t below sigma_min is TD-invalid; its x_t must still carry noise sigma_t, not sigma_min."""
+    from diffusion_rl.formulations import EDMFormulation
+
+    class LowSigma(EDMFormulation):
+        def sample_training_level(self, n, generator=None, device="cpu"):
+            return torch.full((n,), 1e-4, device=device)
+
+    from diffusion_rl.data import load_dataset
+
+    env = DiffusionMRP(load_dataset("8gaussians", n_points=500), LowSigma(), seed=0, dtype=torch.float64)
+    b = env.sample_pairs(4000)
+    assert not b["valid"].any()
+    assert (b["next", "level"] <= b["level"]).all()
+    assert (b["x"] - b["x0"]).std().item() == pytest.approx(1e-4, rel=0.05)

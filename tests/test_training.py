@@ -92,3 +92,22 @@ def test_baseline_loss_decreases_on_toy_data():
     L = make(None, lr=3e-3)
     recs = list(L.train(150, progress=False))
     assert recs[-1]["loss"] < recs[0]["loss"]
+
+
+def test_resume_drops_metric_records_after_the_checkpoint(tmp_path):
+    L = make(tmp_path)
+    list(L.train(5, progress=False))
+    at_five = (tmp_path / "checkpoint.pt").read_bytes()
+    list(L.train(10, progress=False))
+    (tmp_path / "checkpoint.pt").write_bytes(at_five)  # as if the run died after logging step 10
+    resumed = make(tmp_path).resume()
+    assert [json.loads(s)["step"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5]
+    list(resumed.train(10, progress=False))
+    assert [json.loads(s)["step"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+
+
+def test_unet_widths_that_are_not_multiples_of_8():
+    from diffusion_rl.networks import UNet
+
+    net = UNet(8, width=12, channel_mult=(1, 2))
+    assert net(torch.randn(2, 1, 8, 8), torch.zeros(2)).shape == (2, 1, 8, 8)
