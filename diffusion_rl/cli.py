@@ -54,8 +54,9 @@ class Args:
     nfe_grid: str = "1,2,3,5,9,17,35"  # evaluation NFE budgets
     n_samples: int = 1000           # evaluation samples per NFE
     features: str = "classifier"    # FID features: classifier (trained on the data here) | inception
-    no_eval: bool = False           # skip the evaluation sweep after training
+    eval: bool = True               # run the evaluation sweep after training (--no-eval skips it)
     progress: bool = True           # progress bars
+    tensorboard: bool = False       # also log TensorBoard scalars (pip install 'diffusion-rl[tensorboard]')
 
 
 @dataclass
@@ -128,7 +129,7 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     denoiser = Denoiser(net, formulation)
     config = TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_halflife_images=args.ema_halflife_images, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every)
+                         checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
     out_dir = Path(args.out) / method
     if method == "baseline":
         return DiffusionBaseline(denoiser, dataset, config, out_dir=out_dir, device=args.device)
@@ -172,7 +173,7 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool) 
     learners = [make_learner(args, m, dataset) for m in methods]  # validates every setting before any work
     eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features)
     out = Path(args.out)
-    evaluator = None if args.no_eval else Evaluator(dataset, eval_cfg)
+    evaluator = Evaluator(dataset, eval_cfg) if args.eval else None
     records, t_start = [], time.perf_counter()
     if with_untrained and evaluator is not None:
         records += evaluator.sweep(learners[0].ema, "untrained", 0, out, learners[0].device, args.progress)

@@ -9,6 +9,7 @@ states, step and config; they are written atomically and loaded with `torch.load
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -54,6 +55,7 @@ class TrainConfig:
     seed: int = 0                   # seeds data order, noise and initialisation
     checkpoint_every: int = 0       # steps between checkpoints; 0 writes only at the end of train()
     log_every: int = 25             # steps between JSONL metric records
+    tensorboard: bool = False       # also write metrics as TensorBoard scalars to out_dir/tensorboard
 
     def __post_init__(self) -> None:
         check_positive("batch_size", self.batch_size)
@@ -63,6 +65,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_positive("log_every", self.log_every)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("tensorboard=True needs the tensorboard package: pip install 'diffusion-rl[tensorboard]'")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -127,6 +131,7 @@ class Learner(ABC):
         self.step = 0
         self.images_seen = 0
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._writer = None  # TensorBoard SummaryWriter, made on first use
 
     # ---- what a subclass defines ---------------------------------------------------------------------
     @abstractmethod
@@ -231,6 +236,15 @@ class Learner(ABC):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+        if self.config.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._writer.add_scalar(f"{self.method}/{k}", v, rec["step"])
+            self._writer.flush()
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def full_config(self) -> dict:

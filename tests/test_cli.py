@@ -54,6 +54,7 @@ def test_resume_continues_a_cli_run(tmp_path):
             "--out", str(tmp_path)]
     assert main(args) == 0
     assert main(args[:4] + ["20"] + args[5:] + ["--resume"]) == 0
+    assert not (tmp_path / "results.json").exists()  # --no-eval skipped the sweep
     lines = (tmp_path / "baseline" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 20
     assert main(args[:4] + ["20"] + args[5:] + ["--resume", "--lr", "0.1"]) == 2
