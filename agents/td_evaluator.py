@@ -278,8 +278,9 @@ class TDEvaluator(Learner):
             if float(env.stride) != 1.0:
                 raise ConfigError(f"TD-CT needs an env with stride 1 (adjacent grid points, spec 5), "
                                   f"got {env.stride}")
-        if critic_factory is None:
-            from envs.critic import make_critic as critic_factory  # noqa: N813
+        from envs.critic import check_critic_keys, make_critic
+
+        critic_factory = critic_factory or make_critic
 
         if denoiser is None:
             net = build_network(env.dataset.sample_shape, num_classes=int(getattr(env.dataset, "num_classes", 0)))
@@ -298,10 +299,7 @@ class TDEvaluator(Learner):
         self.critic = critic_factory(self.denoiser, form, env.one_step, env.coupling)
         self.target_critic = critic_factory(self.target, form, env.one_step, env.coupling)
         for c in (self.critic, self.target_critic):
-            keys = [k[-1] if isinstance(k, tuple) else k for k in getattr(c, "in_keys", [])]
-            if "x0" in keys:
-                raise ConfigError(f"the critic must not read the clean sample: its in_keys {list(c.in_keys)} "
-                                  "include 'x0'; accepted: observable state keys such as ['x', 'level', 'label']")
+            check_critic_keys(getattr(c, "in_keys", []))
         est = make_estimator(estimator, lmbda=lmbda, device=self.device)
         self.uses_trajectories = not isinstance(est, TD0Estimator)
         self.loss_module = TDLoss(self.critic, self.target_critic, form, one_step=env.one_step,

@@ -17,7 +17,7 @@ from diffusion_rl.errors import ConfigError, check_choice, check_positive
 from diffusion_rl.formulations import COUPLINGS, Formulation, make_formulation
 from diffusion_rl.networks import Denoiser
 
-__all__ = ["ValueNet", "make_critic", "CRITIC_IN_KEYS", "CRITIC_OUT_KEYS"]
+__all__ = ["ValueNet", "make_critic", "check_critic_keys", "CRITIC_IN_KEYS", "CRITIC_OUT_KEYS"]
 
 CRITIC_IN_KEYS: tuple[str, ...] = ("x", "level", "label")
 CRITIC_OUT_KEYS: tuple[str, ...] = ("denoised", "state_value")
@@ -74,6 +74,15 @@ class ValueNet(nn.Module):
         return denoised.reshape(*batch, *feat), value.reshape(*batch, *feat)
 
 
+def check_critic_keys(in_keys: Sequence) -> None:
+    """Raise ConfigError if a critic's in_keys would read the clean sample "x0" (nested keys included)."""
+    for key in in_keys:
+        leaf = key[-1] if isinstance(key, tuple) else key
+        if leaf == "x0":
+            raise ConfigError(f"the critic must not read the clean sample: in_keys {list(in_keys)} include "
+                              f"{key!r}; accepted: observable state keys such as {list(CRITIC_IN_KEYS)}")
+
+
 def make_critic(denoiser: Denoiser, formulation: Formulation | str | None = None, one_step: float | None = None,
                 coupling: str = "markov", in_keys: Sequence = CRITIC_IN_KEYS,
                 out_keys: Sequence = CRITIC_OUT_KEYS) -> TensorDictModule:
@@ -83,11 +92,7 @@ def make_critic(denoiser: Denoiser, formulation: Formulation | str | None = None
     keys are not one value key, one level key and an optional label key.
     """
     in_keys, out_keys = list(in_keys), list(out_keys)
-    for key in in_keys:
-        leaf = key[-1] if isinstance(key, tuple) else key
-        if leaf == "x0":
-            raise ConfigError(f"the critic must not read the clean sample: in_keys {in_keys} include {key!r}; "
-                              f"accepted: observable state keys such as {list(CRITIC_IN_KEYS)}")
+    check_critic_keys(in_keys)
     if len(in_keys) not in (2, 3):
         raise ConfigError(f"in_keys must name (x, level[, label]), got {in_keys}")
     if len(out_keys) != 2:
