@@ -12,3 +12,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "cache"
     monkeypatch.setenv("DIFFUSION_RL_CACHE", str(cache))
     yield
+
+
+@pytest.fixture(scope="module")
+def points():
+    """2,000 points of the 8-gaussians toy (seed 0)."""
+    from diffusion_rl.data import load_dataset
+    return load_dataset("8gaussians", n_points=2000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's 8x8 digits."""
+    from diffusion_rl.data import load_dataset
+    return load_dataset("digits")

@@ -11,18 +11,6 @@ from diffusion_rl.networks import Denoiser, build_network
 from envs import DiffusionMRP, ValueNet, make_critic
 
 
-@pytest.fixture(scope="module")
-def points():
-    from diffusion_rl.data import load_dataset
-    return load_dataset("8gaussians", n_points=2000, seed=0)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from diffusion_rl.data import load_dataset
-    return load_dataset("digits")
-
-
 def _randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give the zero-initialised output layer random weights so D depends on its inputs."""
     g = torch.Generator().manual_seed(seed)

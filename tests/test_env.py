@@ -19,18 +19,6 @@ STATE = ("x", "level", "index", "label", "x0")
 DONE = ("done", "terminated", "truncated")
 
 
-@pytest.fixture(scope="module")
-def points():
-    from diffusion_rl.data import load_dataset
-    return load_dataset("8gaussians", n_points=2000, seed=0)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from diffusion_rl.data import load_dataset
-    return load_dataset("digits")
-
-
 def data_for(name, points, digits):
     return points if name == "points" else digits
 
