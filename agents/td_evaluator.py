@@ -38,9 +38,9 @@ from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 from diffusion_rl.errors import ConfigError, check_choice, check_positive, check_range
 from diffusion_rl.formulations import Formulation, expand_as_image
 from diffusion_rl.networks import Denoiser, build_network
-from diffusion_rl.training import Learner, TrainConfig
+from diffusion_rl.training import Learner, TrainConfig, resolve_device
 
-from .estimators import ESTIMATORS, estimator_name, make_estimator, returns
+from .estimators import estimator_name, make_estimator, returns
 
 __all__ = ["TDLoss", "TDEvaluator", "REWEIGHTINGS", "TARGET_UPDATES", "td_weight", "combine_losses"]
 
@@ -249,15 +249,9 @@ class TDEvaluator(Learner):
             if not hasattr(env, attr):
                 raise ConfigError(f"env must be a DiffusionMRP (missing {attr!r}), got {type(env).__name__}")
         form: Formulation = env.formulation
-        if not isinstance(estimator, ValueEstimatorBase):
-            if not isinstance(estimator, str):
-                raise ConfigError(f"unknown estimator {estimator!r}; accepted: {', '.join(ESTIMATORS)} "
-                                  "or a torchrl ValueEstimatorBase instance")
-            check_choice("estimator", estimator, ESTIMATORS)
-        if estimator == "td_lambda":
-            check_range("lmbda (TD(lambda)'s lambda)", lmbda, 0.0, 1.0)
+        est = make_estimator(estimator, lmbda=lmbda, device=resolve_device(device))  # checks name and lambda
         check_positive("n_steps", n_steps)
-        if estimator == "td0" and n_steps != 1:
+        if isinstance(est, TD0Estimator) and n_steps != 1:
             raise ConfigError(f"n_steps={n_steps} needs a multi-step estimator; td0 trains on single transitions "
                               f"(n_steps=1); accepted estimators for n_steps > 1: nstep, td_lambda")
         reweighting = default_reweighting(form) if reweighting is None else reweighting
@@ -300,7 +294,6 @@ class TDEvaluator(Learner):
         self.target_critic = critic_factory(self.target, form, env.one_step, env.coupling)
         for c in (self.critic, self.target_critic):
             check_critic_keys(getattr(c, "in_keys", []))
-        est = make_estimator(estimator, lmbda=lmbda, device=self.device)
         self.uses_trajectories = not isinstance(est, TD0Estimator)
         self.loss_module = TDLoss(self.critic, self.target_critic, form, one_step=env.one_step,
                                   coupling=env.coupling, estimator=est, reweighting=reweighting,
