@@ -1,7 +1,8 @@
-"""Agents: the TD policy-evaluation agent (spec 3-5), its TorchRL loss and estimators, and plain diffusion baselines."""
+"""Agents: the TD policy-evaluation agent (spec 3-5), its TorchRL loss, estimators and pure maths, and baselines."""
 from .baselines import DiffusionBaseline
 from .estimators import ESTIMATORS, make_estimator, returns, td_errors
-from .td_evaluator import REWEIGHTINGS, TARGET_UPDATES, TDEvaluator, TDLoss, combine_losses, td_weight
+from .functional import REWEIGHTINGS, combine_losses, split_objective, td_weight
+from .td_evaluator import TARGET_UPDATES, TDEvaluator, TDLoss
 
 __all__ = ["DiffusionBaseline", "TDEvaluator", "TDLoss", "ESTIMATORS", "REWEIGHTINGS", "TARGET_UPDATES",
-           "make_estimator", "returns", "td_errors", "td_weight", "combine_losses"]
+           "make_estimator", "returns", "td_errors", "td_weight", "combine_losses", "split_objective"]

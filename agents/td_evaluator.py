@@ -10,7 +10,10 @@ critics so that TorchRL's `SoftUpdate` / `HardUpdate` move the target network.
         delta = G - V_theta(s_t),  G = r + V-(s_t') for td0                          (TorchRL estimator, gamma 1)
               = A_t (x0 - D) - A_t' (x0 - D-(x_t'))                                  (kappa x terms cancel)
         td = w_td * mean_pixels delta^2
-        valid: td + lambda * base;   invalid: (1 + lambda) * base;   loss = batch mean.
+        valid: td + lambda * base;   invalid: (1 + lambda) * base;   objective = batch mean
+        = "loss_td" + "loss_base" (agents.functional.split_objective).
+    Multi-step estimators (spec 8): the same at the start state of each chain, with G the n-step or TD(lambda)
+    return over the chain (target forwards at the later states).
     TD-CT (spec 5): the same with f in place of D and the consistency loss
         loss_ct = w(t) * mean_pixels (f_theta(x_t, t) - f-(x_t2, t2))^2 in place of the base loss.
 
@@ -26,10 +29,11 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import NestedKey, TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictParams
 from torch import Tensor, nn
 from torchrl.objectives import HardUpdate, LossModule, SoftUpdate
@@ -37,47 +41,15 @@ from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
 from diffusion_rl.errors import ConfigError, check_choice, check_positive, check_range
 from diffusion_rl.formulations import Formulation, expand_as_image
-from diffusion_rl.networks import Denoiser, build_network
+from diffusion_rl.networks import Denoiser
 from diffusion_rl.training import Learner, TrainConfig, resolve_device
 
 from .estimators import estimator_name, make_estimator, returns
+from .functional import REWEIGHTINGS, chain_mask, combine_losses, mean_pixels, split_objective, td_weight
 
-__all__ = ["TDLoss", "TDEvaluator", "REWEIGHTINGS", "TARGET_UPDATES", "td_weight", "combine_losses"]
+__all__ = ["TDLoss", "TDEvaluator", "REWEIGHTINGS", "TARGET_UPDATES"]
 
-REWEIGHTINGS: tuple[str, ...] = ("edm", "pairwise", "linear", "none")
 TARGET_UPDATES: tuple[str, ...] = ("soft", "hard")
-
-
-def default_reweighting(formulation: Formulation) -> str:
-    """The release's TD weighting per family: "pairwise" for CT (spec 5), the EDM sample weighting otherwise (4.5)."""
-    return "pairwise" if formulation.name == "ct" else "edm"
-
-
-def td_weight(reweighting: str, A_t: Tensor, A_next: Tensor, c_out_t: Tensor) -> Tensor:
-    """Per-sample weight w_td of the TD term (spec 4.5).
-
-    "edm":      1 / max(A_t^2 c_out(level_t)^2, 1e-8) with the formulation's own preconditioning c_out (EDM: equals
-                w_edm / A_t^2; VP: c_out^2 = (1 - abar)/abar, so it equals the eps-loss weight / A_t^2);
-    "pairwise": 1 / max(A_t^2 + A_t'^2, 0.01);   "linear": 1 / max(A_t + A_t', 0.01);   "none": 1.
-    """
-    if reweighting == "edm":
-        return 1.0 / (A_t.pow(2) * c_out_t.pow(2)).clamp(min=1e-8)
-    if reweighting == "pairwise":
-        return 1.0 / (A_t.pow(2) + A_next.pow(2)).clamp(min=0.01)
-    if reweighting == "linear":
-        return 1.0 / (A_t + A_next).clamp(min=0.01)
-    if reweighting == "none":
-        return torch.ones_like(A_t)
-    raise ConfigError(f"unknown reweighting {reweighting!r}; accepted: {', '.join(REWEIGHTINGS)}")
-
-
-def combine_losses(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> Tensor:
-    """Per-sample loss of spec 4.6: valid -> td + lambda * base; invalid -> (1 + lambda) * base."""
-    return torch.where(valid, loss_td + lam * loss_base, (1.0 + lam) * loss_base)
-
-
-def _mean_pixels(t: Tensor, batch_dims: int) -> Tensor:
-    return t.reshape(*t.shape[:batch_dims], -1).mean(-1)
 
 
 class TDLoss(LossModule):
@@ -99,15 +71,42 @@ class TDLoss(LossModule):
         reweighting: TD weighting, one of REWEIGHTINGS.
         base_weight_lambda: lambda >= 0, the weight of the base (or consistency) loss.
 
-    Input: a TensorDict [B] of transitions (`DiffusionMRP.sample_pairs`) or [B, T] of trajectories
-    (`DiffusionMRP.sample_trajectories`), with root "x", "level", "label", "x0", "valid" and "next" with "x",
-    "level", "label", "reward" (and "done" for trajectories).
+    Input: a batch [B] of transitions (`env.sample_pairs`) or [B, T] of chains (`env.rollout`,
+    `env.sample_trajectories`, a TorchRL collector's batch). It reads the critic's in_keys and, under names that
+    `set_keys` may change, "level", "x0", "valid" at the root and "reward", "done" (plus the critic's keys) under
+    "next". A batch missing any of them gets a ConfigError naming the missing keys.
 
-    Output: a TensorDict with scalar "loss" (plus scalar summaries "loss_td_mean", "loss_base_mean",
-    "valid_fraction") and per-sample entries shaped like the input batch: "loss_td", "loss_base", "loss_sample",
-    "valid" and the image-shaped TD error "td_error" (0 where invalid).
+    Multi-step chains (spec 8): the loss is taken at each chain's START state only: one online forward and backward
+    per sample, and no-grad target forwards at the later states the estimator bootstraps from. Every estimator so
+    trains on TD(0)'s distribution of levels and TD-valid samples; the chain stops after its last TD-valid
+    transition or at a "done" (a new episode follows in a rollout's later rows).
+
+    Output (TorchRL's convention): scalar "loss_td" and "loss_base" whose SUM is the objective
+    (mean over the batch of td + lambda base for TD-valid samples, (1 + lambda) base for the others, spec 4.6);
+    diagnostics under other names: "valid_fraction", "base_mean" (mean unweighted base loss), and per sample [B]
+    "valid", "sample_td", "sample_base", "sample_loss" and the image-shaped TD error "td_error" (0 where invalid).
     """
 
+    @dataclass
+    class _AcceptedKeys:
+        """Keys the loss reads besides the critics' own in_keys (rename them with `set_keys`).
+
+        Attributes:
+            level: noise level of the state [B] (the TD weights use it).
+            x0: the clean sample, reward-only information (the critics never read it).
+            valid: the TD-valid mask of the transition that starts at the state.
+            reward: the image-valued reward, under "next".
+            done: end of an episode, under "next" (truncation at the sigma_min end).
+        """
+
+        level: NestedKey = "level"
+        x0: NestedKey = "x0"
+        valid: NestedKey = "valid"
+        reward: NestedKey = "reward"
+        done: NestedKey = "done"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
     value_network: TensorDictModule
     value_network_params: TensorDictParams
     target_value_network: TensorDictModule
@@ -129,8 +128,10 @@ class TDLoss(LossModule):
         self.one_step, self.coupling = float(one_step), coupling
         self.reweighting = reweighting
         self.base_weight_lambda = float(base_weight_lambda)
-        self.consistency = formulation.name == "ct"
         self.critic_keys = list(critic.in_keys)
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        """The estimator receives tensors (rewards, bootstrap values), not keys: nothing to forward."""
 
     # ---- pieces -------------------------------------------------------------------------------------------------
     def _target(self, states: TensorDictBase) -> tuple[Tensor, Tensor]:
@@ -140,69 +141,78 @@ class TDLoss(LossModule):
             out = self.target_value_network(states.select(*self.critic_keys, strict=False))
         return out["denoised"].detach(), out["state_value"].detach()
 
+    def _check_keys(self, batch: TensorDictBase) -> None:
+        tk = self.tensor_keys
+        need = [*self.critic_keys, tk.level, tk.x0, tk.valid,
+                *[("next", *_as_tuple(k)) for k in (*self.critic_keys, tk.reward, tk.done)]]
+        have = set(batch.keys(include_nested=True))
+        missing = [k for k in need if (k if isinstance(k, str) or len(k) > 1 else k[0]) not in have]
+        if missing:
+            raise ConfigError(f"the TD loss needs the batch keys {missing}, which are missing; batches come from "
+                              f"env.sample_pairs, env.sample_trajectories, env.rollout or a TorchRL collector")
+
     def forward(self, batch: TensorDictBase) -> TensorDict:
         shape = batch.batch_size
         if len(shape) not in (1, 2):
-            raise ValueError(f"TDLoss takes a batch [B] of transitions or [B, T] of trajectories, got {tuple(shape)}")
-        M = shape.numel()
-        flat = batch.reshape(M)
-        nxt = flat.get("next")
-        x0, level, level_next = flat.get("x0"), flat.get("level"), nxt.get("level")
-        valid = flat.get("valid").reshape(M).to(torch.bool)  # 1-D even for batch size 1 (pitfall 7.6)
+            raise ConfigError(f"TDLoss takes a batch [B] of transitions or [B, T] of chains, got {tuple(shape)}")
+        self._check_keys(batch)
+        tk = self.tensor_keys
+        chains = batch if len(shape) == 2 else batch.unsqueeze(1)  # [B, T]
+        B, T = chains.batch_size
+        start, nxt = chains[:, 0], chains.get("next")
+        x0, level = start.get(tk.x0), start.get(tk.level).reshape(B)
+        used = chain_mask(chains.get(tk.valid).reshape(B, T).bool(), nxt.get(tk.done).reshape(B, T).bool())
+        if isinstance(self.value_estimator, TD0Estimator):
+            used[:, 1:] = False  # G_0 = r_0 + V-(s_1): later states are not looked at
+        valid = used[:, 0]  # 1-D even for batch size 1 (pitfall 7.6)
 
         # spec 4.3: D_theta(x_t) computed once, reused by the base and the TD terms; V_theta(s) = A D + kappa x.
-        online = self.value_network(flat.select(*self.critic_keys, strict=False))
+        online = self.value_network(start.select(*self.critic_keys, strict=False))
         denoised, value = online["denoised"], online["state_value"]
 
-        next_value = torch.zeros_like(value).detach()
-        if self.consistency:
-            # spec 5: the consistency pair (t, t2) uses f-(x_t2, t2) for every sample, boundary ones included.
-            next_denoised, next_value_all = self._target(nxt)
+        # bootstrap values V-(s_{j+1}) of the target network where the chain uses them (spec 4.4: no grad, eval)
+        next_value = value.new_zeros((B, T, *value.shape[1:]))
+        rows = used.clone()
+        if self.formulation.consistency:
+            # spec 5: the consistency pair (t, t2) uses f-(x_t2, t2) for every sample, boundary ones included;
             # l2 loss_ct with the CT weighting: w(t) mean_pixels (f_theta(x_t, t) - f-(x_t2, t2))^2
+            next_denoised, next_value_0 = self._target(nxt[:, 0])
             loss_base = self.formulation.base_loss(denoised, next_denoised, level)
-            next_value = torch.where(expand_as_image(valid, value).bool(), next_value_all, next_value)
+            next_value[:, 0] = torch.where(expand_as_image(valid, value).bool(), next_value_0, 0.0)
+            rows[:, 0] = False
         else:
             loss_base = self.formulation.base_loss(denoised, x0, level)  # spec 4.3: w(level) mean (D - x0)^2
-            if valid.any():  # spec 4.4: target forward only on TD-valid samples
-                next_value[valid] = self._target(nxt[valid])[1].to(next_value)
+        if rows.any():
+            next_value[rows] = self._target(nxt[rows])[1].to(next_value)
 
-        # spec 3: delta = G - V_theta(s) with G the estimator's return (gamma 1, never terminated, bootstrap from
-        # the target). td0 on pairs: G = r + V-(s'), so delta = A_t (x0 - D) - A_t' (x0 - D-(x_t')).
-        reward = nxt.get("reward")
-        if len(shape) == 1:
-            g = returns(self.value_estimator, reward, next_value)
-        else:
-            B, T = shape
-            feat = reward.shape[1:]
-            valid_bt = valid.reshape(B, T)
-            # a chain is truncated after its last TD-valid transition: the next one must not be looked through
-            done = nxt.get("done").reshape(B, T).to(torch.bool)
-            done = done | ~torch.cat([valid_bt[:, 1:], valid_bt.new_zeros(B, 1)], dim=1)
-            g = returns(self.value_estimator, reward.reshape(B, T, *feat), next_value.reshape(B, T, *feat), done,
-                        None, time_dim=1).reshape(M, *feat)
-        mask = expand_as_image(valid, value).bool()
-        delta = torch.where(mask, g - value, torch.zeros_like(value))
+        # spec 3: delta = G - V_theta(s) with G the estimator's return at the start state (gamma 1, never terminated,
+        # bootstrap from the target). td0: G = r + V-(s'), so delta = A_t (x0 - D) - A_t' (x0 - D-(x_t')).
+        stop = ~torch.cat([used[:, 1:], used.new_zeros(B, 1)], dim=1)  # the chain ends after row j
+        g = returns(self.value_estimator, nxt.get(tk.reward), next_value, stop, None, time_dim=1)[:, 0]
+        delta = torch.where(expand_as_image(valid, value).bool(), g - value, torch.zeros_like(value))
 
         # spec 4.5: td = w_td mean_pixels delta^2 (partner A_t' = one stride ahead for the pairwise/linear weights)
         A_t, _ = self.formulation.one_step_posterior(level, self.one_step, self.coupling)
-        A_n, _ = self.formulation.one_step_posterior(level_next, self.one_step, self.coupling)
-        c_out = self.formulation.preconditioning(level)[1]
-        w_td = td_weight(self.reweighting, A_t, A_n, c_out).to(value)
-        loss_td = torch.where(valid, w_td * _mean_pixels(delta.pow(2), 1), torch.zeros_like(loss_base))
-        loss_sample = combine_losses(loss_td, loss_base, valid, self.base_weight_lambda)  # spec 4.6
-
-        out = TensorDict({
-            "loss": loss_sample.mean(),
-            "loss_td_mean": loss_td.mean().detach(),
-            "loss_base_mean": loss_base.mean().detach(),
+        A_n, _ = self.formulation.one_step_posterior(nxt[:, 0].get(tk.level).reshape(B), self.one_step,
+                                                     self.coupling)
+        w_td = td_weight(self.reweighting, A_t, A_n, self.formulation.preconditioning(level)[1]).to(value)
+        sample_td = torch.where(valid, w_td * mean_pixels(delta.pow(2)), torch.zeros_like(loss_base))
+        loss_td, loss_base_term = split_objective(sample_td, loss_base, valid, self.base_weight_lambda)  # spec 4.6
+        return TensorDict({
+            "loss_td": loss_td,
+            "loss_base": loss_base_term,
             "valid_fraction": valid.float().mean(),
-            "loss_sample": loss_sample.reshape(shape),
-            "loss_td": loss_td.reshape(shape),
-            "loss_base": loss_base.reshape(shape),
-            "valid": valid.reshape(shape),
-            "td_error": delta.reshape(*shape, *delta.shape[1:]),
+            "base_mean": loss_base.mean().detach(),
+            "valid": valid,
+            "sample_td": sample_td.detach(),
+            "sample_base": loss_base.detach(),
+            "sample_loss": combine_losses(sample_td, loss_base, valid, self.base_weight_lambda).detach(),
+            "td_error": delta.detach(),
         }, batch_size=[])
-        return out
+
+
+def _as_tuple(key: NestedKey) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else tuple(key)
 
 
 def _check_lambda(what: str, value) -> float:
@@ -216,16 +226,17 @@ class TDEvaluator(Learner):
     """Train a diffusion model by TD learning on the diffusion MRP (spec sections 3-5).
 
     Args:
-        env: a `envs.DiffusionMRP`; its formulation, stride, one_step and coupling define the MRP and the value.
-            Paper defaults (EDM): N = 18 grid points, stride 3, one_step 0.2, Markov coupling.
+        env: a `envs.DiffusionMRP`, the producer of every batch; its formulation, stride, one_step and coupling
+            define the MRP and the value. Paper defaults (EDM): N = 18 grid points, stride 3, one_step 0.2, Markov.
         denoiser: the online network (default: `build_network` for the data, wrapped in a `Denoiser` with the env's
-            formulation). Its formulation must equal the env's.
+            formulation, initialised from `config.seed`). Its formulation must equal the env's.
         estimator: "td0" (paper; trains on `env.sample_pairs`), "nstep" or "td_lambda" (train on
-            `env.sample_trajectories(n_steps)`), or a TorchRL `ValueEstimatorBase` instance (gamma should be 1).
-        n_steps: trajectory length for "nstep" / "td_lambda" (must be 1 for "td0").
+            `env.sample_trajectories(n_steps)`, loss at the chains' start states, spec 8), or a TorchRL
+            `ValueEstimatorBase` instance (gamma should be 1).
+        n_steps: chain length for "nstep" / "td_lambda" (must be 1 for "td0").
         lmbda: TD(lambda)'s lambda in [0, 1] (for "td_lambda").
-        reweighting: TD weighting, "edm" | "pairwise" | "linear" | "none" (spec 4.5); None picks the family's
-            default: "edm" (and its generalisation base_weight / A^2) for EDM and VP, "pairwise" for CT (spec 5).
+        reweighting: TD weighting, "edm" | "pairwise" | "linear" | "none" (spec 4.5); None picks the formulation's
+            `default_reweighting`: "edm" (base_weight / A^2) for EDM and VP, "pairwise" for CT (spec 5).
         base_weight_lambda: the paper's lambda >= 0 weighting the BASE loss (0.5).
         target_update: "soft" (EMA after each optimizer step, target <- tau target + (1 - tau) online) or "hard"
             (copy every `hard_period` optimizer steps).
@@ -235,7 +246,7 @@ class TDEvaluator(Learner):
         critic_factory: builds a critic TensorDictModule from (denoiser, formulation, one_step, coupling); default
             `envs.critic.make_critic`. It must not read "x0".
 
-    Each optimizer step: collect a batch, `loss`, Adam step, evaluation EMA, then the target update.
+    Each optimizer step: collect a batch from the env, `loss`, Adam step, evaluation EMA, then the target update.
     """
 
     def __init__(self, env, *, denoiser: Denoiser | None = None, estimator: str | ValueEstimatorBase = "td0",
@@ -245,7 +256,7 @@ class TDEvaluator(Learner):
                  device: str | torch.device = "auto",
                  critic_factory: Callable[..., TensorDictModule] | None = None) -> None:
         # ---- validate everything before any work -----------------------------------------------------------------
-        for attr in ("formulation", "stride", "one_step", "coupling", "dataset", "sample_pairs"):
+        for attr in ("formulation", "stride", "one_step", "coupling", "sample_pairs", "sample_trajectories"):
             if not hasattr(env, attr):
                 raise ConfigError(f"env must be a DiffusionMRP (missing {attr!r}), got {type(env).__name__}")
         form: Formulation = env.formulation
@@ -254,18 +265,13 @@ class TDEvaluator(Learner):
         if isinstance(est, TD0Estimator) and n_steps != 1:
             raise ConfigError(f"n_steps={n_steps} needs a multi-step estimator; td0 trains on single transitions "
                               f"(n_steps=1); accepted estimators for n_steps > 1: nstep, td_lambda")
-        reweighting = default_reweighting(form) if reweighting is None else reweighting
+        reweighting = form.default_reweighting if reweighting is None else reweighting
         check_choice("reweighting", reweighting, REWEIGHTINGS)
         base_weight_lambda = _check_lambda("base_weight_lambda", base_weight_lambda)
         check_choice("target_update", target_update, TARGET_UPDATES)
         check_range("tau", tau, 0.0, 1.0)
         check_positive("hard_period", hard_period)
-        if denoiser is not None:
-            mine, theirs = denoiser.formulation.config(), form.config()
-            if mine != theirs:
-                raise ConfigError(f"the denoiser's formulation {mine} differs from the env's {theirs}; "
-                                  "accepted: the same formulation and settings")
-        if form.name == "ct":
+        if form.consistency:
             # spec 5: the consistency pair is (sigma(n), sigma(n+1)) with shared noise
             if env.coupling != "shared":
                 raise ConfigError(f"TD-CT needs an env with coupling 'shared' (spec 5), got {env.coupling!r}")
@@ -275,13 +281,8 @@ class TDEvaluator(Learner):
         from envs.critic import check_critic_keys, make_critic
 
         critic_factory = critic_factory or make_critic
+        super().__init__(env, denoiser=denoiser, config=config, out_dir=out_dir, device=device)
 
-        if denoiser is None:
-            net = build_network(env.dataset.sample_shape, num_classes=int(getattr(env.dataset, "num_classes", 0)))
-            denoiser = Denoiser(net, form)
-        super().__init__(denoiser, env.dataset, config, out_dir, device)
-
-        self.env = env
         self.method = f"td-{form.name}"
         self.estimator_name = estimator if isinstance(estimator, str) else estimator_name(estimator)
         self.n_steps, self.lmbda = int(n_steps), float(lmbda)
@@ -305,10 +306,10 @@ class TDEvaluator(Learner):
             self.target_updater = HardUpdate(self.loss_module, value_network_update_interval=self.hard_period - 1)
 
     # ---- Learner hooks ---------------------------------------------------------------------------------------------
-    def collect(self) -> TensorDict:
-        """td0: the paper's sampled pairs, env.sample_pairs(batch_size) [B]; nstep / td_lambda:
-        env.sample_trajectories(n_steps, batch_size) [B, n_steps]. Noise and data come from the env's generators,
-        which checkpoints carry, so a resumed run draws exactly what the uninterrupted one would."""
+    def collect(self) -> TensorDictBase:
+        """td0: the paper's pairs, env.sample_pairs(batch_size) [B]; nstep / td_lambda: chains from the same
+        start states, env.sample_trajectories(n_steps, batch_size) [B, n_steps]. Data and noise come from the
+        env's generators, which checkpoints carry, so a resumed run draws exactly what the uninterrupted one would."""
         B = self.config.batch_size
         batch = (self.env.sample_trajectories(self.n_steps, B) if self.uses_trajectories
                  else self.env.sample_pairs(B))
@@ -338,22 +339,8 @@ class TDEvaluator(Learner):
                 "stride": float(self.env.stride), "one_step": float(self.env.one_step),
                 "coupling": self.env.coupling}
 
-    # ---- checkpoints: add the env's generators and the hard-update counter -----------------------------------------
-    def _env_generators(self) -> dict[str, torch.Generator]:
-        gens = {"generator": getattr(self.env, "generator", None),
-                "data_generator": getattr(self.env, "data_generator", None)}
-        return {k: g for k, g in gens.items() if isinstance(g, torch.Generator)}
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["rng"]["env"] = {k: g.get_state() for k, g in self._env_generators().items()}
-        return sd
-
     def load_state_dict(self, ckpt: dict, strict_config: bool = True) -> None:
         super().load_state_dict(ckpt, strict_config)
-        for k, g in self._env_generators().items():
-            if k in ckpt["rng"].get("env", {}):
-                g.set_state(ckpt["rng"]["env"][k])
         if isinstance(self.target_updater, HardUpdate):
             self.target_updater.counter = self.step % self.hard_period
         self.target.eval()

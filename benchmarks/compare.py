@@ -1,44 +1,60 @@
 """Compare methods over seeds: FID (or SW2) across NFE, mean and spread, written as JSON with its command.
 
-    python benchmarks/compare.py --variants baseline td --seeds 0 1 2 --steps 1500 \
+    python -m benchmarks.compare --variants baseline td --seeds 0 1 2 --steps 1500 \
         --out benchmarks/results/digits_td_vs_edm.json
 
 A variant is `baseline`, `td`, or `td:key=value,key=value` with keys of `diffusion_rl.cli.Args`, e.g.
-`td:estimator=td_lambda,n_steps=3`, `td:coupling=shared`, `td:reweighting=none`, `td:base_lambda=0`.
-Every variant sees the same seeds, budget, data order and evaluation protocol. The table prints mean +- std over
-seeds; nothing is hidden when TD loses.
+`td:estimator=td_lambda,n_steps=3`, `td:coupling=shared`, `td:reweighting=none`, `td:stride=6`.
+Every variant sees the same seeds, budget, data order (each run's env is seeded with its seed) and evaluation
+protocol. The table prints mean +- std over seeds; nothing is hidden when TD loses.
+
+Resumable: each (variant, seed) result is written to --out as soon as it finishes, and a restarted command skips
+the pairs already there (it refuses a file made with other settings). Every record carries its run's settings.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffusion_rl.cli import Args, cast_field, make_learner
+from diffusion_rl.data import load_dataset
+from diffusion_rl.errors import ConfigError
+from diffusion_rl.evaluation import EvalConfig, Evaluator
 
-from diffusion_rl.cli import Args, make_learner  # noqa: E402
-from diffusion_rl.data import load_dataset  # noqa: E402
-from diffusion_rl.errors import ConfigError  # noqa: E402
-from diffusion_rl.evaluation import EvalConfig, Evaluator  # noqa: E402
+# the settings every record carries as fields (issue: records must not rest on a variant label alone)
+SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "coupling",
+                  "reweighting", "base_lambda", "target_tau", "steps", "batch_size", "lr", "width", "seed", "device")
 
 
 def parse_variant(spec: str, base: Args) -> tuple[str, Args]:
-    """'td:estimator=nstep,n_steps=2' -> (label, Args with those overrides)."""
+    """'td:estimator=nstep,n_steps=2' -> (label, Args with those overrides); bad keys or values raise ConfigError."""
     method, _, opts = spec.partition(":")
     args = dataclasses.replace(base, method=method)
-    types = {f.name: f.type for f in dataclasses.fields(Args)}
     for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        if key not in types:
-            raise ConfigError(f"unknown variant option {key!r} in {spec!r}; accepted: Args fields")
-        cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(str(types[key]), str)
-        setattr(args, key, cast(value))
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"variant option {item!r} in {spec!r} must be key=value")
+        setattr(args, key, cast_field(Args, key, value))
     return spec, args
+
+
+def run_settings(learner, args: Args) -> dict:
+    """The run's full settings as record fields (the learner's resolved values where it has them)."""
+    s = {k: getattr(args, k) for k in SETTING_FIELDS}
+    s.update(method=learner.method, device=str(learner.device), stride=None, one_step=None, coupling=None)
+    mc = learner.method_config()
+    for k in ("estimator", "stride", "one_step", "n_steps", "lmbda", "coupling", "reweighting"):
+        s[k] = mc.get(k)
+    if not mc:  # the baseline has no TD settings
+        s.update(base_lambda=None, target_tau=None)
+    return s
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -53,32 +69,53 @@ def summarise(records: list[dict]) -> list[dict]:
 def table(summary: list[dict], metric: str) -> str:
     rows = [s for s in summary if s["metric"] == metric]
     nfes = sorted({s["nfe"] for s in rows})
-    lines = [f"{'variant':<34}" + "".join(f"{'NFE ' + str(n):>16}" for n in nfes)]
+    lines = [f"{'variant':<42}" + "".join(f"{'NFE ' + str(n):>16}" for n in nfes)]
     for v in dict.fromkeys(s["variant"] for s in rows):
         cell = {s["nfe"]: f"{s['mean']:.2f} +- {s['std']:.2f}" for s in rows if s["variant"] == v}
-        lines.append(f"{v:<34}" + "".join(f"{cell.get(n, '-'):>16}" for n in nfes))
+        lines.append(f"{v:<42}" + "".join(f"{cell.get(n, '-'):>16}" for n in nfes))
     return "\n".join(lines)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=["baseline", "td"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--data", default="digits")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--n-samples", type=int, default=1000)
-    p.add_argument("--nfe-grid", default="1,2,3,5,9,17,35")
-    p.add_argument("--out", default="benchmarks/results/compare.json")
+    p.add_argument("--variants", nargs="+", default=["baseline", "td"], help="variants (see the module docstring)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds, shared by every variant")
+    p.add_argument("--data", default="digits", help="data set")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of every run")
+    p.add_argument("--n-samples", type=int, default=1000, help="evaluation samples per NFE")
+    p.add_argument("--nfe-grid", default="1,2,3,5,9,17,35", help="evaluation NFE budgets")
+    p.add_argument("--out", default="benchmarks/results/compare.json", help="the JSON written after every run")
     a = p.parse_args()
-    base = Args(data=a.data, steps=a.steps, n_samples=a.n_samples, nfe_grid=a.nfe_grid, progress=False,
-                out="/tmp/diffusion_rl_compare")
-    variants = [parse_variant(v, base) for v in a.variants]
+    base = Args(data=a.data, steps=a.steps, n_samples=a.n_samples, nfe_grid=a.nfe_grid, progress=False)
+    variants = [parse_variant(v, base) for v in a.variants]  # every variant validated before any work
     nfe_grid = tuple(int(n) for n in a.nfe_grid.split(","))
+    settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid)}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    if out.exists():
+        old = json.loads(out.read_text())
+        if old.get("settings") != settings:
+            raise ConfigError(f"{out} was made with settings {old.get('settings')}, not {settings}; "
+                              f"use another --out or delete it")
+        runs = old.get("runs", {})
+        print(f"resuming {out}: {len(runs)} finished runs kept", file=sys.stderr)
     dataset = load_dataset(a.data)
-    records, t0 = [], time.perf_counter()
+    command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
     for seed in a.seeds:
-        evaluator = Evaluator(dataset, EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=seed))
+        evaluator = None
         for label, args in variants:
+            key = f"{label}|seed={seed}"
+            if key in runs:
+                continue
+            evaluator = evaluator or Evaluator(dataset, EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples,
+                                                                   seed=seed))
             args = dataclasses.replace(args, seed=seed)
             learner = make_learner(args, dataset=dataset)
             learner.out_dir = None
@@ -87,22 +124,19 @@ def main() -> None:
                 pass
             train_s = time.perf_counter() - ts
             recs = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device, progress=False)
+            fields = run_settings(learner, args)
             for r in recs:
-                r.update(variant=label, train_seconds=round(train_s, 1))
-            records += recs
+                r.update(fields, variant=label, train_seconds=round(train_s, 1))
+            runs[key] = recs
+            records = [r for rs in runs.values() for r in rs]
+            _write_json(out, {"command": command, "settings": settings, "summary": summarise(records),
+                              "runs": runs})
             print(f"seed {seed} {label}: trained {train_s:.0f} s; " + ", ".join(
                 f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
                 file=sys.stderr, flush=True)
-    summary = summarise(records)
+    records = [r for rs in runs.values() for r in rs]
     metric = "fid" if dataset.kind == "image" else "sw2"
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": " ".join(shlex.quote(x) for x in ["python", *sys.argv]),
-        "wall_seconds": round(time.perf_counter() - t0, 1), "protocol": {k: v for k, v in records[0].items()
-            if k in ("dataset", "n_samples", "reference", "feature_net", "feature_net_accuracy", "float64")},
-        "summary": summary, "records": records}, indent=1))
-    print(table(summary, metric))
+    print(table(summarise(records), metric))
     print(f"wrote {out}")
 
 

@@ -21,83 +21,141 @@ __all__ = ["Args", "SampleArgs", "EvalArgs", "main", "make_learner", "load_denoi
 METHODS = ("baseline", "td")
 
 
+def opt(default, help: str):
+    """A dataclass field whose help text reaches --help (and the benchmarks' --help)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Args:
     """Training settings (`diffusion-rl train`, `diffusion-rl demo`)."""
 
-    data: str = "digits"            # data set name (digits, mnist5k, checkerboard, 8gaussians, swissroll, moons, mnist, cifar10) or a path (.npz / image folder)
-    formulation: str = "edm"        # edm | vp (ddpm) | ct
-    method: str = "baseline"        # baseline (the formulation's own loss) | td (TDEvaluator, the paper's TD objective)
-    steps: int = 2000               # optimizer steps
-    batch_size: int = 128           # samples per step
-    lr: float = 2e-3                # Adam learning rate
-    warmup_steps: int = 100         # linear learning-rate warm-up
-    ema_halflife_images: float = 20000.0  # evaluation EMA half-life in images
-    width: int = 32                 # base channels of the UNet / hidden width of the MLP
-    depth: int = 1                  # residual blocks per UNet level
-    dropout: float = 0.0            # dropout inside residual blocks
-    conditional: bool = False       # class-conditional network (needs labels)
-    seed: int = 0                   # seeds initialisation, data order, noise and sampling
-    device: str = "auto"            # auto (GPU when there is one) | cpu | cuda
-    out: str = "runs/train"         # output folder: checkpoint.pt, metrics.jsonl, results.json, plots
-    resume: bool = False            # continue from out/<method>/checkpoint.pt
-    checkpoint_every: int = 250     # steps between checkpoints
-    estimator: str = "td0"          # TD: td0 | nstep | td_lambda
-    n_steps: int = 2                # TD: transitions per trajectory for nstep / td_lambda (td0 uses 1)
-    lmbda: float = 0.95             # TD: lambda of td_lambda
-    reweighting: str = ""           # TD: edm | pairwise | linear | none ("": family default, edm; pairwise for CT)
-    base_lambda: float = 0.5        # TD: weight of the base loss (the paper's lambda)
-    coupling: str = ""              # TD: markov | shared ("": family default, markov; shared for CT)
-    stride: float = -1.0            # TD: MRP stride in index units (-1: family default, 3 for EDM)
-    one_step: float = -1.0          # TD: one-step stride delta (-1: family default, 0.2 for EDM)
-    target_tau: float = 0.999       # TD: target-network EMA rate
-    nfe_grid: str = "1,2,3,5,9,17,35"  # evaluation NFE budgets
-    n_samples: int = 1000           # evaluation samples per NFE
-    features: str = "classifier"    # FID features: classifier (trained on the data here) | inception
-    eval: bool = True               # run the evaluation sweep after training (--no-eval skips it)
-    progress: bool = True           # progress bars
-    tensorboard: bool = False       # also log TensorBoard scalars (pip install 'diffusion-rl[tensorboard]')
+    data: str = opt("digits", "data set name (digits, mnist5k, checkerboard, 8gaussians, swissroll, moons, mnist, "
+                              "cifar10) or a path (.npz / image folder)")
+    formulation: str = opt("edm", "edm | vp (ddpm) | ct")
+    method: str = opt("baseline", "baseline (the formulation's own loss) | td (TDEvaluator, the paper's TD objective)")
+    steps: int = opt(2000, "optimizer steps")
+    batch_size: int = opt(128, "samples per step")
+    lr: float = opt(2e-3, "Adam learning rate")
+    warmup_steps: int = opt(100, "linear learning-rate warm-up")
+    ema_halflife_images: float = opt(20000.0, "evaluation EMA half-life in images")
+    width: int = opt(32, "base channels of the UNet / hidden width of the MLP")
+    depth: int = opt(1, "residual blocks per UNet level")
+    dropout: float = opt(0.0, "dropout inside residual blocks")
+    conditional: bool = opt(False, "class-conditional network (needs labels)")
+    seed: int = opt(0, "seeds initialisation, the env (data order, levels, noise) and sampling")
+    device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+    out: str = opt("runs/train", "output folder: checkpoint.pt, metrics.jsonl, results.json, plots")
+    resume: bool = opt(False, "continue from out/<method>/checkpoint.pt")
+    checkpoint_every: int = opt(250, "steps between checkpoints")
+    estimator: str = opt("td0", "TD: td0 | nstep | td_lambda")
+    n_steps: int = opt(2, "TD: transitions per trajectory for nstep / td_lambda (td0 uses 1)")
+    lmbda: float = opt(0.95, "TD: lambda of td_lambda")
+    reweighting: str = opt("", "TD: edm | pairwise | linear | none ('': the formulation's default, edm; pairwise "
+                               "for CT)")
+    base_lambda: float = opt(0.5, "TD: weight of the base loss (the paper's lambda)")
+    coupling: str = opt("", "TD: markov | shared ('': the formulation's default, markov; shared for CT)")
+    stride: float = opt(-1.0, "TD: MRP stride in index units (-1: the formulation's default, 3 for EDM)")
+    one_step: float = opt(-1.0, "TD: one-step stride delta (-1: the formulation's default, 0.2 for EDM)")
+    target_tau: float = opt(0.999, "TD: target-network EMA rate")
+    nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated (even budgets use Euler)")
+    n_samples: int = opt(1000, "evaluation samples per NFE")
+    features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
+    eval: bool = opt(True, "run the evaluation sweep after training (--no-eval skips it)")
+    progress: bool = opt(True, "progress bars")
+    tensorboard: bool = opt(False, "also log TensorBoard scalars (pip install 'diffusion-rl[tensorboard]')")
 
 
 @dataclass
 class SampleArgs:
     """`diffusion-rl sample`: draw samples from a checkpoint."""
 
-    checkpoint: str = ""            # path to checkpoint.pt
-    nfe: int = 35                   # sampling budget
-    sampler: str = ""               # heun | euler | ddim | ddpm | onestep | multistep ("" = family default)
-    n: int = 64                     # number of samples
-    seed: int = 0                   # sampling seed
-    out: str = "samples.png"        # .png (grid) or .npz (array in [-1, 1])
-    device: str = "auto"
+    checkpoint: str = opt("", "path to checkpoint.pt")
+    nfe: int = opt(35, "sampling budget")
+    sampler: str = opt("", "heun | euler | ddim | ddpm | onestep | multistep ('': the formulation's default)")
+    n: int = opt(64, "number of samples")
+    seed: int = opt(0, "sampling seed")
+    out: str = opt("samples.png", ".png (grid) or .npz (array in [-1, 1])")
+    device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
 
 
 @dataclass
 class EvalArgs:
     """`diffusion-rl evaluate`: sweep NFE budgets for one or more checkpoints."""
 
-    checkpoint: list = field(default_factory=list)  # one or more checkpoint.pt paths
-    nfe_grid: str = "1,2,3,5,9,17,35"
-    sampler: str = ""
-    n_samples: int = 1000
-    features: str = "classifier"
-    seed: int = 0
-    out: str = "runs/eval"
-    device: str = "auto"
+    checkpoint: list = field(default_factory=list, metadata={"help": "one or more checkpoint.pt paths"})
+    nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated")
+    sampler: str = opt("", "heun | euler | ddim | ddpm | onestep | multistep ('': the formulation's default)")
+    n_samples: int = opt(1000, "evaluation samples per NFE")
+    features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
+    seed: int = opt(0, "sampling seed")
+    out: str = opt("runs/eval", "output folder: results.json and plots")
+    device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+_CASTS = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def cast_field(cls, name: str, text: str):
+    """A command-line string cast to the type of field `name` of dataclass `cls`: the one caster of the CLI and the
+    benchmark scripts. Raises ConfigError naming the field and the accepted fields or type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ConfigError(f"unknown option {name!r}; accepted: {', '.join(fields)}")
+    typ = _type_name(fields[name])
+    try:
+        return _CASTS.get(typ, str)(text)
+    except ValueError:
+        raise ConfigError(f"option {name}={text!r} must be of type {typ}") from None
+
+
+def _caster(cls, name: str, typ: str):
+    def cast(text: str):
+        return cast_field(cls, name, text)
+
+    cast.__name__ = typ  # argparse names it in "invalid int value"
+    return cast
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The help text of a dataclass field: its `metadata["help"]`."""
+    return f.metadata.get("help", "")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
+    """One --flag per field of dataclass `cls`, with the field's help (and default) in --help."""
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
-        elif f.type in ("list", list):
-            parser.add_argument(flag, default=default, nargs="+", required=True)
+        typ = _type_name(f)
+        text = field_help(f) + " (default: %(default)s)"
+        if typ == "bool":
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=field_help(f))
+        elif typ == "list":
+            parser.add_argument(flag, default=default, nargs="+", required=not default, help=text,
+                                type=f.metadata.get("item", str))
         else:
-            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            parser.add_argument(flag, type=typ, default=default)
+            parser.add_argument(flag, type=_caster(cls, f.name, typ), default=default, help=text,
+                                metavar=typ.upper())
+
+
+def dataclass_from_args(cls, ns: argparse.Namespace):
+    """The dataclass `cls` from the parsed flags `add_dataclass_args` made."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
 def _parse_nfe_grid(text: str) -> tuple[int, ...]:
@@ -112,7 +170,9 @@ def _parse_nfe_grid(text: str) -> tuple[int, ...]:
 
 def make_learner(args: Args, method: str | None = None, dataset=None):
     """Build the learner an `Args` describes (data, network, formulation, method); validates everything first."""
-    from agents import DiffusionBaseline
+    from agents import DiffusionBaseline, TDEvaluator
+    from envs import DiffusionMRP
+
     from .data import load_dataset
     from .formulations import make_formulation
     from .networks import Denoiser, build_network
@@ -131,17 +191,15 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
                          ema_halflife_images=args.ema_halflife_images, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
     out_dir = Path(args.out) / method
-    if method == "baseline":
-        return DiffusionBaseline(denoiser, dataset, config, out_dir=out_dir, device=args.device)
-    from agents import TDEvaluator
-    from envs import DiffusionMRP
-
+    # one env per learner, seeded alike: the baseline and the TD agent draw the same x0 and levels at every step
     env_kwargs = {"coupling": args.coupling or None, "seed": args.seed, "device": resolve_device(args.device)}
     if args.stride > 0:
         env_kwargs["stride"] = args.stride
     if args.one_step > 0:
         env_kwargs["one_step"] = args.one_step
     env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size], **env_kwargs)
+    if method == "baseline":
+        return DiffusionBaseline(env, denoiser=denoiser, config=config, out_dir=out_dir, device=args.device)
     return TDEvaluator(env, denoiser=denoiser, estimator=args.estimator,
                        n_steps=1 if args.estimator == "td0" else args.n_steps, lmbda=args.lmbda,
                        reweighting=args.reweighting or None, base_weight_lambda=args.base_lambda, tau=args.target_tau,
@@ -260,19 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffusion-rl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train the EDM baseline and the TD agent on digits, evaluate across NFE")
-    _add_dataclass_args(d, Args, DEMO_DEFAULTS)
+    add_dataclass_args(d, Args, DEMO_DEFAULTS)
     d.add_argument("--quick", action="store_true", help="a tiny run (smoke test): 60 steps, 200 samples")
     t = sub.add_parser("train", help="train one method, then evaluate it across NFE")
-    _add_dataclass_args(t, Args)
+    add_dataclass_args(t, Args)
     s = sub.add_parser("sample", help="draw samples from a checkpoint")
-    _add_dataclass_args(s, SampleArgs)
+    add_dataclass_args(s, SampleArgs)
     e = sub.add_parser("evaluate", help="sweep NFE budgets for checkpoints")
-    _add_dataclass_args(e, EvalArgs)
+    add_dataclass_args(e, EvalArgs)
     return p
-
-
-def _to_dataclass(cls, ns: argparse.Namespace):
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,15 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.command in ("demo", "train"):
-            args = _to_dataclass(Args, ns)
+            args = dataclass_from_args(Args, ns)
             if ns.command == "demo":
                 if ns.quick:
                     args.steps, args.n_samples, args.nfe_grid = 60, 200, "1,2,3,9,35"
                 return _train_and_eval(args, METHODS, with_untrained=True)
             return _train_and_eval(args, (args.method,), with_untrained=False)
         if ns.command == "sample":
-            return _cmd_sample(_to_dataclass(SampleArgs, ns))
-        return _cmd_evaluate(_to_dataclass(EvalArgs, ns))
+            return _cmd_sample(dataclass_from_args(SampleArgs, ns))
+        return _cmd_evaluate(dataclass_from_args(EvalArgs, ns))
     except ConfigError as e:
         print(f"diffusion-rl: error: {e}", file=sys.stderr)
         return 2

@@ -63,6 +63,21 @@ class Formulation(ABC):
     samplers: tuple[str, ...] = ()
     steps: int  # N, points of the index grid; index 0 is the noisiest level, N-1 the cleanest
 
+    # ---- family policy: the defaults the env and the TD agent take from the formulation ----------------------------
+    consistency: bool = False           # consistency-style training (CT, spec 5): the base term is the CT loss
+    default_coupling: str = "markov"    # spec 3: the true reverse kernel, whose fixed point is the true denoiser
+    default_reweighting: str = "edm"    # spec 4.5: the EDM sample weighting (base weight / A^2)
+
+    @property
+    def default_stride(self) -> float:
+        """k in index units: 3 on EDM's 18-point grid, i.e. 3/17 of the grid span N-1 on any grid (spec 3)."""
+        return 3.0 * (self.steps - 1) / 17.0
+
+    @property
+    def default_one_step(self) -> float:
+        """delta in index units: 0.2 on the 18-point grid, the same fraction of any grid (spec 2)."""
+        return 0.2 * (self.steps - 1) / 17.0
+
     # ---- grid -------------------------------------------------------------------------------------------
     @abstractmethod
     def level(self, index: Tensor) -> Tensor:
@@ -93,11 +108,6 @@ class Formulation(ABC):
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
         """A sample at the noisiest level, from which samplers start."""
-
-    @abstractmethod
-    def coupled_pair(self, x0: Tensor, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov",
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(x_t, x_s) at a noisier level t and a less noisy level s, coupled as spec section 3 says."""
 
     @abstractmethod
     def posterior(self, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
@@ -195,17 +205,6 @@ class EDMFormulation(Formulation):
     def prior(self, shape, generator=None, device="cpu", dtype=torch.float32) -> Tensor:
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.sigma_max
 
-    def coupled_pair(self, x0, level_t, level_s, coupling="markov", generator=None):
-        # spec 3 / pitfall 7.4: Markov draws the less noisy state first, then adds fresh noise; variance >= 0.
-        self.check_coupling(coupling)
-        st, ss = expand_as_image(level_t, x0), expand_as_image(level_s, x0)
-        n1 = _randn_like(x0, generator)
-        x_s = x0 + ss * n1
-        if coupling == "shared":
-            return x0 + st * n1, x_s
-        n2 = _randn_like(x0, generator)
-        return x_s + (st.pow(2) - ss.pow(2)).clamp(min=0).sqrt() * n2, x_s
-
     def posterior(self, level_t, level_s, coupling="markov"):
         # spec 2: Markov kappa = (sigma_s/sigma_t)^2, shared kappa = sigma_s/sigma_t, A = 1 - kappa (VE only).
         self.check_coupling(coupling)
@@ -245,6 +244,11 @@ class CTFormulation(EDMFormulation):
 
     name = "ct"
     samplers = ("onestep", "multistep", "heun", "euler")
+    consistency = True
+    default_coupling = "shared"      # spec 5: the consistency pair shares its noise
+    default_reweighting = "pairwise"  # spec 5: the release's CT weighting
+    default_stride = 1.0             # spec 5: adjacent grid points
+    default_one_step = 0.25
 
     def preconditioning(self, level):
         sd, smin = self.sigma_data, self.sigma_min
@@ -317,16 +321,6 @@ class VPFormulation(Formulation):
 
     def prior(self, shape, generator=None, device="cpu", dtype=torch.float32):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-
-    def coupled_pair(self, x0, level_t, level_s, coupling="markov", generator=None):
-        self.check_coupling(coupling)
-        n1 = _randn_like(x0, generator)
-        x_s = self.add_noise(x0, level_s, n1)
-        if coupling == "shared":
-            return self.add_noise(x0, level_t, n1), x_s
-        ratio = expand_as_image(self.alpha_bar(level_t) / self.alpha_bar(level_s), x0)  # abar_t / abar_s
-        n2 = _randn_like(x0, generator)
-        return ratio.sqrt() * x_s + (1 - ratio).clamp(min=0).sqrt() * n2, x_s
 
     def posterior(self, level_t, level_s, coupling="markov"):
         self.check_coupling(coupling)

@@ -1,8 +1,9 @@
 """The training loop shared by every learner: optimizer, evaluation EMA, checkpoints, metrics, resume.
 
-A `Learner` owns an online `Denoiser`, its evaluation EMA, Adam with linear warm-up, a seeded generator that drives
-data order and noise, and a step counter. Subclasses say how to `collect()` a batch and how to compute its
-`loss(batch)`; `update()` and `train()` do the rest, RL style. Checkpoints hold model, EMA, optimizer, RNG
+A `Learner` owns an online `Denoiser`, its evaluation EMA, Adam with linear warm-up and a step counter; its
+`envs.DiffusionMRP` produces every batch and owns the run's pair of generators (data order and noise). Subclasses say
+how to `collect()` a batch from the env and how to compute its `loss(batch)` (scalar "loss_*" terms whose sum is the
+objective); `update()` and `train()` do the rest, RL style. Checkpoints hold model, EMA, optimizer, RNG
 states, step and config; they are written atomically and loaded with `torch.load(weights_only=True)`, so
 `resume()` continues a run exactly (bit for bit on CPU).
 """
@@ -27,9 +28,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, check_positive
-from .networks import Denoiser
+from .networks import Denoiser, build_network
 
-__all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint"]
+__all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint",
+           "objective"]
+
+
+def objective(losses: TensorDict) -> torch.Tensor:
+    """The training objective: the sum of the scalar "loss_*" entries (TorchRL's loss-module convention)."""
+    terms = [v for k, v in losses.items() if isinstance(k, str) and k.startswith("loss_")]
+    if not terms:
+        raise ValueError(f"a loss output needs scalar 'loss_*' entries, got keys {list(losses.keys())}")
+    return torch.stack([t.reshape(()) for t in terms]).sum()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,7 +62,7 @@ class TrainConfig:
     warmup_steps: int = 200         # linear learning-rate warm-up from 0
     ema_halflife_images: float = 20_000.0  # evaluation EMA half-life, in training images (EDM)
     grad_clip: float = 0.0          # max gradient norm; 0 disables clipping
-    seed: int = 0                   # seeds data order, noise and initialisation
+    seed: int = 0                   # seeds the initialisation of a network the learner builds (the env seeds data, noise)
     checkpoint_every: int = 0       # steps between checkpoints; 0 writes only at the end of train()
     log_every: int = 25             # steps between JSONL metric records
     tensorboard: bool = False       # also write metrics as TensorBoard scalars to out_dir/tensorboard
@@ -107,8 +117,10 @@ class Learner(ABC):
     """Base class of every trainable method: subclasses implement `collect` and `loss`.
 
     Args:
-        denoiser: the online preconditioned network (its formulation is the learner's).
-        dataset: where training data comes from (`diffusion_rl.data.Dataset`).
+        env: the `envs.DiffusionMRP` that produces every training batch; its data set, formulation and pair of
+            generators (data order and noise) are the learner's. Its batch_size must be () or (config.batch_size,).
+        denoiser: the online preconditioned network; None builds the default network for the data set, seeded
+            by `config.seed`. Its formulation must equal the env's.
         config: optimisation settings.
         out_dir: folder for checkpoints (`checkpoint.pt`) and metrics (`metrics.jsonl`); None keeps nothing on disk.
         device: "auto" (GPU when there is one), "cpu" or "cuda".
@@ -116,18 +128,32 @@ class Learner(ABC):
 
     method: str = "learner"
 
-    def __init__(self, denoiser: Denoiser, dataset, config: TrainConfig | None = None,
+    def __init__(self, env, denoiser: Denoiser | None = None, config: TrainConfig | None = None,
                  out_dir: str | Path | None = None, device: str | torch.device = "auto") -> None:
+        for attr in ("formulation", "dataset", "reset_training", "generators"):
+            if not hasattr(env, attr):
+                raise ConfigError(f"env must be a DiffusionMRP (missing {attr!r}), got {type(env).__name__}")
         self.config = config or TrainConfig()
+        env_batch = tuple(env.batch_size)
+        if env_batch not in ((), (self.config.batch_size,)):
+            raise ConfigError(f"the env's batch_size {env_batch} differs from the config's batch_size "
+                              f"{self.config.batch_size}; accepted: () or ({self.config.batch_size},)")
+        if denoiser is None:
+            torch.manual_seed(self.config.seed)  # the initialisation follows the seed
+            ds = env.dataset
+            denoiser = Denoiser(build_network(ds.sample_shape, num_classes=int(getattr(ds, "num_classes", 0) or 0)),
+                                env.formulation)
+        elif denoiser.formulation.config() != env.formulation.config():
+            raise ConfigError(f"the denoiser's formulation {denoiser.formulation.config()} differs from the env's "
+                              f"{env.formulation.config()}; accepted: the same formulation and settings")
         self.device = resolve_device(device)
-        self.dataset = dataset
-        denoiser.check_shape(dataset.sample_shape)
+        self.env = env
+        self.dataset = env.dataset
+        denoiser.check_shape(self.dataset.sample_shape)
         self.denoiser = denoiser.to(self.device)
         self.formulation = denoiser.formulation
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=self.config.lr)
-        self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)  # noise
-        self.data_generator = torch.Generator().manual_seed(self.config.seed + 1)  # data order (CPU)
         self.step = 0
         self.images_seen = 0
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -136,11 +162,11 @@ class Learner(ABC):
     # ---- what a subclass defines ---------------------------------------------------------------------
     @abstractmethod
     def collect(self) -> TensorDict:
-        """Draw one training batch."""
+        """Draw one training batch from the env."""
 
     @abstractmethod
     def loss(self, batch: TensorDict) -> TensorDict:
-        """Per-sample terms and the scalar "loss" to minimise."""
+        """Scalar "loss_*" terms whose sum is the objective (TorchRL's convention), plus diagnostics."""
 
     def after_update(self) -> None:
         """Hook run after each optimizer step (target networks move here)."""
@@ -152,14 +178,6 @@ class Learner(ABC):
     def method_config(self) -> dict:
         """Method settings that must match on resume."""
         return {}
-
-    # ---- data helpers ----------------------------------------------------------------------------------
-    def draw_data(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random data batch (x0, labels) on the learner's device; labels are 0 for unlabeled data."""
-        n = batch_size or self.config.batch_size
-        x0, labels = self.dataset.draw(n, self.data_generator)
-        labels = torch.zeros(n, dtype=torch.long) if labels is None else labels
-        return x0.to(self.device), labels.to(self.device)
 
     def labels_for_net(self, labels: torch.Tensor) -> torch.Tensor | None:
         return labels if getattr(self.denoiser.net, "num_classes", 0) > 0 else None
@@ -173,7 +191,7 @@ class Learner(ABC):
         """One optimizer step on `batch`, then the EMA and `after_update`. Raises NonFiniteLossError."""
         self.denoiser.train()
         out = self.loss(batch)
-        loss = out["loss"]
+        loss = objective(out)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {self.step}; "
                                      "the last good checkpoint is left intact")
@@ -188,7 +206,9 @@ class Learner(ABC):
         self.step += 1
         self.images_seen += batch.batch_size[0]
         self.after_update()
-        return out.detach()
+        out = out.detach()
+        out.set("loss", loss.detach())
+        return out
 
     @torch.no_grad()
     def _update_ema(self, batch_size: int) -> None:
@@ -207,25 +227,28 @@ class Learner(ABC):
         cfg = self.config
         bar = tqdm(total=steps, initial=self.step, desc=self.method, disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, leave=False)
-        t0, acc = time.perf_counter(), {}
+        t0, acc, n_acc = time.perf_counter(), {}, 0
         try:
             while self.step < steps:
                 out = self.update(self.collect())
                 for k, v in out.items():
                     if v.numel() == 1:
                         acc[k] = acc.get(k, 0.0) + float(v)
+                n_acc += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == steps:
-                    n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
                     rec = {"method": self.method, "step": self.step, "images": self.images_seen,
                            "lr": self._lr(), "seconds": time.perf_counter() - t0,
-                           **{k: v / n for k, v in acc.items()}}
-                    acc = {}
+                           **{k: v / n_acc for k, v in acc.items()}}  # averaged over the steps taken
+                    acc, n_acc = {}, 0
                     bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
                     self._log(rec)
                     yield rec
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
+        except GeneratorExit:  # the caller stopped iterating early: keep what was trained
+            self.save()
+            raise
         finally:
             bar.close()
         self.save()
@@ -255,8 +278,8 @@ class Learner(ABC):
                 "train": asdict(self.config), "method_config": self.method_config()}
 
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
-               "data_generator": self.data_generator.get_state()}
+        # the env's pair of generators (data order, noise) is the only RNG state a run draws from besides torch's
+        rng = {"torch": torch.get_rng_state(), "env": {k: g.get_state() for k, g in self.env.generators().items()}}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"model": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
@@ -286,8 +309,8 @@ class Learner(ABC):
             m.load_state_dict(ckpt["extra"][k])
         self.step, self.images_seen = int(ckpt["step"]), int(ckpt.get("images_seen", 0))
         torch.set_rng_state(ckpt["rng"]["torch"])
-        self.generator.set_state(ckpt["rng"]["generator"])
-        self.data_generator.set_state(ckpt["rng"]["data_generator"])
+        for k, g in self.env.generators().items():
+            g.set_state(ckpt["rng"]["env"][k])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 

@@ -1,7 +1,8 @@
 """The diffusion denoising chain as an RL Markov reward process.
 
-- `DiffusionMRP`: a batched TorchRL environment (spec section 3), with `sample_pairs` (the paper's training draw,
-  spec 4) and `sample_trajectories` (n-step chains for multi-step estimators).
+- `DiffusionMRP`: a batched TorchRL environment (spec section 3), the one producer of training data: `sample_pairs`
+  (the paper's training draw, spec 4) and `sample_trajectories` (n-step chains) are a reset at the training levels
+  plus env steps.
 - `ValueNet` / `make_critic`: the critic V(s) = A D(x) + kappa x as a TensorDictModule (spec 2-3).
 - `DiffusionMRPGym`: a single-sample Gymnasium adapter, registered as "diffusion_rl/DiffusionMRP-v0".
 """
@@ -10,13 +11,13 @@ from __future__ import annotations
 import gymnasium
 
 from .critic import CRITIC_IN_KEYS, CRITIC_OUT_KEYS, ValueNet, make_critic
-from .diffusion_mrp import (STARTS, STATE_KEYS, DiffusionMRP, check_stride_one_step, default_coupling,
-                            default_stride_one_step)
+from .diffusion_mrp import (OBSERVATION_KEYS, STARTS, STATE_KEYS, DiffusionMRP, check_stride_one_step,
+                            single_action_policy)
 from .gym_env import ENV_ID, DiffusionMRPGym
 
 __all__ = [
-    "DiffusionMRP", "DiffusionMRPGym", "ENV_ID", "ValueNet", "make_critic", "default_stride_one_step", "default_coupling",
-    "check_stride_one_step", "STARTS", "STATE_KEYS", "CRITIC_IN_KEYS", "CRITIC_OUT_KEYS",
+    "DiffusionMRP", "DiffusionMRPGym", "ENV_ID", "ValueNet", "make_critic", "single_action_policy",
+    "check_stride_one_step", "STARTS", "OBSERVATION_KEYS", "STATE_KEYS", "CRITIC_IN_KEYS", "CRITIC_OUT_KEYS",
 ]
 
 if ENV_ID not in gymnasium.registry:  # importing twice (or reloading) must not re-register

@@ -23,18 +23,13 @@ CRITIC_IN_KEYS: tuple[str, ...] = ("x", "level", "label")
 CRITIC_OUT_KEYS: tuple[str, ...] = ("denoised", "state_value")
 
 
-def _default_one_step(formulation: Formulation) -> float:
-    from .diffusion_mrp import default_stride_one_step
-    return default_stride_one_step(formulation)[1]
-
-
 class ValueNet(nn.Module):
     """(x, level, label) -> (denoised D(x), state value A D(x) + kappa x).
 
     Args:
         denoiser: the x0-predicting `Denoiser`.
         formulation: the formulation giving (A, kappa); defaults to the denoiser's.
-        one_step: delta in index units (default: the family default, see `envs.diffusion_mrp`).
+        one_step: delta in index units (default: the formulation's `default_one_step`).
         coupling: "markov" or "shared"; must match the env's for the TD errors to make sense.
 
     Inputs may carry any batch dims [*B] (level [*B], x [*B, *F], label [*B]); they are flattened for the network.
@@ -48,7 +43,7 @@ class ValueNet(nn.Module):
         form = getattr(denoiser, "formulation", None) if formulation is None else make_formulation(formulation)
         if form is None:
             raise ConfigError("ValueNet needs a formulation: the denoiser has none and none was given")
-        one_step = _default_one_step(form) if one_step is None else one_step
+        one_step = form.default_one_step if one_step is None else one_step
         check_positive("one_step", one_step, integer=False)
         if one_step > form.steps - 1:
             raise ConfigError(f"one_step must be in (0, {form.steps - 1}] index units, got {one_step}")

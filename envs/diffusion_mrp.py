@@ -1,24 +1,34 @@
 """The denoising chain as a TorchRL Markov reward process (spec section 3).
 
-State s = (x, level, index, label) plus the clean sample x0, which the environment keeps only to compute rewards
-(the critic must never read it). MRP time runs in the denoising direction: one step moves `stride` index units
-toward the data, drawing x' from the true x0-conditioned reverse kernel q(x' | x, x0) of the formulation. The
-reward is image-valued, r = mu_true(s) - mu_true(s'), with mu_true(x, level) = A x0 + kappa x the one-step
-posterior mean `one_step` index units ahead (spec 2), so rewards telescope along any trajectory.
+State s = (x, level, index, label) plus the clean sample x0, which the environment keeps as hidden state to compute
+rewards: x0 lives in `state_spec`, not in `observation_spec`, so no policy or critic built from the observation specs
+can read it. MRP time runs in the denoising direction: one step moves `stride` index units toward the data, drawing
+x' from the true x0-conditioned reverse kernel q(x' | x, x0) of the formulation. The reward is image-valued,
+r = mu_true(s) - mu_true(s'), with mu_true(x, level) = A x0 + kappa x the one-step posterior mean `one_step` index
+units ahead (spec 2), so rewards telescope along any trajectory.
+
+This env is the one producer of training data. Every batch is a reset plus env steps:
+
+    start="train"  reset at the formulation's training levels (EDM: log-normal sigma; VP, CT: their own);
+    sample_pairs   = reset(start="train") + one step        -> [B]     (the paper's draw, TD(0));
+    sample_trajectories(n) = reset(start="train") + n steps -> [B, n]  (the env's own rollout, multi-step critics);
+    the baseline   = reset(start="train") alone             -> [B]     (same x0 and levels as the TD agent).
 
 Keys (batch dims [*B], sample dims [*F]):
 
-    root:   "x" [*B,*F] float, "level" [*B] float (sigma for EDM/CT, timestep t for VP), "index" [*B] float
-            (continuous grid index, 0 = noisiest), "label" [*B] int64 (0 without labels), "x0" [*B,*F] float,
-            "action" [*B] int64 (a single-action MRP: always 0, ignored), "done"/"terminated"/"truncated" [*B,1]
-    "next": the same state keys at the next level, "reward" [*B,*F], "done"/"terminated"/"truncated" [*B,1].
+    root:   observations "x" [*B,*F] float, "level" [*B] float (sigma for EDM/CT, timestep t for VP), "index" [*B]
+            float (continuous grid index, 0 = noisiest), "label" [*B] int64 (0 without labels), "valid" [*B] bool
+            (a full stride from this state is TD-valid, spec 4.2); hidden state "x0" [*B,*F]; "action" [*B] int64
+            (a single-action MRP: always 0); "done"/"terminated"/"truncated" [*B,1]
+    "next": the observations at the next level, "reward" [*B,*F], "done"/"terminated"/"truncated" [*B,1].
 
-Episodes are never terminated: they are truncated when one more stride would take the index past
-N-1-one_step (the sigma_min end), so estimators still bootstrap from V(s_T) (spec 3).
+Episodes are never terminated. A step moves min(stride, N-1 - index) index units, so rollouts from sigma_max reach
+the sigma_min end (index N-1), where the episode is truncated; estimators still bootstrap from V(s_T) (spec 3).
 
-Besides rollouts, `sample_pairs` gives the paper's training draw (spec 4: one transition per sample from the
-training level distribution, with the TD-valid mask "valid") and `sample_trajectories` gives n-step chains from
-the same starting distribution, for multi-step estimators.
+Random streams: the env owns one pair of generators. The CPU "data generator" draws the data order (x0, labels) and
+the start levels; the "noise generator" on the env's device draws every Gaussian (the start noise and the
+transition noise). A baseline and a TD agent built on envs with one seed therefore draw identical x0 and levels at
+every step.
 """
 from __future__ import annotations
 
@@ -34,29 +44,13 @@ from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice, check_positive
 from diffusion_rl.formulations import COUPLINGS, Formulation, make_formulation
 
-__all__ = ["DiffusionMRP", "default_stride_one_step", "default_coupling", "check_stride_one_step", "STARTS",
+__all__ = ["DiffusionMRP", "check_stride_one_step", "single_action_policy", "STARTS", "OBSERVATION_KEYS",
            "STATE_KEYS"]
 
-STARTS: tuple[str, ...] = ("max", "random")
-STATE_KEYS: tuple[str, ...] = ("x", "level", "index", "label", "x0")
+STARTS: tuple[str, ...] = ("max", "random", "train")
+OBSERVATION_KEYS: tuple[str, ...] = ("x", "level", "index", "label", "valid")
+STATE_KEYS: tuple[str, ...] = ("x0",)  # hidden environment state: rewards only, never observed
 DONE_KEYS: tuple[str, ...] = ("done", "terminated", "truncated")
-
-
-def default_stride_one_step(formulation: Formulation) -> tuple[float, float]:
-    """Paper defaults (stride k, one_step delta) in index units for a formulation.
-
-    EDM: k = 3, delta = 0.2 on the 18-point grid, i.e. 3/17 and 0.2/17 of the grid span N-1 (spec 1-3); the same
-    fractions of the grid for VP (and EDM grids with N != 18). CT: k = 1, delta = 0.25 (spec 5).
-    """
-    if formulation.name == "ct":
-        return 1.0, 0.25
-    span = (formulation.steps - 1) / 17.0
-    return 3.0 * span, 0.2 * span
-
-
-def default_coupling(formulation: Formulation) -> str:
-    """"markov" (spec 3: the true reverse kernel, the Bellman fixed point), "shared" for CT (spec 5)."""
-    return "shared" if formulation.name == "ct" else "markov"
 
 
 def check_stride_one_step(stride, one_step, steps: int) -> tuple[float, float]:
@@ -67,6 +61,11 @@ def check_stride_one_step(stride, one_step, steps: int) -> tuple[float, float]:
         raise ConfigError(f"stride + one_step = {stride} + {one_step} = {stride + one_step} exceeds N-1 = {steps - 1} "
                           f"index units of the {steps}-point grid; need stride + one_step <= {steps - 1}")
     return float(stride), float(one_step)
+
+
+def single_action_policy(td: TensorDictBase) -> TensorDictBase:
+    """The MRP's only policy: action 0 everywhere (for `env.rollout` and TorchRL collectors)."""
+    return td.set("action", torch.zeros(td.batch_size, dtype=torch.int64, device=td.device))
 
 
 def _as_batch_size(batch_size) -> torch.Size:
@@ -90,13 +89,15 @@ class DiffusionMRP(EnvBase):
         formulation: "edm", "vp"/"ddpm", "ct" or a Formulation instance.
         batch_size: env batch dims [*B] (an int means (B,)). Not batch-locked: with batch_size=() the batch of a
             rollout comes from the tensordict passed to `reset`.
-        stride: k, index units per MRP step (defaults: `default_stride_one_step`).
-        one_step: delta, index units of the one-step posterior mean that defines values and rewards.
+        stride: k, index units per MRP step (None: the formulation's `default_stride`, 3 on EDM's 18-point grid).
+        one_step: delta, index units of the one-step posterior mean that defines values and rewards (None: the
+            formulation's `default_one_step`, 0.2 for EDM).
         coupling: "markov" (the true reverse kernel) or "shared" (shared noise: x' deterministic given x, x0);
-            None picks `default_coupling`: markov, or shared for CT (spec 5).
-        start: "max" starts every episode at index 0 (the noisiest level); "random" at a uniform index in
-            [0, N-1-(stride+one_step)], so that at least one step is always possible.
-        device: where states live; the env's torch.Generator lives there too.
+            None picks the formulation's `default_coupling` (markov; shared for CT, spec 5).
+        start: where `reset` starts episodes: "max" at index 0 (the noisiest level); "random" at a uniform index
+            in [0, N-1-(stride+one_step)], so at least one TD-valid step is possible; "train" at the formulation's
+            training levels (spec 4.1), the start of every training batch. `reset(start=...)` overrides it.
+        device: where states live; the noise generator lives there too.
         seed: seed of the env's generators (None: drawn from torch's global RNG).
         dtype: float dtype of states and rewards (float32; float64 makes reward sums telescope to rounding error).
     """
@@ -104,7 +105,7 @@ class DiffusionMRP(EnvBase):
     batch_locked = False  # TorchRL idiom (pendulum tutorial): the batch may come from the reset tensordict
 
     def __init__(self, dataset: str | Dataset = "digits", formulation: str | Formulation = "edm", *,
-                 batch_size: int | Sequence[int] = (1,), stride: float | None = None,
+                 batch_size: int | Sequence[int] = (), stride: float | None = None,
                  one_step: float | None = None, coupling: str | None = None, start: str = "max",
                  device: str | torch.device = "cpu", seed: int | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -116,9 +117,8 @@ class DiffusionMRP(EnvBase):
         if not isinstance(dataset, str) and not callable(getattr(dataset, "draw", None)):
             raise ConfigError(f"dataset must be a data set name or a Dataset, got {type(dataset).__name__}")
         form = make_formulation(formulation)
-        d_stride, d_one = default_stride_one_step(form)
-        stride, one_step = check_stride_one_step(d_stride if stride is None else stride,
-                                                 d_one if one_step is None else one_step, form.steps)
+        stride, one_step = check_stride_one_step(form.default_stride if stride is None else stride,
+                                                 form.default_one_step if one_step is None else one_step, form.steps)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed must be an int or None, got {seed!r}")
         check_choice("dtype", dtype, (torch.float32, torch.float64))
@@ -126,7 +126,7 @@ class DiffusionMRP(EnvBase):
         super().__init__(device=device, batch_size=batch_size)
         self.formulation = form
         self.stride, self.one_step = stride, one_step
-        self.coupling, self.start = coupling or default_coupling(form), start
+        self.coupling, self.start = coupling or form.default_coupling, start
         self.dataset = load_dataset(dataset, seed=0 if seed is None else seed) if isinstance(dataset, str) else dataset
         self.sample_shape = tuple(self.dataset.sample_shape)
         self.num_classes = int(getattr(self.dataset, "num_classes", 0) or 0)
@@ -145,10 +145,12 @@ class DiffusionMRP(EnvBase):
             level=Unbounded(shape=B, dtype=dt, device=dev),
             index=Bounded(low=0.0, high=self.last_index, shape=B, dtype=dt, device=dev),
             label=Categorical(n=max(self.num_classes, 1), shape=B, dtype=torch.int64, device=dev),
-            x0=Unbounded(shape=(*B, *F), dtype=dt, device=dev),
+            valid=Categorical(n=2, shape=B, dtype=torch.bool, device=dev),
             shape=B, device=dev,
         )
-        self.state_spec = Composite(shape=B, device=dev)
+        # x0 is hidden state (as the pendulum example keeps its physical parameters): reset writes it, step reads
+        # it, and TorchRL carries it from one root to the next; it is never an observation.
+        self.state_spec = Composite(x0=Unbounded(shape=(*B, *F), dtype=dt, device=dev), shape=B, device=dev)
         self.action_spec = Categorical(n=1, shape=B, dtype=torch.int64, device=dev)
         self.reward_spec = Unbounded(shape=(*B, *F), dtype=dt, device=dev)
         self.done_spec = Composite(
@@ -162,33 +164,24 @@ class DiffusionMRP(EnvBase):
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
         seed = int(seed) % (2 ** 63)
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
-        # data draws index a CPU tensor: their own CPU generator, seeded seed + 1 exactly as the Learner's data
-        # order (diffusion_rl.training), so a baseline and a TD agent with one seed see the same batches
+        # data order and start levels index CPU tensors: their own CPU generator
         self._data_generator = torch.Generator().manual_seed((seed + 1) % (2 ** 63))
 
     @property
     def generator(self) -> torch.Generator:
-        """The env's noise generator (on the env's device); `set_seed` replaces it."""
+        """The noise generator (on the env's device): every Gaussian draw. `set_seed` replaces it."""
         return self._generator
 
     @property
     def data_generator(self) -> torch.Generator:
-        """The CPU generator of the data draws (`Dataset.draw`); `set_seed` replaces it."""
+        """The CPU generator of the data order (`Dataset.draw`) and of start levels. `set_seed` replaces it."""
         return self._data_generator
 
-    # ---- helpers -----------------------------------------------------------------------------------------------
-    def _draw(self, n: int) -> tuple[Tensor, Tensor]:
-        x0, labels = self.dataset.draw(n, self._data_generator)
-        x0 = x0.to(device=self.device, dtype=self.dtype)
-        if labels is None:
-            labels = torch.zeros(n, dtype=torch.int64, device=self.device)
-        else:
-            labels = labels.to(device=self.device, dtype=torch.int64).reshape(n)
-        return x0, labels
+    def generators(self) -> dict[str, torch.Generator]:
+        """The env's pair of generators by name, for checkpoints."""
+        return {"generator": self._generator, "data_generator": self._data_generator}
 
-    def _randn(self, shape) -> Tensor:
-        return torch.randn(tuple(shape), generator=self._generator, device=self.device, dtype=self.dtype)
-
+    # ---- the maths of one transition (the only copy) --------------------------------------------------------------
     def true_value(self, x0: Tensor, x: Tensor, level: Tensor) -> Tensor:
         """mu_true(x, level) = A x0 + kappa x, the one-step posterior mean `one_step` index units ahead (spec 2).
 
@@ -198,148 +191,125 @@ class DiffusionMRP(EnvBase):
 
     @property
     def max_valid_index(self) -> float:
-        """The last index a transition may start from: (N-1) - (stride + one_step) (spec 4.2)."""
+        """The last index a TD-valid transition may start from: (N-1) - (stride + one_step) (spec 4.2)."""
         return self.last_index - (self.stride + self.one_step)
-
-    def truncation(self, index: Tensor) -> Tensor:
-        """True where one more stride would take the index past N-1-one_step (the episode is truncated there)."""
-        return index > self.max_valid_index
 
     def td_valid(self, level: Tensor, index: Tensor) -> Tensor:
         """TD-valid mask of spec 4.2: in_range(level) & index <= (N-1) - (stride + one_step)."""
         return self.formulation.in_range(level) & (index <= self.max_valid_index)
 
-    def _next_level(self, level: Tensor, index_next: Tensor) -> Tensor:
-        """level(index + stride), never noisier than `level`: a training level below the grid's end (sigma_t <
-        sigma_min, an invalid sample) keeps its own level instead of being paired with the noisier grid end."""
-        return torch.minimum(self.formulation.level(index_next).to(self.dtype), level)
-
     def _transition(self, x: Tensor, level: Tensor, index: Tensor, x0: Tensor) -> dict[str, Tensor]:
-        """One MRP step on flat tensors: x' ~ q(x' | x, x0) at index + stride, and the image-valued reward."""
-        index_next = index + self.stride
-        level_next = self._next_level(level, index_next)
+        """One MRP step on flat tensors: x' ~ q(x' | x, x0) at min(index + stride, N-1), and the reward.
+
+        The next level is never noisier than `level`: a training level below the grid's end (sigma_t < sigma_min,
+        an invalid sample) keeps its own level instead of being paired with the noisier grid end.
+        """
+        index_next = torch.clamp(index + self.stride, max=self.last_index)
+        level_next = torch.minimum(self.formulation.level(index_next).to(self.dtype), level)
         x_next = self.formulation.reverse_step(x0, x, level, level_next, self.coupling, self._generator)
         x_next = x_next.to(self.dtype)
         reward = self.true_value(x0, x, level) - self.true_value(x0, x_next, level_next)
         return {"x": x_next, "level": level_next, "index": index_next, "reward": reward,
-                "truncated": self.truncation(index_next)}
+                "valid": self.td_valid(level_next, index_next), "truncated": index_next >= self.last_index}
 
-    def _pack(self, batch: torch.Size, *, x, level, index, label, x0, truncated=None, reward=None,
-              extra: dict | None = None) -> TensorDict:
-        """A TensorDict with batch dims `batch` from flat tensors (the leading dim has batch.numel() entries)."""
-        n_feat = self.sample_shape
-        if truncated is None:
-            truncated = torch.zeros(batch.numel(), dtype=torch.bool, device=self.device)
-        trunc = truncated.reshape(*batch, 1)
-        data = {
-            "x": x.reshape(*batch, *n_feat), "level": level.reshape(batch), "index": index.reshape(batch),
-            "label": label.reshape(batch), "x0": x0.reshape(*batch, *n_feat),
-            "done": trunc.clone(), "terminated": torch.zeros_like(trunc), "truncated": trunc,
-        }
-        if reward is not None:
-            data["reward"] = reward.reshape(*batch, *n_feat)
-        if extra:
-            data.update(extra)
-        return TensorDict(data, batch_size=batch, device=self.device)
-
-    def _flat_state(self, td: TensorDictBase) -> tuple[torch.Size, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        batch = td.batch_size
-        n = batch.numel()
-        x = td.get("x").reshape(n, *self.sample_shape)
-        x0 = td.get("x0").reshape(n, *self.sample_shape)
-        return batch, x, td.get("level").reshape(n), td.get("index").reshape(n), td.get("label").reshape(n), x0
+    def _start(self, n: int, start: str) -> dict[str, Tensor]:
+        """n fresh start states: x0 and labels (data generator), the start level, x ~ q(x | x0) (noise generator)."""
+        x0, label = self.dataset.draw(n, self._data_generator)
+        x0 = x0.to(device=self.device, dtype=self.dtype)
+        label = (torch.zeros(n, dtype=torch.int64) if label is None else label.to(torch.int64).reshape(n))
+        form, g = self.formulation, self._data_generator
+        if start == "train":
+            level = form.sample_training_level(n, g, "cpu").to(self.device, self.dtype)  # spec 4.1, raw level
+            index = form.index(level).to(self.dtype)  # clamped to the grid
+        else:
+            index = (torch.zeros(n, dtype=self.dtype) if start == "max"
+                     else torch.rand(n, generator=g, dtype=self.dtype) * self.max_valid_index).to(self.device)
+            level = form.level(index).to(self.dtype)
+        noise = torch.randn(x0.shape, generator=self._generator, device=self.device, dtype=self.dtype)
+        x = form.add_noise(x0, level, noise).to(self.dtype)
+        return {"x": x, "level": level, "index": index, "label": label.to(self.device), "x0": x0,
+                "valid": self.td_valid(level, index)}
 
     # ---- EnvBase API -------------------------------------------------------------------------------------------
-    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+    def _reset(self, tensordict: TensorDictBase | None = None, start: str | None = None,
+               **kwargs) -> TensorDictBase:
+        start = check_choice("start", start or self.start, STARTS)
         batch = self.batch_size
         if tensordict is not None and not self.batch_size and tensordict.batch_size:
             batch = tensordict.batch_size  # not batch-locked: the reset tensordict sets the batch
+        mask = tensordict.get("_reset", None) if tensordict is not None else None
         n = batch.numel()
-        x0, label = self._draw(n)
-        if self.start == "max":
-            index = torch.zeros(n, dtype=self.dtype, device=self.device)
+        if mask is None or bool(mask.all()):
+            state = self._start(n, start)
         else:
-            high = self.max_valid_index
-            index = torch.rand(n, generator=self._generator, device=self.device, dtype=self.dtype) * high
-        level = self.formulation.level(index).to(self.dtype)
-        x = self.formulation.add_noise(x0, level, self._randn(x0.shape)).to(self.dtype)
-        return self._pack(batch, x=x, level=level, index=index, label=label, x0=x0)
+            # partial reset (TorchRL's "_reset", e.g. auto-reset inside a rollout or a collector): fresh states are
+            # drawn only where the mask is set; TorchRL keeps the other entries of the running episodes
+            mask = mask.reshape(n)
+            fresh = self._start(int(mask.sum()), start)
+            state = {k: v.new_zeros((n, *v.shape[1:])) for k, v in fresh.items()}
+            for k, v in fresh.items():
+                state[k][mask] = v
+        return self._pack(batch, state, truncated=torch.zeros(n, dtype=torch.bool, device=self.device))
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        batch, x, level, index, label, x0 = self._flat_state(tensordict)
-        nxt = self._transition(x, level, index, x0)
-        return self._pack(batch, x=nxt["x"], level=nxt["level"], index=nxt["index"], label=label, x0=x0,
-                          truncated=nxt["truncated"], reward=nxt["reward"])
+        batch = tensordict.batch_size
+        n = batch.numel()
+        action = tensordict.get("action", None)
+        if action is not None and bool((action != 0).any()):
+            bad = action[action != 0].flatten()[0].item()
+            raise ConfigError(f"action {bad} is not an action of the diffusion MRP; accepted: 0 (its single action, "
+                              f"see envs.single_action_policy)")
+        missing = [k for k in ("x", "level", "index", "label", "x0") if k not in tensordict.keys()]
+        if missing:
+            raise ConfigError(f"env.step needs the state keys {missing} (missing); call env.reset() first")
+        flat = {k: tensordict.get(k).reshape(n, *tensordict.get(k).shape[len(batch):])
+                for k in ("x", "level", "index", "label", "x0")}
+        nxt = self._transition(flat["x"], flat["level"], flat["index"], flat["x0"])
+        nxt["label"] = flat["label"]
+        return self._pack(batch, nxt, truncated=nxt.pop("truncated"))
 
-    # ---- training draws ----------------------------------------------------------------------------------------
+    def _pack(self, batch: torch.Size, state: dict[str, Tensor], *, truncated: Tensor) -> TensorDict:
+        """A TensorDict with batch dims `batch` from flat tensors (the leading dim has batch.numel() entries)."""
+        trunc = truncated.reshape(*batch, 1)
+        data = {k: v.reshape(*batch, *v.shape[1:]) for k, v in state.items()}
+        data.update(done=trunc.clone(), terminated=torch.zeros_like(trunc), truncated=trunc)
+        return TensorDict(data, batch_size=batch, device=self.device)
+
+    # ---- training draws: a reset at the training levels plus env steps -------------------------------------------
     def _num(self, batch_size: int | None) -> int:
         if batch_size is None:
             return max(self.batch_size.numel(), 1)
         check_positive("batch_size", batch_size)
         return int(batch_size)
 
-    def _root(self, n: int, *, x, level, index, label, x0, valid) -> TensorDict:
-        td = self._pack(torch.Size([n]), x=x, level=level, index=index, label=label, x0=x0,
-                        extra={"valid": valid.reshape(n)})
-        td.set("action", torch.zeros(n, dtype=torch.int64, device=self.device))
-        return td
-
-    def sample_pairs(self, batch_size: int | None = None) -> TensorDict:
-        """The paper's training draw (spec 4): one transition per sample at a training level.
-
-        level_t ~ formulation.sample_training_level (log-normal sigma for EDM), index_t = index(level_t) (clamped to
-        the grid), partner level' = level(index_t + stride); (x_t, x_t') = formulation.coupled_pair(x0, level_t,
-        level', coupling) (Markov: the less noisy state first, spec 3 / 7.4). "x" holds x_t at the raw level_t
-        (possibly outside the grid: the base loss uses it), "next" the partner state and the image-valued reward
-        mu_true(s) - mu_true(s'). "valid" [B] is the TD-valid mask of spec 4.2, in_range(level_t) &
-        index_t <= (N-1) - (stride + one_step): partners past the end are masked, never clamped into validity;
-        invalid samples still carry finite next states. Keys are those of one env.rollout transition plus "valid".
-        """
+    def reset_training(self, batch_size: int | None = None) -> TensorDictBase:
+        """`reset(start="train")` for a batch [B]: x0, training levels and x ~ q(x | x0) (spec 4.1)."""
         n = self._num(batch_size)
-        x0, label = self._draw(n)
-        level = self.formulation.sample_training_level(n, self._generator, self.device).to(self.dtype)
-        index = self.formulation.index(level).to(self.dtype)
-        index_next = index + self.stride
-        level_next = self._next_level(level, index_next)
-        x, x_next = self.formulation.coupled_pair(x0, level, level_next, self.coupling, self._generator)
-        x, x_next = x.to(self.dtype), x_next.to(self.dtype)
-        reward = self.true_value(x0, x, level) - self.true_value(x0, x_next, level_next)
-        td = self._root(n, x=x, level=level, index=index, label=label, x0=x0, valid=self.td_valid(level, index))
-        td.set("next", self._pack(torch.Size([n]), x=x_next, level=level_next, index=index_next, label=label,
-                                  x0=x0, truncated=self.truncation(index_next), reward=reward))
-        return td
+        if self.batch_size and self.batch_size.numel() != n:
+            raise ConfigError(f"batch_size {n} differs from the env's batch_size {tuple(self.batch_size)}; build the "
+                              f"env with batch_size=() to draw batches of any size")
+        td = TensorDict({}, batch_size=[n] if not self.batch_size else self.batch_size, device=self.device)
+        return self.reset(td, start="train")
 
-    def sample_trajectories(self, n: int, batch_size: int | None = None) -> TensorDict:
-        """Chains of `n` env steps from the training level distribution, as a TensorDict [B, n].
+    def sample_trajectories(self, n: int, batch_size: int | None = None) -> TensorDictBase:
+        """Chains of `n` env steps from the training levels, [B, n]: `env.rollout` from `reset_training`.
 
-        Start states are those of `sample_pairs` (level_0 from the training distribution, x_0 ~ q(x | x0) at
-        level_0, index_0 = index(level_0)); each step is an env step (true reverse kernel, image-valued reward),
-        with the same keys and nesting as env.rollout plus "valid" [B, n]: valid[:, j] = in_range(level_0) &
-        index_j <= (N-1) - (stride + one_step), i.e. transition j is TD-valid. The mask is non-increasing in j, so
-        valid[:, j] says the chain has j + 1 valid strides, and valid[:, -1] (= valid.all(-1)) that all n are.
-        Steps are never cut: past the end the levels are clamped to the grid and stay finite, masked invalid.
+        Each row holds a transition as env.rollout writes it ("valid" at the root says whether that row's
+        transition is TD-valid). A chain that reaches the sigma_min end within n steps is truncated there; TorchRL
+        then starts a fresh episode in its remaining rows (marked by "done"), which losses must not look through.
         """
         check_positive("n", n)
-        m = self._num(batch_size)
-        x0, label = self._draw(m)
-        level = self.formulation.sample_training_level(m, self._generator, self.device).to(self.dtype)
-        index = self.formulation.index(level).to(self.dtype)
-        x = self.formulation.add_noise(x0, level, self._randn(x0.shape)).to(self.dtype)
-        in_range = self.formulation.in_range(level)
-        batch = torch.Size([m])
-        truncated = torch.zeros(m, dtype=torch.bool, device=self.device)
-        steps = []
-        for _ in range(int(n)):
-            valid = in_range & (index <= self.max_valid_index)
-            td = self._root(m, x=x, level=level, index=index, label=label, x0=x0, valid=valid)
-            trunc = truncated.reshape(m, 1)
-            td.update({"done": trunc.clone(), "truncated": trunc.clone()})
-            nxt = self._transition(x, level, index, x0)
-            td.set("next", self._pack(batch, x=nxt["x"], level=nxt["level"], index=nxt["index"], label=label,
-                                      x0=x0, truncated=nxt["truncated"], reward=nxt["reward"]))
-            steps.append(td)
-            x, level, index, truncated = nxt["x"], nxt["level"], nxt["index"], nxt["truncated"]
-        return torch.stack(steps, dim=1)
+        return self.rollout(int(n), policy=single_action_policy, tensordict=self.reset_training(batch_size),
+                            auto_reset=False, break_when_any_done=False)
+
+    def sample_pairs(self, batch_size: int | None = None) -> TensorDictBase:
+        """The paper's training draw (spec 4): one transition per sample from the training levels, [B].
+
+        `reset_training` + one env step: x_t at the raw training level (possibly outside the grid: the base loss
+        uses it, and such samples are TD-invalid), its partner at index_t + stride from the true reverse kernel,
+        the image-valued reward, and "valid", the TD-valid mask of spec 4.2.
+        """
+        return self.sample_trajectories(1, batch_size)[..., 0]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(dataset={getattr(self.dataset, 'name', '?')!r}, "

@@ -12,7 +12,7 @@ from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.formulations import CTFormulation, VPFormulation
 from diffusion_rl.networks import MLP, Denoiser
-from diffusion_rl.training import TrainConfig
+from diffusion_rl.training import TrainConfig, objective
 from envs import DiffusionMRP
 
 # ---- an independent transcription of spec sections 1, 2 and 4 (no library calls) -----------------------------------
@@ -141,14 +141,18 @@ def test_parity_with_spec_section_4(coupling, reweighting):
     assert env.td_valid(batch["level"], batch["index"]).tolist() == batch["valid"].tolist()
     out = ag.loss(batch)
     per, base, td, _ = spec_loss(ag, batch, coupling, reweighting)
-    torch.testing.assert_close(out["loss_base"], base, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(out["loss_td"], td, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(out["loss_sample"], per, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(out["loss"], per.mean(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out["sample_base"], base, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out["sample_td"], td, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out["sample_loss"], per, rtol=1e-6, atol=1e-9)
+    # TorchRL's convention: the scalar "loss_*" entries sum to the objective, the batch mean of the spec's loss
+    assert sorted(k for k in out.keys() if k.startswith("loss")) == ["loss_base", "loss_td"]
+    assert all(out[k].dim() == 0 for k in ("loss_base", "loss_td"))
+    torch.testing.assert_close(out["loss_td"] + out["loss_base"], per.mean(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(objective(out), per.mean(), rtol=1e-6, atol=1e-9)
     assert out["valid"].tolist() == batch["valid"].tolist()
     # invalid samples stay in the batch with (1 + lambda) base weight (pitfall 7.2)
     inv = ~batch["valid"]
-    torch.testing.assert_close(out["loss_sample"][inv], (1 + LAM) * base[inv], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out["sample_loss"][inv], (1 + LAM) * base[inv], rtol=1e-6, atol=1e-9)
 
 
 def test_edm_weight_generalisation_equals_c_out_form():
@@ -167,11 +171,11 @@ def test_batch_size_one(coupling, valid_sigma):
     _, ag = make_agent(coupling)
     batch = fixed_batch([0.5 if valid_sigma else 200.0], coupling)
     out = ag.loss(batch)
-    for key in ("valid", "loss_td", "loss_base", "loss_sample"):
+    for key in ("valid", "sample_td", "sample_base", "sample_loss"):
         assert out[key].shape == (1,), key  # masks stay 1-D (pitfall 7.6)
     assert out["td_error"].shape == (1, 2)
     per, *_ = spec_loss(ag, batch, coupling, "edm")
-    torch.testing.assert_close(out["loss_sample"], per, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out["sample_loss"], per, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("coupling", ["markov", "shared"])
@@ -213,13 +217,13 @@ def test_semi_gradient():
     """Gradients reach the online network only; the target has no grad and requires none (spec 3, 7.5)."""
     _, ag = make_agent()
     out = ag.loss(fixed_batch(SIGMAS, "markov"))
-    out["loss"].backward()
+    objective(out).backward()
     assert all(not p.requires_grad and p.grad is None for p in ag.target.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ag.denoiser.parameters())
     # the TD part alone: its gradient equals that of -2 w delta . dV/dtheta, i.e. d(td)/d(next value) = 0
     ag.denoiser.zero_grad()
     out = ag.loss(fixed_batch(SIGMAS[:5], "markov"))
-    out["loss_td"].sum().backward()
+    out["loss_td"].backward()
     assert all(p.grad is None for p in ag.target.parameters())
 
 
@@ -266,7 +270,7 @@ def test_vp_uses_its_own_posterior():
     delta = A_t[:, None] * (x0 - D) - A_n[:, None] * (x0 - D_tgt)
     torch.testing.assert_close(out["td_error"].double(), delta, rtol=1e-3, atol=1e-4)
     base = ab[t.long()] / (1 - ab[t.long()]) * ((D - x0) ** 2).mean(1)  # DDPM eps loss in x0 terms
-    torch.testing.assert_close(out["loss_base"].double(), base, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(out["sample_base"].double(), base, rtol=1e-3, atol=1e-5)
 
 
 def test_td_ct_loss():
@@ -299,8 +303,8 @@ def test_td_ct_loss():
     delta = A_t[:, None] * (x0 - f) - A_2[:, None] * (x0 - f_tgt)
     td = 1 / (A_t ** 2 + A_2 ** 2).clamp(min=0.01) * (delta ** 2).mean(1)
     per = torch.where(boundary, (1 + LAM) * ct, td + LAM * ct)
-    torch.testing.assert_close(out["loss_base"].double(), ct, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(out["loss_sample"].double(), per, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["sample_base"].double(), ct, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["sample_loss"].double(), per, rtol=1e-4, atol=1e-5)
 
 
 def test_ct_needs_shared_coupling_and_stride_one():

@@ -11,6 +11,7 @@ from torchrl.objectives.value.functional import td_lambda_return_estimate
 
 from agents import TDEvaluator
 from agents.estimators import ESTIMATORS, make_estimator, returns, td_errors
+from agents.functional import chain_mask
 from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.networks import MLP, Denoiser
@@ -163,6 +164,7 @@ def _denoiser(env) -> Denoiser:
 
 
 def test_nstep_stride_k_equals_td0_stride_nk():
+    """On the same draws, n-step at stride k is TD(0) at stride n k: same TD error, TD term and loss (spec 8)."""
     n, k, one_step = 3, 1.0, 0.2
     data = _toy_dataset()
     env_k = DiffusionMRP(data, "edm", stride=k, one_step=one_step, seed=3)
@@ -172,13 +174,13 @@ def test_nstep_stride_k_equals_td0_stride_nk():
     ag_n = TDEvaluator(env_k, denoiser=copy.deepcopy(den), estimator="nstep", n_steps=n, config=cfg, device="cpu")
     ag_0 = TDEvaluator(env_nk, denoiser=copy.deepcopy(den), estimator="td0", config=cfg, device="cpu")
     traj = env_k.sample_trajectories(n, 256)
-    keep = traj["valid"].all(1)
+    keep = chain_mask(traj["valid"], traj["next", "done"].squeeze(-1)).all(1)  # all n transitions in the chain
     assert keep.sum() > 20
     traj = traj[keep]
     first, last = traj[:, 0], traj[:, -1]["next"]
     # the same two states as one td0 transition of stride n k, with that env's own reward
     reward = (env_nk.true_value(first["x0"], first["x"], first["level"])
-              - env_nk.true_value(last["x0"], last["x"], last["level"]))
+              - env_nk.true_value(first["x0"], last["x"], last["level"]))
     pair = first.clone()
     pair.set("valid", env_nk.td_valid(first["level"], first["index"]))
     assert pair["valid"].all()
@@ -187,22 +189,56 @@ def test_nstep_stride_k_equals_td0_stride_nk():
     pair.set("next", nxt)
     out_n = ag_n.loss(traj)
     out_0 = ag_0.loss(pair)
-    torch.testing.assert_close(out_n["td_error"][:, 0], out_0["td_error"], rtol=1e-4, atol=2e-4)
+    for key in ("td_error", "sample_td", "sample_loss"):
+        torch.testing.assert_close(out_n[key], out_0[key], rtol=1e-4, atol=2e-4)
     # telescoping of the rewards themselves
     torch.testing.assert_close(traj["next", "reward"].sum(1), reward, rtol=1e-4, atol=2e-4)
 
 
-def test_td_lambda_zero_through_agent_is_per_transition_td0():
+def test_multistep_loss_is_taken_at_the_start_state_only():
+    """One online forward per sample (the start states), target forwards at the later states (spec 8)."""
+    data = _toy_dataset()
+    env = DiffusionMRP(data, "edm", stride=1.0, one_step=0.2, seed=5)
+    ag = TDEvaluator(env, denoiser=_denoiser(env), estimator="nstep", n_steps=3, config=TrainConfig(batch_size=8),
+                     device="cpu")
+    traj = env.sample_trajectories(3, 64)
+    online, target = [], []
+    ag.denoiser.register_forward_hook(lambda m, a, o: online.append(a[0].shape[0]))
+    ag.target.register_forward_hook(lambda m, a, o: target.append(a[0].shape[0]))
+    out = ag.loss(traj)
+    used = chain_mask(traj["valid"], traj["next", "done"].squeeze(-1))
+    assert online == [64] and sum(target) == int(used.sum())
+    assert out["valid"].tolist() == traj["valid"][:, 0].tolist()  # TD(0)'s TD-valid samples
+    assert out["td_error"].shape == (64, 2) and out["sample_loss"].shape == (64,)
+
+
+def test_td_lambda_endpoints_and_mixture_through_agent():
+    """TD(lambda) at 0 is TD(0) at stride k, at 1 is n-step; in between the lambda-mixture of the two (spec 8)."""
     data = _toy_dataset()
     env = DiffusionMRP(data, "edm", stride=1.0, one_step=0.2, seed=4)
-    ag = TDEvaluator(env, denoiser=_denoiser(env), estimator="td_lambda", lmbda=0.0, n_steps=3,
-                     config=TrainConfig(batch_size=8), device="cpu")
-    traj = env.sample_trajectories(3, 64)
-    out = ag.loss(traj)
+    den = _denoiser(env)
+    cfg = TrainConfig(batch_size=8)
+
+    def loss(**kw):
+        return TDEvaluator(env, denoiser=copy.deepcopy(den), config=cfg, device="cpu", **kw).loss(traj)
+
+    traj = env.sample_trajectories(2, 64)
+    td0, nstep = loss(estimator="td0"), loss(estimator="nstep", n_steps=2)
+    lam0, lam1 = loss(estimator="td_lambda", lmbda=0.0, n_steps=2), loss(estimator="td_lambda", lmbda=1.0, n_steps=2)
+    lam = loss(estimator="td_lambda", lmbda=0.3, n_steps=2)
+    torch.testing.assert_close(lam0["td_error"], td0["td_error"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lam1["td_error"], nstep["td_error"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lam["td_error"], 0.7 * td0["td_error"] + 0.3 * nstep["td_error"], rtol=1e-5, atol=1e-6)
+    # td0 on a chain reads its first transition only: the same as on the pairs of those start states
+    torch.testing.assert_close(td0["td_error"], loss(estimator="td0")["td_error"])
+    pairs_out = TDEvaluator(env, denoiser=copy.deepcopy(den), config=cfg, device="cpu").loss(traj[:, 0])
+    torch.testing.assert_close(td0["sample_loss"], pairs_out["sample_loss"])
+    # and by hand: delta = r_0 + V-(s_1) - V(s_0) on TD-valid start states
+    ag = TDEvaluator(env, denoiser=copy.deepcopy(den), config=cfg, device="cpu")
     with torch.no_grad():
-        v = ag.critic(traj.select("x", "level", "label").clone())["state_value"]
-        v_next = ag.target_critic(traj["next"].select("x", "level", "label").clone())["state_value"]
-    expected = traj["next", "reward"] + v_next - v
-    valid = traj["valid"]
-    torch.testing.assert_close(out["td_error"][valid], expected[valid], rtol=1e-5, atol=1e-5)
-    assert torch.all(out["td_error"][~valid] == 0)
+        v = ag.critic(traj[:, 0].select("x", "level", "label").clone())["state_value"]
+        v_next = ag.target_critic(traj[:, 0]["next"].select("x", "level", "label").clone())["state_value"]
+    expected = traj[:, 0]["next", "reward"] + v_next - v
+    valid = traj["valid"][:, 0]
+    torch.testing.assert_close(td0["td_error"][valid], expected[valid], rtol=1e-5, atol=1e-5)
+    assert torch.all(td0["td_error"][~valid] == 0)

@@ -1,0 +1,65 @@
+"""The TD loss's maths as pure functions on tensors (spec sections 4-5): no modules, no TensorDicts.
+
+`TDLoss` (agents/td_evaluator.py) is a thin TorchRL wrapper around these, as TorchRL keeps its value functionals
+apart from its estimator classes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffusion_rl.errors import ConfigError
+
+__all__ = ["REWEIGHTINGS", "td_weight", "mean_pixels", "combine_losses", "split_objective", "chain_mask"]
+
+REWEIGHTINGS: tuple[str, ...] = ("edm", "pairwise", "linear", "none")
+
+
+def td_weight(reweighting: str, A_t: Tensor, A_next: Tensor, c_out_t: Tensor) -> Tensor:
+    """Per-sample weight w_td of the TD term (spec 4.5).
+
+    "edm":      1 / max(A_t^2 c_out(level_t)^2, 1e-8) with the formulation's own preconditioning c_out (EDM: equals
+                w_edm / A_t^2; VP: c_out^2 = (1 - abar)/abar, so it equals the eps-loss weight / A_t^2);
+    "pairwise": 1 / max(A_t^2 + A_t'^2, 0.01);   "linear": 1 / max(A_t + A_t', 0.01);   "none": 1.
+    """
+    if reweighting == "edm":
+        return 1.0 / (A_t.pow(2) * c_out_t.pow(2)).clamp(min=1e-8)
+    if reweighting == "pairwise":
+        return 1.0 / (A_t.pow(2) + A_next.pow(2)).clamp(min=0.01)
+    if reweighting == "linear":
+        return 1.0 / (A_t + A_next).clamp(min=0.01)
+    if reweighting == "none":
+        return torch.ones_like(A_t)
+    raise ConfigError(f"unknown reweighting {reweighting!r}; accepted: {', '.join(REWEIGHTINGS)}")
+
+
+def mean_pixels(t: Tensor) -> Tensor:
+    """Mean over every dimension after the first: [B, *F] -> [B]."""
+    return t.reshape(t.shape[0], -1).mean(-1)
+
+
+def combine_losses(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> Tensor:
+    """Per-sample loss of spec 4.6: valid -> td + lambda * base; invalid -> (1 + lambda) * base."""
+    return torch.where(valid, loss_td + lam * loss_base, (1.0 + lam) * loss_base)
+
+
+def split_objective(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """The batch mean of `combine_losses` as two scalar terms (TD, base) whose sum is the objective:
+
+        TD term   = mean_i [valid_i] td_i
+        base term = mean_i (lambda if valid_i else 1 + lambda) base_i
+    """
+    zero = torch.zeros_like(loss_td)
+    base_w = torch.where(valid, torch.full_like(loss_base, lam), torch.full_like(loss_base, 1.0 + lam))
+    return torch.where(valid, loss_td, zero).mean(), (base_w * loss_base).mean()
+
+
+def chain_mask(valid: Tensor, done: Tensor) -> Tensor:
+    """used[b, j]: transition j of chain b belongs to the chain that starts at row 0 and is TD-valid.
+
+    A chain [B, T] ends at its first TD-invalid transition or after its first "done" (a new episode follows):
+    used[:, j] = valid[:, 0..j] all true and done[:, 0..j-1] all false (spec 3, spec 8).
+    """
+    ok = valid.clone()
+    ok[:, 1:] &= ~done[:, :-1]
+    return ok.cumprod(dim=1).bool()
