@@ -271,7 +271,7 @@ class DiffusionMRP(EnvBase):
     def _pack(self, batch: torch.Size, state: dict[str, Tensor], *, truncated: Tensor) -> TensorDict:
         """A TensorDict with batch dims `batch` from flat tensors (the leading dim has batch.numel() entries)."""
         trunc = truncated.reshape(*batch, 1)
-        data = {k: v.reshape(*batch, *v.shape[1:]) for k, v in state.items()}
+        data = {k: v.reshape((*batch, *v.shape[1:])) for k, v in state.items()}
         data.update(done=trunc.clone(), terminated=torch.zeros_like(trunc), truncated=trunc)
         return TensorDict(data, batch_size=batch, device=self.device)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from .diffusion_mrp import DiffusionMRP
+from .diffusion_mrp import STATE_KEYS, DiffusionMRP
 
 __all__ = ["DiffusionMRPGym", "ENV_ID"]
 
@@ -47,6 +47,7 @@ class DiffusionMRPGym(gym.Env):
         })
         self.action_space = spaces.Discrete(1)
         self._state = None
+        self._truncated = False
 
     def _obs(self, td) -> dict:
         return {
@@ -61,20 +62,24 @@ class DiffusionMRPGym(gym.Env):
         if seed is not None:
             self.mrp.set_seed(seed)
         td = self.mrp.reset()
-        self._state = td.select("x", "level", "index", "label", "x0")
+        self._state = td.select(*STATE_KEYS, "x", "level", "index", "label")
+        self._truncated = False
         return self._obs(td), {"x0": td["x0"].cpu().numpy()}
 
     def step(self, action):
         if self._state is None:
             raise RuntimeError("call reset() before step()")
+        if self._truncated:
+            raise RuntimeError("the episode is truncated at the sigma_min end; call reset() to start a new one")
         if not self.action_space.contains(action):
             raise ValueError(f"action {action!r} is not in {self.action_space}")
         td = self._state.clone()
         td.set("action", torch.zeros((), dtype=torch.int64))
         nxt = self.mrp.step(td)["next"]
-        self._state = nxt.select("x", "level", "index", "label", "x0")
+        x0 = self._state["x0"]  # hidden state: constant along the episode
+        self._state = nxt.select("x", "level", "index", "label").set(STATE_KEYS[0], x0)
         reward_image = nxt["reward"]
         reward = float(reward_image.mean())
-        truncated = bool(nxt["truncated"].item())
-        info = {"x0": nxt["x0"].cpu().numpy(), "reward_image": reward_image.cpu().numpy()}
+        truncated = self._truncated = bool(nxt["truncated"].item())
+        info = {"x0": x0.cpu().numpy().copy(), "reward_image": reward_image.cpu().numpy()}
         return self._obs(nxt), reward, False, truncated, info

@@ -13,7 +13,7 @@ from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.formulations import EDMFormulation
 from diffusion_rl.networks import MLP, Denoiser
-from diffusion_rl.training import TrainConfig
+from diffusion_rl.training import TrainConfig, objective
 from envs import DiffusionMRP
 from envs.critic import make_critic
 
@@ -90,7 +90,7 @@ def test_hard_update_every_period():
 def test_no_gradient_reaches_the_target():
     ag = make()
     out = ag.loss(ag.collect())
-    out["loss"].backward()
+    objective(out).backward()
     assert all(p.grad is None for p in ag.target.parameters())
     assert any(p.grad is not None for p in ag.denoiser.parameters())
 
@@ -138,7 +138,7 @@ def test_short_run_stays_finite():
     recs = list(ag.train(30, progress=False))
     assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30]
     for r in recs:
-        for k in ("loss", "loss_td_mean", "loss_base_mean", "valid_fraction"):
+        for k in ("loss", "loss_td", "loss_base", "base_mean", "valid_fraction"):
             assert math.isfinite(r[k]), (k, r)
     assert all(torch.isfinite(p).all() for p in ag.denoiser.parameters())
 
@@ -157,8 +157,9 @@ def test_variants_train(kw):
     recs = list(ag.train(4, progress=False))
     assert math.isfinite(recs[-1]["loss"])
     out = ag.loss(ag.collect())
-    assert out["valid"].shape == batch.batch_size
-    assert out["td_error"].shape == batch["x"].shape
+    B = batch.batch_size[0]  # the loss is taken at the chains' start states (spec 8)
+    assert out["valid"].shape == (B,)
+    assert out["td_error"].shape == batch["x"].shape[:1] + batch["x"].shape[len(batch.batch_size):]
 
 
 @pytest.mark.parametrize("kw", [{}, {"estimator": "td_lambda", "n_steps": 2, "target_update": "hard",
@@ -195,3 +196,59 @@ def test_evaluate_calls_the_evaluation_module():
     records = ag.evaluate(nfe=[1, 3], config=EvalConfig(n_samples=64, batch_size=64, float64=False))
     assert records and {r["nfe"] for r in records} == {1, 3}
     assert all(r["method"] == "td-edm" for r in records)
+
+
+# ---- the environment's own trajectories feed the loss ----------------------------------------------------------------
+@pytest.mark.parametrize("kw", [{}, {"estimator": "nstep", "n_steps": 2}, {"estimator": "td_lambda", "n_steps": 3}])
+def test_rollout_and_collector_batches_feed_the_loss(kw):
+    """agent.loss(env.rollout(...)) and a TorchRL collector's batch equal the loss on the agent's own collect."""
+    from torchrl.collectors import Collector
+
+    from envs import single_action_policy
+
+    n = kw.get("n_steps", 1)
+
+    def agent(start="max"):
+        env = DiffusionMRP(toy_data(), "edm", batch_size=(16,), seed=7, start=start)
+        torch.manual_seed(0)
+        return TDEvaluator(env, denoiser=small_denoiser(env.formulation), config=TrainConfig(batch_size=16),
+                           device="cpu", **kw)
+
+    ref_agent = agent()
+    ref = ref_agent.loss(ref_agent.collect())
+    # the env's rollout from a training reset
+    ag = agent()
+    ro = ag.env.rollout(n, policy=single_action_policy, tensordict=ag.env.reset(start="train"),
+                        auto_reset=False, break_when_any_done=False)
+    out = ag.loss(ro if n > 1 else ro[:, 0])
+    # a collector over an env whose resets start at the training levels
+    ag_c = agent(start="train")
+    collector = Collector(ag_c.env, single_action_policy, frames_per_batch=16 * n, total_frames=16 * n)
+    batch = next(iter(collector))
+    collector.shutdown()
+    out_c = ag_c.loss(batch)
+    for o in (out, out_c):
+        for key in ("loss_td", "loss_base", "td_error", "valid"):
+            torch.testing.assert_close(o[key], ref[key])
+    # and the plain env.rollout(n) from the env's own start trains too
+    assert torch.isfinite(objective(agent().loss(agent().env.rollout(max(n, 2), policy=single_action_policy))))
+
+
+def test_batches_missing_keys_are_named():
+    ag = make()
+    batch = ag.collect()
+    with pytest.raises(ConfigError, match=r"\['x0'\]"):
+        ag.loss(batch.exclude("x0"))
+    with pytest.raises(ConfigError, match=r"\('next', 'reward'\)"):
+        ag.loss(batch.exclude(("next", "reward")))
+
+
+def test_set_keys_renames_what_the_loss_reads():
+    ag = make()
+    batch = ag.collect()
+    ref = ag.loss(batch)
+    ag.loss_module.set_keys(x0="clean", valid="td_valid")
+    renamed = batch.rename_key_("x0", "clean").rename_key_("valid", "td_valid")
+    torch.testing.assert_close(ag.loss(renamed)["loss_td"], ref["loss_td"])
+    with pytest.raises(ValueError, match="not an accepted"):
+        ag.loss_module.set_keys(obs="x")

@@ -88,7 +88,7 @@ def test_critic_on_rollout_batch_dims(points):
 @pytest.mark.parametrize("form", ["edm", "vp"])
 def test_td_error_identity(form, points):
     """spec 3: r + V(s') - V(s) = A_t (x0 - D(x_t)) - A_t' (x0 - D(x_t')) (the kappa x terms cancel)."""
-    env = DiffusionMRP(points, form, batch_size=(1,), seed=0, dtype=torch.float64)
+    env = DiffusionMRP(points, form, seed=0, dtype=torch.float64)
     den = _denoiser((2,), env.formulation).double()
     critic = make_critic(den, env.formulation, env.one_step)
     p = env.sample_pairs(64)
@@ -117,7 +117,7 @@ def test_true_denoiser_value_is_true_mean(points):
         def forward(self, x, level, labels=None):
             return self.x0
 
-    env = DiffusionMRP(points, "edm", batch_size=(1,), seed=0)
+    env = DiffusionMRP(points, "edm", seed=0)
     p = env.sample_pairs(32)
     oracle = Oracle()
     vn = ValueNet(oracle, None, env.one_step, "markov")

@@ -12,10 +12,12 @@ from torchrl.envs.utils import check_env_specs
 
 import envs
 from diffusion_rl.errors import ConfigError
-from diffusion_rl.formulations import EDMFormulation, VPFormulation
-from envs import DiffusionMRP, default_stride_one_step
+from diffusion_rl.formulations import CTFormulation, EDMFormulation, VPFormulation
+from envs import DiffusionMRP, single_action_policy
 
-STATE = ("x", "level", "index", "label", "x0")
+from agents.functional import chain_mask
+
+STATE = ("x", "level", "index", "label")  # observations that follow the state (x0 is hidden state)
 DONE = ("done", "terminated", "truncated")
 
 
@@ -47,7 +49,7 @@ def test_rollout_shapes_strides_truncation(form, points):
     env = DiffusionMRP(points, form, batch_size=(B,), seed=0)
     N1 = env.formulation.steps - 1
     k, d = env.stride, env.one_step
-    T_expected = math.floor((N1 - d) / k + 1e-9)  # states 0, k, ..., all with index <= N-1-d; transitions between
+    T_expected = math.ceil(N1 / k - 1e-6)  # states 0, k, 2k, ... and a last, shorter step onto N-1
     ro = env.rollout(1000)
     T = ro.batch_size[1]
     assert ro.batch_size == (B, T) and T == T_expected
@@ -55,31 +57,66 @@ def test_rollout_shapes_strides_truncation(form, points):
     for key in DONE:
         assert ro[key].shape == (B, T, 1) and ro["next", key].shape == (B, T, 1)
     idx = ro["index"]
-    torch.testing.assert_close(ro["next", "index"] - idx, torch.full_like(idx, k))
+    torch.testing.assert_close(ro["next", "index"], (idx + k).clamp(max=N1))
     torch.testing.assert_close(idx[:, 0], torch.zeros(B))
     torch.testing.assert_close(ro["next", "level"], env.formulation.level(ro["next", "index"]))
     assert not ro["next", "terminated"].any()
     trunc = ro["next", "truncated"].squeeze(-1)
     assert trunc[:, -1].all() and not trunc[:, :-1].any()
     assert torch.equal(ro["next", "done"], ro["next", "truncated"])
-    assert (ro["next", "index"] <= N1 - d + 1e-4).all()  # every visited state keeps its one-step shift in the grid
-    assert (ro["next", "index"][:, -1] + k > N1 - d).all()
-    torch.testing.assert_close(ro["x0"], ro["next", "x0"])
+    # rollouts from the noisiest level reach the sigma_min end of the grid
+    torch.testing.assert_close(ro["next", "index"][:, -1], torch.full((B,), float(N1)))
+    lo = env.formulation.level(torch.tensor(float(N1)))
+    torch.testing.assert_close(ro["next", "level"][:, -1], lo.expand(B).to(ro["level"].dtype))
+    # TD-valid rows: a full stride and its one-step shift fit in the grid (spec 4.2)
+    torch.testing.assert_close(ro["valid"], idx <= N1 - (k + d))
+    # x0 is hidden state, carried unchanged along the episode and never written as an observation
+    assert torch.equal(ro["x0"][:, 1:], ro["x0"][:, :-1]) and ("next", "x0") not in ro.keys(True)
     assert torch.equal(ro["label"], ro["next", "label"])
 
 
-def test_default_strides():
-    assert default_stride_one_step(EDMFormulation()) == (3.0, 0.2)
-    k, d = default_stride_one_step(VPFormulation())
-    assert k == pytest.approx(3 * 999 / 17) and d == pytest.approx(0.2 * 999 / 17)
-    from diffusion_rl.formulations import CTFormulation
-    assert default_stride_one_step(CTFormulation()) == (1.0, 0.25)
+def test_family_policy_on_formulations():
+    edm, vp, ct = EDMFormulation(), VPFormulation(), CTFormulation()
+    assert (edm.default_stride, edm.default_one_step) == (3.0, 0.2)
+    assert vp.default_stride == pytest.approx(3 * 999 / 17) and vp.default_one_step == pytest.approx(0.2 * 999 / 17)
+    assert (ct.default_stride, ct.default_one_step) == (1.0, 0.25)
+    assert [f.default_coupling for f in (edm, vp, ct)] == ["markov", "markov", "shared"]
+    assert [f.default_reweighting for f in (edm, vp, ct)] == ["edm", "edm", "pairwise"]
+    assert [f.consistency for f in (edm, vp, ct)] == [False, False, True]
+    assert DiffusionMRP("8gaussians", "ct", seed=0).coupling == "shared"
+
+
+def test_x0_is_hidden_state_not_an_observation(points, digits):
+    """No key of the observation specs holds x0: it is environment state, read by the reward only."""
+    for data in (points, digits):
+        env = DiffusionMRP(data, "edm", batch_size=(3,), seed=0)
+        obs_keys = set(env.observation_spec.keys(True, True))
+        assert obs_keys == {"x", "level", "index", "label", "valid"}
+        assert "x0" not in obs_keys and "x0" in env.state_spec.keys()
+        ro = env.rollout(3, policy=single_action_policy)
+        for key in obs_keys:  # and no observation carries the clean sample under another name
+            v = ro[key]
+            assert v.shape != ro["x0"].shape or not torch.equal(v, ro["x0"]), key
+        # a critic built from the observation specs reads what it is given: x0 is not among them
+        from envs.critic import check_critic_keys
+        check_critic_keys(list(obs_keys))
+
+
+def test_training_start_draws_the_formulations_levels(points):
+    env = DiffusionMRP(points, "edm", seed=0, start="train")
+    td = env.reset(TensorDict(batch_size=[40_000]))
+    log_sigma = td["level"].log()
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.03)  # spec 4.1: ln sigma ~ N(-1.2, 1.2^2)
+    assert log_sigma.std().item() == pytest.approx(1.2, abs=0.03)
+    assert torch.equal(td["valid"], env.td_valid(td["level"], td["index"]))
+    vp = DiffusionMRP(points, "vp", seed=0).reset_training(5000)["level"]
+    assert vp.min() >= 1 and vp.max() <= 1000 and torch.equal(vp, vp.round())
 
 
 def test_digits_rollout_image_reward(digits):
     env = DiffusionMRP(digits, "edm", batch_size=(2,), seed=0)
     ro = env.rollout(100)
-    assert ro["next", "reward"].shape == (2, 5, 1, 8, 8)
+    assert ro["next", "reward"].shape == (2, 6, 1, 8, 8)
     assert ro["label"].dtype == torch.int64
     assert ((ro["label"] >= 0) & (ro["label"] < 10)).all()
 
@@ -115,7 +152,7 @@ def test_unbatched_env_takes_batch_from_reset(points):
     td = env.reset(TensorDict(batch_size=[7]))
     assert td["x"].shape == (7, 2) and td["index"].shape == (7,)
     ro = env.rollout(100, tensordict=td, auto_reset=False)
-    assert ro.batch_size == (7, 5)
+    assert ro.batch_size == (7, 6)
     single = env.reset()
     assert single["x"].shape == (2,) and single["level"].shape == ()
 
@@ -124,9 +161,9 @@ def test_auto_reset_after_truncation(points):
     env = DiffusionMRP(points, "edm", batch_size=(2,), seed=0)
     ro = env.rollout(12, break_when_any_done=False)
     assert ro.batch_size == (2, 12)
-    # 5 steps per episode, then a fresh episode at index 0
-    torch.testing.assert_close(ro["index"][:, 5], torch.zeros(2))
-    torch.testing.assert_close(ro["index"][:, 6], torch.full((2,), 3.0))
+    # 6 steps per episode (0, 3, ..., 15, then onto 17), then a fresh episode at index 0
+    torch.testing.assert_close(ro["index"][:, 6], torch.zeros(2))
+    torch.testing.assert_close(ro["index"][:, 7], torch.full((2,), 3.0))
 
 
 # ---------------------------------------------------------------- the reverse kernel ----------------------------
@@ -168,7 +205,7 @@ def test_shared_kernel_is_deterministic(form, points):
 
 def test_markov_pairs_increments_independent(points):
     """EDM Markov pairs: x_t - x_t' ~ N(0, sigma_t^2 - sigma_t'^2), independent of x_t' - x0 ~ N(0, sigma_t'^2)."""
-    env = DiffusionMRP(points, "edm", batch_size=(1,), seed=5, dtype=torch.float64)
+    env = DiffusionMRP(points, "edm", seed=5, dtype=torch.float64)
     p = env.sample_pairs(100_000)
     st, ss = p["level"], p["next", "level"]
     keep = st > ss * 1.01
@@ -196,10 +233,10 @@ def _edm_index_reference(sigma: torch.Tensor, f: EDMFormulation) -> torch.Tensor
 
 def test_sample_pairs_keys_match_rollout(points, digits):
     for data in (points, digits):
-        env = DiffusionMRP(data, "edm", batch_size=(2,), seed=0)
-        ro = env.rollout(3)
+        env = DiffusionMRP(data, "edm", seed=0)
+        ro = env.rollout(3, tensordict=env.reset(TensorDict(batch_size=[2])), auto_reset=False)
         p = env.sample_pairs(6)
-        assert set(p.keys(True, True)) == set(ro.keys(True, True)) | {"valid"}
+        assert set(p.keys(True, True)) == set(ro.keys(True, True))
         assert p.batch_size == (6,)
         for key in ro.keys(True, True):
             assert p[key].shape[1:] == ro[key].shape[2:], key
@@ -208,7 +245,7 @@ def test_sample_pairs_keys_match_rollout(points, digits):
 
 
 def test_sample_pairs_valid_mask_edm(points):
-    env = DiffusionMRP(points, "edm", batch_size=(1,), seed=0)
+    env = DiffusionMRP(points, "edm", seed=0)
     f = env.formulation
     p = env.sample_pairs(20_000)
     sigma = p["level"]
@@ -221,8 +258,8 @@ def test_sample_pairs_valid_mask_edm(points):
     # training levels are the raw log-normal sigmas: some fall off the grid, and those are invalid
     assert not p["valid"][(sigma > f.sigma_max) | (sigma < f.sigma_min)].any()
     torch.testing.assert_close(p["index"].double(), i_ref, atol=1e-3, rtol=0)
-    # partner: stride index units on, never clamped into validity; finite everywhere
-    torch.testing.assert_close(p["next", "index"], p["index"] + env.stride)
+    # partner: stride index units on (the last step stops at N-1); valid ones are never clamped; finite everywhere
+    torch.testing.assert_close(p["next", "index"], (p["index"] + env.stride).clamp(max=f.steps - 1))
     # ... and never noisier than the state itself (a sigma_t below sigma_min keeps its own level)
     torch.testing.assert_close(p["next", "level"], torch.minimum(f.level(p["index"] + env.stride), p["level"]))
     for key in ("x", "level", "index", "reward"):
@@ -233,12 +270,11 @@ def test_sample_pairs_valid_mask_edm(points):
          - f.one_step_mean(p["x0"], p["next", "x"], p["next", "level"], env.one_step))
     torch.testing.assert_close(p["next", "reward"], r)
     assert not p["next", "terminated"].any() and not p["terminated"].any() and not p["done"].any()
-    torch.testing.assert_close(p["next", "truncated"].squeeze(-1),
-                               p["next", "index"] + env.stride > (f.steps - 1) - env.one_step)
+    torch.testing.assert_close(p["next", "truncated"].squeeze(-1), p["next", "index"] >= f.steps - 1)
 
 
 def test_sample_pairs_valid_mask_vp(points):
-    env = DiffusionMRP(points, "vp", batch_size=(1,), seed=0)
+    env = DiffusionMRP(points, "vp", seed=0)
     p = env.sample_pairs(4000)
     t = p["level"].double()
     T, N1 = 1000, env.formulation.steps - 1
@@ -249,12 +285,14 @@ def test_sample_pairs_valid_mask_vp(points):
 
 
 def test_sample_pairs_batch_one_and_seeding(points):
-    env = DiffusionMRP(points, "edm", batch_size=(4,), seed=123)
-    p = env.sample_pairs(1)
+    p = DiffusionMRP(points, "edm", seed=123).sample_pairs(1)
     assert p["valid"].shape == (1,) and p["level"].shape == (1,)
+    env = DiffusionMRP(points, "edm", batch_size=(4,), seed=123)
     assert env.sample_pairs().batch_size == (4,)
-    a = DiffusionMRP(points, "edm", batch_size=(4,), seed=7)
-    b = DiffusionMRP(points, "edm", batch_size=(4,), seed=7)
+    with pytest.raises(ConfigError, match=r"batch_size 16 differs.*\(4,\)"):
+        env.sample_pairs(16)
+    a = DiffusionMRP(points, "edm", seed=7)
+    b = DiffusionMRP(points, "edm", seed=7)
     assert (a.sample_pairs(16) == b.sample_pairs(16)).all()
     a.set_seed(99)
     first = a.sample_pairs(16)
@@ -279,30 +317,34 @@ def test_reset_step_seeding(digits):
 
 @pytest.mark.parametrize("form", ["edm", "vp"])
 def test_sample_trajectories(form, points):
-    env = DiffusionMRP(points, form, batch_size=(2,), seed=0)
+    """Chains are the env's own rollout from the training levels: one episode until its first done."""
+    env = DiffusionMRP(points, form, seed=0)
     n, B = 3, 500
     tr = env.sample_trajectories(n, B)
-    ro = env.rollout(2)
+    ro = env.rollout(2, tensordict=env.reset(TensorDict(batch_size=[2])), auto_reset=False)
     assert tr.batch_size == (B, n)
-    assert set(tr.keys(True, True)) == set(ro.keys(True, True)) | {"valid"}
-    torch.testing.assert_close(tr["next", "index"] - tr["index"], torch.full((B, n), env.stride))
-    for key in STATE:
-        torch.testing.assert_close(tr["next", key][:, :-1], tr[key][:, 1:])
+    assert set(tr.keys(True, True)) == set(ro.keys(True, True))
     f = env.formulation
-    thr = (f.steps - 1) - (env.stride + env.one_step)
-    ref = f.in_range(tr["level"][:, :1]) & (tr["index"] <= thr)
-    assert torch.equal(tr["valid"], ref)
-    v = tr["valid"].int()
-    assert (v[:, 1:] <= v[:, :-1]).all()  # non-increasing along the chain
-    assert tr["valid"][:, -1].any() and (~tr["valid"][:, -1]).any()
-    # fully valid chains are truncated at most at their last step
-    full = tr["valid"][:, -1]
-    assert not tr["next", "truncated"][full][:, :-1].any()
-    # rewards still telescope along each chain
+    done = tr["next", "done"].squeeze(-1)
+    same_episode = ~done[:, :-1]  # row j + 1 continues row j's episode
+    for key in STATE:
+        a, b = tr["next", key][:, :-1][same_episode], tr[key][:, 1:][same_episode]
+        torch.testing.assert_close(a, b)
+    assert torch.equal(tr["x0"][:, 1:][same_episode], tr["x0"][:, :-1][same_episode])
+    assert done.any() and same_episode.any()
+    torch.testing.assert_close(tr["next", "index"], (tr["index"] + env.stride).clamp(max=f.steps - 1))
+    assert torch.equal(tr["valid"], env.td_valid(tr["level"], tr["index"]))
+    # start states are the training draw: the same as sample_pairs from the same seed
+    p = DiffusionMRP(points, form, seed=0).sample_pairs(B)
+    for key in (*STATE, "x0", "valid"):
+        assert torch.equal(p[key], tr[key][:, 0]), key
+    torch.testing.assert_close(p["next", "x"], tr["next", "x"][:, 0])
+    # rewards telescope along the used part of each chain
+    used = chain_mask(tr["valid"], done).all(1)
     m0 = f.one_step_mean(tr["x0"][:, 0], tr["x"][:, 0], tr["level"][:, 0], env.one_step)
     mT = f.one_step_mean(tr["x0"][:, -1], tr["next", "x"][:, -1], tr["next", "level"][:, -1], env.one_step)
     scale = m0.abs().max().clamp(min=1)
-    assert (tr["next", "reward"].sum(1) - (m0 - mT)).abs().max() <= 1e-5 * scale
+    assert used.any() and ((tr["next", "reward"].sum(1) - (m0 - mT))[used].abs().max() <= 1e-5 * scale)
     for key in ("x", "level", "reward"):
         assert torch.isfinite(tr["next", key]).all()
 
@@ -331,6 +373,14 @@ def test_bad_inputs(points):
         env.sample_trajectories(0)
     # the boundary is allowed
     DiffusionMRP(points, "edm", stride=16.5, one_step=0.5, seed=0)
+    # a single-action MRP: any other action is refused, naming it
+    env = DiffusionMRP(points, "edm", batch_size=(2,), seed=0)
+    td = env.reset()
+    td["action"] = torch.tensor([0, 5])
+    with pytest.raises(ConfigError, match="action 5.*accepted: 0"):
+        env.step(td)
+    with pytest.raises(ConfigError, match=r"\['x0'\].*reset"):
+        env.step(td.exclude("x0").set("action", torch.zeros(2, dtype=torch.int64)))
 
 
 # ---------------------------------------------------------------- gymnasium -------------------------------------
@@ -357,7 +407,9 @@ def test_gymnasium_make_and_check_env():
         assert info["reward_image"].shape == (1, 8, 8)
         if truncated:
             break
-    assert steps == 5 and obs["index"][0] == pytest.approx(15.0)
+    assert steps == 6 and obs["index"][0] == pytest.approx(17.0)  # the episode reaches the sigma_min end
+    with pytest.raises(RuntimeError, match="truncated.*reset"):
+        env.step(0)
     env.close()
 
 

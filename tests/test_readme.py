@@ -12,6 +12,6 @@ def test_readme_python_example_runs(capsys):
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
     out = capsys.readouterr().out
-    assert "torch.Size([64, 5, 1, 8, 8])" in out
+    assert "torch.Size([64, 6, 1, 8, 8])" in out
     records = namespace["records"]
     assert {r["nfe"] for r in records} == {3, 9} and {r["metric"] for r in records} >= {"fid", "kid"}

@@ -10,6 +10,7 @@ from diffusion_rl.errors import ConfigError
 from diffusion_rl.formulations import make_formulation
 from diffusion_rl.networks import Denoiser, build_network
 from diffusion_rl.training import NonFiniteLossError, TrainConfig, load_checkpoint
+from envs import DiffusionMRP
 
 
 def make(out_dir, formulation="edm", seed=0, lr=1e-3, data="8gaussians", **kw):
@@ -17,7 +18,8 @@ def make(out_dir, formulation="edm", seed=0, lr=1e-3, data="8gaussians", **kw):
     torch.manual_seed(seed)
     d = Denoiser(build_network(ds.sample_shape, width=32, dropout=0.1), make_formulation(formulation))
     cfg = TrainConfig(batch_size=32, lr=lr, warmup_steps=5, seed=seed, log_every=5, **kw)
-    return DiffusionBaseline(d, ds, cfg, out_dir=out_dir, device="cpu")
+    env = DiffusionMRP(ds, d.formulation, seed=seed)
+    return DiffusionBaseline(env, denoiser=d, config=cfg, out_dir=out_dir, device="cpu")
 
 
 @pytest.mark.parametrize("formulation", ["edm", "vp"])
@@ -41,6 +43,8 @@ def test_checkpoint_contents_and_metrics(tmp_path):
     assert [r["step"] for r in recs] == [5, 10]
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert {"model", "ema", "optimizer", "rng", "step", "config"} <= set(ckpt) and ckpt["step"] == 10
+    # one pair of generators, the env's, checkpointed once
+    assert set(ckpt["rng"]) == {"torch", "env"} and set(ckpt["rng"]["env"]) == {"generator", "data_generator"}
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["step"] == 10
 
@@ -81,7 +85,12 @@ def test_shape_mismatch_and_bad_config_fail_before_training():
     ds = load_dataset("digits")
     d = Denoiser(build_network((1, 16, 16)), make_formulation("edm"))
     with pytest.raises(ConfigError, match=r"\(1, 8, 8\)"):
-        DiffusionBaseline(d, ds, TrainConfig(), device="cpu")
+        DiffusionBaseline(DiffusionMRP(ds, seed=0), denoiser=d, device="cpu")
+    with pytest.raises(ConfigError, match=r"batch_size \(4,\) differs.*128"):
+        DiffusionBaseline(DiffusionMRP(ds, batch_size=4, seed=0), device="cpu")
+    with pytest.raises(ConfigError, match="formulation"):
+        DiffusionBaseline(DiffusionMRP(ds, "vp", seed=0), denoiser=Denoiser(build_network((1, 8, 8)),
+                                                                              make_formulation("edm")))
     with pytest.raises(ConfigError, match="batch_size"):
         TrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="steps"):
@@ -111,3 +120,35 @@ def test_unet_widths_that_are_not_multiples_of_8():
 
     net = UNet(8, width=12, channel_mult=(1, 2))
     assert net(torch.randn(2, 1, 8, 8), torch.zeros(2)).shape == (2, 1, 8, 8)
+
+
+def test_stopping_early_still_writes_the_final_checkpoint(tmp_path):
+    L = make(tmp_path)
+    for rec in L.train(20, progress=False):
+        if rec["step"] == 5:
+            break  # the caller stops iterating: what was trained is kept
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 5
+
+
+def test_default_network_is_seeded_by_the_config():
+    ds = load_dataset("8gaussians", n_points=500)
+
+    def first_losses(seed):
+        L = DiffusionBaseline(DiffusionMRP(ds, seed=0), config=TrainConfig(batch_size=16, seed=seed, log_every=1),
+                              device="cpu")
+        torch.manual_seed(123)  # whatever the global RNG holds, the initialisation follows the config's seed
+        return [r["loss"] for r in L.train(3, progress=False)]
+
+    assert first_losses(0) == first_losses(0) and first_losses(0) != first_losses(1)
+
+
+def test_baseline_and_td_agent_draw_the_same_data():
+    """The baseline's batches are the env's training resets, the start states of the TD agent's batches."""
+    from agents import TDEvaluator
+
+    ds = load_dataset("8gaussians", n_points=500)
+    base = DiffusionBaseline(DiffusionMRP(ds, seed=3), config=TrainConfig(batch_size=16), device="cpu")
+    td = TDEvaluator(DiffusionMRP(ds, seed=3), config=TrainConfig(batch_size=16), device="cpu")
+    for _ in range(3):
+        b, t = base.collect(), td.collect()
+        assert torch.equal(b["x0"], t["x0"]) and torch.equal(b["level"], t["level"])
