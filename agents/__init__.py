@@ -1,4 +1,4 @@
-"""Agents: the TD policy-evaluation agent (spec 3-5), its TorchRL loss, estimators and pure maths, and baselines."""
+"""Agents: the TD policy-evaluation agent (method.md §2-§10), its TorchRL loss, estimators, pure maths, baselines."""
 from .baselines import DiffusionBaseline
 from .estimators import ESTIMATORS, make_estimator, returns, td_errors
 from .functional import REWEIGHTINGS, combine_losses, split_objective, td_weight

@@ -1,6 +1,6 @@
 """TorchRL value estimators for the diffusion MRP, with gamma = 1 and image-valued rewards and values.
 
-The MRP of spec section 3 has discount gamma = 1, a finite horizon, and rewards and values that are images. Three
+The MRP of method.md §4 has discount gamma = 1, a finite horizon, and rewards and values that are images. Three
 estimators are offered by name (any `torchrl.objectives.value.ValueEstimatorBase` instance is accepted as well):
 
 - "td0"       `TD0Estimator`:       G_t = r_t + V-(s_{t+1}).
@@ -8,20 +8,20 @@ estimators are offered by name (any `torchrl.objectives.value.ValueEstimatorBase
                                     the n-step return at t = 0 (an (n - t)-step return at step t).
 - "td_lambda" `TDLambdaEstimator`:  the TD(lambda) return, lambda in [0, 1] (0 is td0, 1 is nstep).
 
-Layout of image-valued signals (spec 7.7). Rewards and values arrive as [*B, T, *F] (F the sample shape, e.g.
+Layout of image-valued signals (method.md §12.7). Rewards and values arrive as [*B, T, *F] (F the sample shape, e.g.
 C, H, W). We flatten the pixels to one feature dimension, [*B, T, P] with P = prod(F), and expand done/terminated
 to [*B, T, P] before calling the estimator. TorchRL's functionals are documented for [*B, T, F]; with one feature
 dimension every estimator (and both TD(lambda) code paths) is on its documented ground. The result is reshaped back
 to [*B, T, *F]. Because every functional is pixel-wise, this equals the image-shaped call with `time_dim` (pinned in
 tests/test_estimators.py).
 
-Truncation, not termination (spec 3): the episode ends at the sigma_min end of the grid by truncation, so
+Truncation, not termination (method.md §2): the episode ends at the sigma_min end of the grid by truncation, so
 `terminated` is always False and the estimators bootstrap from V(s_T) there; otherwise the telescoping of rewards
 (n-step with stride k = 1-step with stride n k) breaks.
 
 Bootstrap values come from the TARGET network and are passed in precomputed (`next_value`), already detached; the
 estimators are built with `value_network=None` and `differentiable=False`, so the return G carries no gradient.
-The TD error delta = G - V(s) then takes its gradient through V(s) only: semi-gradient TD (spec 3).
+The TD error delta = G - V(s) then takes its gradient through V(s) only: semi-gradient TD (method.md §4).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from diffusion_rl.errors import ConfigError, check_choice, check_range
 __all__ = ["ESTIMATORS", "make_estimator", "estimator_name", "returns", "td_errors"]
 
 ESTIMATORS: tuple[str, ...] = ("td0", "nstep", "td_lambda")
-GAMMA = 1.0  # spec 3: discount gamma = 1, finite horizon
+GAMMA = 1.0  # method.md §4: discount gamma = 1, finite horizon
 
 
 def make_estimator(estimator: str | ValueEstimatorBase = "td0", *, lmbda: float = 0.95,
@@ -96,7 +96,7 @@ def returns(estimator: ValueEstimatorBase, reward: Tensor, next_value: Tensor, d
         next_value: V-(s_{t+1}), same shape as reward (the target network's values).
         done: [*B, T] (or [*B, T, 1]) end-of-trajectory flags; None means only the last step ends a trajectory.
             The last step is always treated as the end of its (truncated) trajectory.
-        terminated: [*B, T] flags; None (the MRP's case, spec 3) means never terminated, so every end bootstraps.
+        terminated: [*B, T] flags; None (the MRP's case, method.md §2) means never terminated, so every end bootstraps.
         time_dim: index of the time dimension in reward (= len(B)); None for single transitions [B, *F].
 
     Returns:
@@ -117,7 +117,7 @@ def returns(estimator: ValueEstimatorBase, reward: Tensor, next_value: Tensor, d
     done[..., -1] = True  # the trajectory is truncated at its last step
     terminated = (torch.zeros(batch_shape, dtype=torch.bool, device=reward.device) if terminated is None
                   else terminated.reshape(batch_shape))
-    # spec 7.7: done / terminated expanded to the value's (flattened) shape [*B, T, P]
+    # method.md §12.7: done / terminated expanded to the value's (flattened) shape [*B, T, P]
     data = TensorDict({"next": {"reward": r, "done": done.unsqueeze(-1).expand_as(r),
                                 "terminated": terminated.unsqueeze(-1).expand_as(r)}},
                       batch_size=batch_shape)
@@ -131,7 +131,7 @@ def td_errors(estimator: ValueEstimatorBase, value: Tensor, reward: Tensor, next
               time_dim: int | None = None) -> Tensor:
     """delta = G - V(s) with G from `returns` (no gradient) and V(s) from the online critic (gradient kept).
 
-    With td0 and gamma = 1 this is the TD error delta = r + V-(s') - V(s) of spec section 3.
+    With td0 and gamma = 1 this is the TD error delta = r + V-(s') - V(s) of method.md §4.
     """
     g = returns(estimator, reward, next_value.detach(), done, terminated, time_dim=time_dim)
     return g - value

@@ -1,4 +1,4 @@
-"""The TD loss's maths as pure functions on tensors (spec sections 4-5): no modules, no TensorDicts.
+"""The TD loss's maths as pure functions on tensors (method.md §5, §6, §10): no modules, no TensorDicts.
 
 `TDLoss` (agents/td_evaluator.py) is a thin TorchRL wrapper around these, as TorchRL keeps its value functionals
 apart from its estimator classes.
@@ -16,7 +16,7 @@ REWEIGHTINGS: tuple[str, ...] = ("edm", "pairwise", "linear", "none")
 
 
 def td_weight(reweighting: str, A_t: Tensor, A_next: Tensor, c_out_t: Tensor) -> Tensor:
-    """Per-sample weight w_td of the TD term (spec 4.5).
+    """Per-sample weight w_td of the TD term (method.md §6).
 
     "edm":      1 / max(A_t^2 c_out(level_t)^2, 1e-8) with the formulation's own preconditioning c_out (EDM: equals
                 w_edm / A_t^2; VP: c_out^2 = (1 - abar)/abar, so it equals the eps-loss weight / A_t^2);
@@ -39,7 +39,7 @@ def mean_pixels(t: Tensor) -> Tensor:
 
 
 def combine_losses(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> Tensor:
-    """Per-sample loss of spec 4.6: valid -> td + lambda * base; invalid -> (1 + lambda) * base."""
+    """Per-sample loss of method.md §5.5: valid -> td + lambda * base; invalid -> (1 + lambda) * base."""
     return torch.where(valid, loss_td + lam * loss_base, (1.0 + lam) * loss_base)
 
 
@@ -58,7 +58,7 @@ def chain_mask(valid: Tensor, done: Tensor) -> Tensor:
     """used[b, j]: transition j of chain b belongs to the chain that starts at row 0 and is TD-valid.
 
     A chain [B, T] ends at its first TD-invalid transition or after its first "done" (a new episode follows):
-    used[:, j] = valid[:, 0..j] all true and done[:, 0..j-1] all false (spec 3, spec 8).
+    used[:, j] = valid[:, 0..j] all true and done[:, 0..j-1] all false (method.md §2, §7).
     """
     ok = valid.clone()
     ok[:, 1:] &= ~done[:, :-1]

@@ -1,23 +1,23 @@
-"""TD learning for diffusion models: the denoiser as the critic of the diffusion MRP (spec sections 3-5).
+"""TD learning for diffusion models: the denoiser as the critic of the diffusion MRP (method.md §2-§10).
 
 `TDEvaluator` trains the denoiser D_theta as the value function V_theta(s) = A D_theta(x) + kappa x of the
-denoising Markov reward process (`envs.DiffusionMRP`), with the semi-gradient TD loss of spec section 4 plus the
+denoising Markov reward process (`envs.DiffusionMRP`), with the semi-gradient TD loss of method.md §5 plus the
 formulation's own base loss. `TDLoss` is that loss as a TorchRL `LossModule`; it owns the online and target
 critics so that TorchRL's `SoftUpdate` / `HardUpdate` move the target network.
 
-    TD-EDM (spec 4), per sample:
+    TD-EDM (method.md §5), per sample:
         D = D_theta(x_t) once;  base = w(level_t) * mean_pixels (D - x0)^2           (formulation.base_loss)
         delta = G - V_theta(s_t),  G = r + V-(s_t') for td0                          (TorchRL estimator, gamma 1)
               = A_t (x0 - D) - A_t' (x0 - D-(x_t'))                                  (kappa x terms cancel)
         td = w_td * mean_pixels delta^2
         valid: td + lambda * base;   invalid: (1 + lambda) * base;   objective = batch mean
         = "loss_td" + "loss_base" (agents.functional.split_objective).
-    Multi-step estimators (spec 8): the same at the start state of each chain, with G the n-step or TD(lambda)
+    Multi-step estimators (method.md §7): the same at the start state of each chain, with G the n-step or TD(lambda)
     return over the chain (target forwards at the later states).
-    TD-CT (spec 5): the same with f in place of D and the consistency loss
+    TD-CT (method.md §10): the same with f in place of D and the consistency loss
         loss_ct = w(t) * mean_pixels (f_theta(x_t, t) - f-(x_t2, t2))^2 in place of the base loss.
 
-The same code runs for VP (spec 2, derived posterior, A + kappa != 1): A and kappa always come from the
+The same code runs for VP (method.md §9, derived posterior, A + kappa != 1): A and kappa always come from the
 formulation; nothing here assumes A = 1 - kappa.
 
 Target network: a deep copy of the denoiser, always in eval mode with requires_grad False, updated after every
@@ -53,7 +53,7 @@ TARGET_UPDATES: tuple[str, ...] = ("soft", "hard")
 
 
 class TDLoss(LossModule):
-    """The semi-gradient TD loss of spec section 4 (and TD-CT, section 5) as a TorchRL LossModule.
+    """The semi-gradient TD loss of method.md §5 (and TD-CT, §10) as a TorchRL LossModule.
 
     The online critic's parameters are registered as `value_network_params` and the target critic's as
     `target_value_network_params`, TorchRL's naming contract for target networks, so that
@@ -66,7 +66,7 @@ class TDLoss(LossModule):
         critic: online critic, a TensorDictModule ("x", "level", "label") -> ("denoised", "state_value").
         target_critic: the same over the target denoiser (requires_grad False).
         formulation: gives (A, kappa), the base loss and its weight.
-        one_step, coupling: the value's one-step posterior (spec 2), as in the env.
+        one_step, coupling: the value's one-step posterior (method.md §3), as in the env.
         estimator: a TorchRL value estimator with gamma = 1 (see `agents.estimators`).
         reweighting: TD weighting, one of REWEIGHTINGS.
         base_weight_lambda: lambda >= 0, the weight of the base (or consistency) loss.
@@ -76,13 +76,13 @@ class TDLoss(LossModule):
     `set_keys` may change, "level", "x0", "valid" at the root and "reward", "done" (plus the critic's keys) under
     "next". A batch missing any of them gets a ConfigError naming the missing keys.
 
-    Multi-step chains (spec 8): the loss is taken at each chain's START state only: one online forward and backward
+    Multi-step chains (method.md §7): the loss is taken at each chain's START state only: one online forward and backward
     per sample, and no-grad target forwards at the later states the estimator bootstraps from. Every estimator so
     trains on TD(0)'s distribution of levels and TD-valid samples; the chain stops after its last TD-valid
     transition or at a "done" (a new episode follows in a rollout's later rows).
 
     Output (TorchRL's convention): scalar "loss_td" and "loss_base" whose SUM is the objective
-    (mean over the batch of td + lambda base for TD-valid samples, (1 + lambda) base for the others, spec 4.6);
+    (mean over the batch of td + lambda base for TD-valid samples, (1 + lambda) base for the others, method.md §5.5);
     diagnostics under other names: "valid_fraction", "base_mean" (mean unweighted base loss), and per sample [B]
     "valid", "sample_td", "sample_base", "sample_loss" and the image-shaped TD error "td_error" (0 where invalid).
     """
@@ -135,7 +135,7 @@ class TDLoss(LossModule):
 
     # ---- pieces -------------------------------------------------------------------------------------------------
     def _target(self, states: TensorDictBase) -> tuple[Tensor, Tensor]:
-        """(denoised, value) of the target critic: no grad, eval mode (spec 4.4, pitfall 7.5)."""
+        """(denoised, value) of the target critic: no grad, eval mode (method.md §5.4, §12.5)."""
         self.target_value_network.eval()
         with torch.no_grad():
             out = self.target_value_network(states.select(*self.critic_keys, strict=False))
@@ -164,40 +164,40 @@ class TDLoss(LossModule):
         used = chain_mask(chains.get(tk.valid).reshape(B, T).bool(), nxt.get(tk.done).reshape(B, T).bool())
         if isinstance(self.value_estimator, TD0Estimator):
             used[:, 1:] = False  # G_0 = r_0 + V-(s_1): later states are not looked at
-        valid = used[:, 0]  # 1-D even for batch size 1 (pitfall 7.6)
+        valid = used[:, 0]  # 1-D even for batch size 1 (method.md §12.6)
 
-        # spec 4.3: D_theta(x_t) computed once, reused by the base and the TD terms; V_theta(s) = A D + kappa x.
+        # method.md §5.3: D_theta(x_t) computed once, reused by the base and the TD terms; V_theta(s) = A D + kappa x.
         online = self.value_network(start.select(*self.critic_keys, strict=False))
         denoised, value = online["denoised"], online["state_value"]
 
-        # bootstrap values V-(s_{j+1}) of the target network where the chain uses them (spec 4.4: no grad, eval)
+        # bootstrap values V-(s_{j+1}) of the target network where the chain uses them (method.md §5.4: no grad, eval)
         next_value = value.new_zeros((B, T, *value.shape[1:]))
         rows = used.clone()
         if self.formulation.consistency:
-            # spec 5: the consistency pair (t, t2) uses f-(x_t2, t2) for every sample, boundary ones included;
+            # method.md §10: the consistency pair (t, t2) uses f-(x_t2, t2) for every sample, boundary ones included;
             # l2 loss_ct with the CT weighting: w(t) mean_pixels (f_theta(x_t, t) - f-(x_t2, t2))^2
             next_denoised, next_value_0 = self._target(nxt[:, 0])
             loss_base = self.formulation.base_loss(denoised, next_denoised, level)
             next_value[:, 0] = torch.where(expand_as_image(valid, value).bool(), next_value_0, 0.0)
             rows[:, 0] = False
         else:
-            loss_base = self.formulation.base_loss(denoised, x0, level)  # spec 4.3: w(level) mean (D - x0)^2
+            loss_base = self.formulation.base_loss(denoised, x0, level)  # method.md §5.3: w(level) mean (D - x0)^2
         if rows.any():
             next_value[rows] = self._target(nxt[rows])[1].to(next_value)
 
-        # spec 3: delta = G - V_theta(s) with G the estimator's return at the start state (gamma 1, never terminated,
+        # method.md §7: delta = G - V_theta(s) with G the estimator's return at the start state (gamma 1, never terminated,
         # bootstrap from the target). td0: G = r + V-(s'), so delta = A_t (x0 - D) - A_t' (x0 - D-(x_t')).
         stop = ~torch.cat([used[:, 1:], used.new_zeros(B, 1)], dim=1)  # the chain ends after row j
         g = returns(self.value_estimator, nxt.get(tk.reward), next_value, stop, None, time_dim=1)[:, 0]
         delta = torch.where(expand_as_image(valid, value).bool(), g - value, torch.zeros_like(value))
 
-        # spec 4.5: td = w_td mean_pixels delta^2 (partner A_t' = one stride ahead for the pairwise/linear weights)
+        # method.md §6: td = w_td mean_pixels delta^2 (partner A_t' = one stride ahead for the pairwise/linear weights)
         A_t, _ = self.formulation.one_step_posterior(level, self.one_step, self.coupling)
         A_n, _ = self.formulation.one_step_posterior(nxt[:, 0].get(tk.level).reshape(B), self.one_step,
                                                      self.coupling)
         w_td = td_weight(self.reweighting, A_t, A_n, self.formulation.preconditioning(level)[1]).to(value)
         sample_td = torch.where(valid, w_td * mean_pixels(delta.pow(2)), torch.zeros_like(loss_base))
-        loss_td, loss_base_term = split_objective(sample_td, loss_base, valid, self.base_weight_lambda)  # spec 4.6
+        loss_td, loss_base_term = split_objective(sample_td, loss_base, valid, self.base_weight_lambda)  # method.md §5.5
         return TensorDict({
             "loss_td": loss_td,
             "loss_base": loss_base_term,
@@ -223,7 +223,7 @@ def _check_lambda(what: str, value) -> float:
 
 
 class TDEvaluator(Learner):
-    """Train a diffusion model by TD learning on the diffusion MRP (spec sections 3-5).
+    """Train a diffusion model by TD learning on the diffusion MRP (method.md §2-§10).
 
     Args:
         env: a `envs.DiffusionMRP`, the producer of every batch; its formulation, stride, one_step and coupling
@@ -231,12 +231,12 @@ class TDEvaluator(Learner):
         denoiser: the online network (default: `build_network` for the data, wrapped in a `Denoiser` with the env's
             formulation, initialised from `config.seed`). Its formulation must equal the env's.
         estimator: "td0" (paper; trains on `env.sample_pairs`), "nstep" or "td_lambda" (train on
-            `env.sample_trajectories(n_steps)`, loss at the chains' start states, spec 8), or a TorchRL
+            `env.sample_trajectories(n_steps)`, loss at the chains' start states, method.md §7), or a TorchRL
             `ValueEstimatorBase` instance (gamma should be 1).
         n_steps: chain length for "nstep" / "td_lambda" (must be 1 for "td0").
         lmbda: TD(lambda)'s lambda in [0, 1] (for "td_lambda").
-        reweighting: TD weighting, "edm" | "pairwise" | "linear" | "none" (spec 4.5); None picks the formulation's
-            `default_reweighting`: "edm" (base_weight / A^2) for EDM and VP, "pairwise" for CT (spec 5).
+        reweighting: TD weighting, "edm" | "pairwise" | "linear" | "none" (method.md §6); None picks the formulation's
+            `default_reweighting`: "edm" (base_weight / A^2) for EDM and VP, "pairwise" for CT (method.md §10).
         base_weight_lambda: the paper's lambda >= 0 weighting the BASE loss (0.5).
         target_update: "soft" (EMA after each optimizer step, target <- tau target + (1 - tau) online) or "hard"
             (copy every `hard_period` optimizer steps).
@@ -272,11 +272,11 @@ class TDEvaluator(Learner):
         check_range("tau", tau, 0.0, 1.0)
         check_positive("hard_period", hard_period)
         if form.consistency:
-            # spec 5: the consistency pair is (sigma(n), sigma(n+1)) with shared noise
+            # method.md §10: the consistency pair is (sigma(n), sigma(n+1)) with shared noise
             if env.coupling != "shared":
-                raise ConfigError(f"TD-CT needs an env with coupling 'shared' (spec 5), got {env.coupling!r}")
+                raise ConfigError(f"TD-CT needs an env with coupling 'shared' (method.md §10), got {env.coupling!r}")
             if float(env.stride) != 1.0:
-                raise ConfigError(f"TD-CT needs an env with stride 1 (adjacent grid points, spec 5), "
+                raise ConfigError(f"TD-CT needs an env with stride 1 (adjacent grid points, method.md §10), "
                                   f"got {env.stride}")
         from envs.critic import check_critic_keys, make_critic
 
@@ -320,7 +320,7 @@ class TDEvaluator(Learner):
 
     @torch.no_grad()
     def after_update(self) -> None:
-        """Move the target network after each optimizer step (spec 4: EMA tau, or a hard copy every period)."""
+        """Move the target network after each optimizer step (method.md §5.4: EMA tau, or a hard copy every period)."""
         self.target_updater.step()
         for b_t, b in zip(self.target.buffers(), self.denoiser.buffers()):  # updaters move parameters only
             b_t.copy_(b)

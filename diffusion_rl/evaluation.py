@@ -2,7 +2,7 @@
 
 Images: FID and KID (torchmetrics) on the features of a classifier the library trains on the data set's labels
 (or Inception-v3 when its weights are installed and asked for). 2-D data: sliced Wasserstein-2 and energy
-distance against fresh true samples. Every record carries its protocol (spec 6): FIDs compare only under equal
+distance against fresh true samples. Every record carries its protocol (method.md §11): FIDs compare only under equal
 protocol.
 """
 from __future__ import annotations

@@ -4,9 +4,9 @@ A formulation owns the noise process: its index grid (index grows toward the dat
 states, posterior coefficients, the preconditioning that turns a raw network into an x0-predicting denoiser, and
 the base loss weight. The TD layer (envs/, agents/) asks nothing else of it.
 
-- `EDMFormulation` ("edm"): VE, continuous time, the rho grid (spec 1, 2).
-- `VPFormulation`  ("vp", alias "ddpm"): DDPM discrete time; the network predicts eps (spec 2, derived posterior).
-- `CTFormulation`  ("ct"): the EDM grid with the consistency boundary parametrisation (spec 5).
+- `EDMFormulation` ("edm"): VE, continuous time, the rho grid (method.md §1, §3).
+- `VPFormulation`  ("vp", alias "ddpm"): DDPM discrete time; the network predicts eps (method.md §9, derived posterior).
+- `CTFormulation`  ("ct"): the EDM grid with the consistency boundary parametrisation (method.md §10).
 
 Levels are noise levels: sigma for EDM/CT, the (possibly fractional) timestep t for VP. Per-sample levels are
 1-D tensors of shape [B]; `expand_as_image` broadcasts them over image dimensions.
@@ -64,18 +64,18 @@ class Formulation(ABC):
     steps: int  # N, points of the index grid; index 0 is the noisiest level, N-1 the cleanest
 
     # ---- family policy: the defaults the env and the TD agent take from the formulation ----------------------------
-    consistency: bool = False           # consistency-style training (CT, spec 5): the base term is the CT loss
-    default_coupling: str = "markov"    # spec 3: the true reverse kernel, whose fixed point is the true denoiser
-    default_reweighting: str = "edm"    # spec 4.5: the EDM sample weighting (base weight / A^2)
+    consistency: bool = False           # consistency-style training (CT, method.md §10): the base term is the CT loss
+    default_coupling: str = "markov"    # method.md §8: the true reverse kernel, whose fixed point is the true denoiser
+    default_reweighting: str = "edm"    # method.md §6: the EDM sample weighting (base weight / A^2)
 
     @property
     def default_stride(self) -> float:
-        """k in index units: 3 on EDM's 18-point grid, i.e. 3/17 of the grid span N-1 on any grid (spec 3)."""
+        """k in index units: 3 on EDM's 18-point grid, i.e. 3/17 of the grid span N-1 on any grid (method.md §2)."""
         return 3.0 * (self.steps - 1) / 17.0
 
     @property
     def default_one_step(self) -> float:
-        """delta in index units: 0.2 on the 18-point grid, the same fraction of any grid (spec 2)."""
+        """delta in index units: 0.2 on the 18-point grid, the same fraction of any grid (method.md §3)."""
         return 0.2 * (self.steps - 1) / 17.0
 
     # ---- grid -------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ class Formulation(ABC):
         return self.level(torch.arange(self.steps, dtype=dtype))
 
     def shift(self, level: Tensor, delta: float) -> Tensor:
-        """The level `delta` index units toward the data: level(index(level) + delta) (spec 2)."""
+        """The level `delta` index units toward the data: level(index(level) + delta) (method.md §3)."""
         return self.level(self.index(level) + delta)
 
     # ---- forward process ----------------------------------------------------------------------------------
@@ -111,16 +111,16 @@ class Formulation(ABC):
 
     @abstractmethod
     def posterior(self, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
-        """(A, kappa) with E[x_s | x_t, x0] = A x0 + kappa x_t under the coupling (spec 2)."""
+        """(A, kappa) with E[x_s | x_t, x0] = A x0 + kappa x_t under the coupling (method.md §3)."""
 
     def one_step_posterior(self, level: Tensor, one_step: float,
                            coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
-        """(A, kappa) toward the level `one_step` index units less noisy: the value's coefficients (spec 2)."""
+        """(A, kappa) toward the level `one_step` index units less noisy: the value's coefficients (method.md §3)."""
         return self.posterior(level, self.shift(level, one_step), coupling)
 
     def one_step_mean(self, x0: Tensor, x: Tensor, level: Tensor, one_step: float,
                       coupling: Coupling = "markov") -> Tensor:
-        """mu(x, level) = A x0 + kappa x (spec 2): mu_true with the clean x0, mu_theta with D_theta(x) for x0."""
+        """mu(x, level) = A x0 + kappa x (method.md §3): mu_true with the clean x0, mu_theta with D_theta(x) for x0."""
         A, kappa = self.one_step_posterior(level, one_step, coupling)
         return expand_as_image(A, x) * x0 + expand_as_image(kappa, x) * x
 
@@ -130,7 +130,7 @@ class Formulation(ABC):
 
     def reverse_step(self, x0: Tensor, x_t: Tensor, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov",
                      generator: torch.Generator | None = None) -> Tensor:
-        """Draw x_s from the true x0-conditioned reverse kernel q(x_s | x_t, x0) (spec 3)."""
+        """Draw x_s from the true x0-conditioned reverse kernel q(x_s | x_t, x0) (method.md §2)."""
         A, kappa = self.posterior(level_t, level_s, coupling)
         std = self.posterior_variance(level_t, level_s, coupling).clamp(min=0).sqrt()
         noise = _randn_like(x_t, generator)
@@ -152,7 +152,7 @@ class Formulation(ABC):
         """Training noise levels [n], from the family's own distribution."""
 
     def base_loss(self, denoised: Tensor, x0: Tensor, level: Tensor) -> Tensor:
-        """Per-sample base loss w(level) * mean over pixels of (D - x0)^2 (spec 4.3; eps loss for VP)."""
+        """Per-sample base loss w(level) * mean over pixels of (D - x0)^2 (method.md §5.3; eps loss for VP)."""
         err = (denoised - x0).pow(2).flatten(1).mean(1)
         return self.base_weight(level).to(err) * err
 
@@ -169,7 +169,7 @@ class Formulation(ABC):
 
 
 class EDMFormulation(Formulation):
-    """EDM / VE, continuous time (Karras et al. 2022), on the rho grid of spec section 1."""
+    """EDM / VE, continuous time (Karras et al. 2022), on the rho grid of method.md §1."""
 
     name = "edm"
     samplers = ("heun", "euler")
@@ -206,7 +206,7 @@ class EDMFormulation(Formulation):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.sigma_max
 
     def posterior(self, level_t, level_s, coupling="markov"):
-        # spec 2: Markov kappa = (sigma_s/sigma_t)^2, shared kappa = sigma_s/sigma_t, A = 1 - kappa (VE only).
+        # method.md §3: Markov kappa = (sigma_s/sigma_t)^2, shared kappa = sigma_s/sigma_t, A = 1 - kappa (VE only).
         self.check_coupling(coupling)
         ratio = level_s / level_t
         kappa = ratio.pow(2) if coupling == "markov" else ratio
@@ -226,17 +226,17 @@ class EDMFormulation(Formulation):
         return sd ** 2 / var, level * sd / var.sqrt(), 1 / var.sqrt(), level.log() / 4
 
     def base_weight(self, level):
-        # spec 4.3: w_edm = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2
+        # method.md §5.3: w_edm = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2
         return (level.pow(2) + self.sigma_data ** 2) / (level * self.sigma_data).pow(2)
 
     def sample_training_level(self, n, generator=None, device="cpu"):
-        # spec 4.1: log-normal sigma, ln sigma ~ N(P_mean, P_std^2)
+        # method.md §5.1: log-normal sigma, ln sigma ~ N(P_mean, P_std^2)
         z = torch.randn(n, generator=generator, device=device)
         return (self.p_mean + self.p_std * z).exp()
 
 
 class CTFormulation(EDMFormulation):
-    """Consistency training on the EDM grid with the boundary parametrisation of spec section 5.
+    """Consistency training on the EDM grid with the boundary parametrisation of method.md §10.
 
     f(x, sigma_min) = x exactly. Training levels are grid points sigma(n), n ~ U{0..N-2}; the partner of the
     consistency pair is sigma(n + 1), drawn with shared noise by the agent.
@@ -245,9 +245,9 @@ class CTFormulation(EDMFormulation):
     name = "ct"
     samplers = ("onestep", "multistep", "heun", "euler")
     consistency = True
-    default_coupling = "shared"      # spec 5: the consistency pair shares its noise
-    default_reweighting = "pairwise"  # spec 5: the release's CT weighting
-    default_stride = 1.0             # spec 5: adjacent grid points
+    default_coupling = "shared"      # method.md §10: the consistency pair shares its noise
+    default_reweighting = "pairwise"  # method.md §10: the release's CT weighting
+    default_stride = 1.0             # method.md §10: adjacent grid points
     default_one_step = 0.25
 
     def preconditioning(self, level):
@@ -326,7 +326,7 @@ class VPFormulation(Formulation):
         self.check_coupling(coupling)
         ab_t, ab_s = self.alpha_bar(level_t), self.alpha_bar(level_s)
         if coupling == "markov":
-            # spec 2 (derived): the DDPM posterior q(x_s | x_t, x0); here A + kappa != 1.
+            # method.md §9 (derived): the DDPM posterior q(x_s | x_t, x0); here A + kappa != 1.
             A = ab_s.sqrt() * (1 - ab_t / ab_s) / (1 - ab_t)
             kappa = (ab_t / ab_s).sqrt() * (1 - ab_s) / (1 - ab_t)
         else:

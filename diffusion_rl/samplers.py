@@ -5,9 +5,9 @@ level, labels)` predicts x0, `x` is the starting sample at the noisiest level (i
 `nfe` is the number of denoiser evaluations actually spent. `sample(...)` is the front door: it picks the steps
 for an NFE budget, draws the start, and returns a `SampleResult`.
 
-- "heun", "euler": EDM's deterministic ODE samplers on the rho grid with sigma = 0 appended (spec 6);
-  Heun NFE = 2 steps - 1 (its last step, to sigma = 0, is Euler), Euler NFE = steps (spec 7.8).
-- "ddim" (eta = 0) and "ddpm" (ancestral, the posterior of spec 2) for the VP formulation.
+- "heun", "euler": EDM's deterministic ODE samplers on the rho grid with sigma = 0 appended (method.md §11);
+  Heun NFE = 2 steps - 1 (its last step, to sigma = 0, is Euler), Euler NFE = steps (method.md §12.8).
+- "ddim" (eta = 0) and "ddpm" (ancestral, the posterior of method.md §9) for the VP formulation.
 - "onestep" and "multistep" consistency sampling for CT.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def ddim(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, la
 
 
 def ddpm(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
-    """Ancestral sampling: x_s ~ q(x_s | x_t, x0_hat), the DDPM posterior between strided timesteps (spec 2)."""
+    """Ancestral sampling: x_s ~ q(x_s | x_t, x0_hat), the DDPM posterior between strided timesteps (method.md §9)."""
     ts = _vp_timesteps(formulation, steps, x.dtype).to(x.device)
     for t, s in zip(ts[:-1], ts[1:]):
         lt, ls = _levels(x, t), _levels(x, s)

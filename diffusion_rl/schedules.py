@@ -1,6 +1,6 @@
 """Noise schedules as pure functions.
 
-EDM / VE: the rho grid in continuous index space (spec section 1).
+EDM / VE: the rho grid in continuous index space (method.md §1).
 DDPM / VP: linear and cosine beta schedules and their cumulative products alpha-bar.
 """
 from __future__ import annotations
@@ -21,26 +21,26 @@ __all__ = [
 
 
 def _rho_ends(sigma_min: float, sigma_max: float, rho: float) -> tuple[float, float]:
-    # spec 1: a = sigma_max^(1/rho), b = sigma_min^(1/rho)
+    # method.md §1: a = sigma_max^(1/rho), b = sigma_min^(1/rho)
     return sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
 
 
 def edm_sigma_of_index(index: Tensor, steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
-    """sigma(i) = (a + i/(N-1) (b - a))^rho, base clamped to [b, a] (spec 1). Index 0 is sigma_max."""
+    """sigma(i) = (a + i/(N-1) (b - a))^rho, base clamped to [b, a] (method.md §1). Index 0 is sigma_max."""
     a, b = _rho_ends(sigma_min, sigma_max, rho)
     base = a + index / max(steps - 1, 1) * (b - a)
     return base.clamp(min=b, max=a) ** rho
 
 
 def edm_index_of_sigma(sigma: Tensor, steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
-    """Inverse of `edm_sigma_of_index`: i(sigma) = (clamp(sigma)^(1/rho) - a) / (b - a) (N-1) (spec 1)."""
+    """Inverse of `edm_sigma_of_index`: i(sigma) = (clamp(sigma)^(1/rho) - a) / (b - a) (N-1) (method.md §1)."""
     a, b = _rho_ends(sigma_min, sigma_max, rho)
     return (sigma.clamp(min=sigma_min, max=sigma_max) ** (1.0 / rho) - a) / (b - a) * (steps - 1)
 
 
 def edm_sampling_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float,
                         dtype: torch.dtype = torch.float64) -> Tensor:
-    """The N-point sampling grid with sigma = 0 appended (spec 6); one point means [sigma_max, 0]."""
+    """The N-point sampling grid with sigma = 0 appended (method.md §11); one point means [sigma_max, 0]."""
     idx = torch.arange(steps, dtype=dtype)
     sig = edm_sigma_of_index(idx, steps, sigma_min, sigma_max, rho)
     return torch.cat([sig, sig.new_zeros(1)])

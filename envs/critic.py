@@ -1,4 +1,4 @@
-"""The critic of the diffusion MRP: the state value is the model's one-step posterior mean (spec 2-3).
+"""The critic of the diffusion MRP: the state value is the model's one-step posterior mean (method.md §2-§4).
 
 V_theta(s) = mu_theta(x, level) = A D_theta(x; level) + kappa x, with (A, kappa) the formulation's one-step
 posterior coefficients `one_step` index units ahead under the coupling, and D_theta the x0-predicting denoiser.

@@ -1,11 +1,11 @@
-"""The denoising chain as a TorchRL Markov reward process (spec section 3).
+"""The denoising chain as a TorchRL Markov reward process (method.md §2).
 
 State s = (x, level, index, label) plus the clean sample x0, which the environment keeps as hidden state to compute
 rewards: x0 lives in `state_spec`, not in `observation_spec`, so no policy or critic built from the observation specs
 can read it. MRP time runs in the denoising direction: one step moves `stride` index units toward the data, drawing
 x' from the true x0-conditioned reverse kernel q(x' | x, x0) of the formulation. The reward is image-valued,
 r = mu_true(s) - mu_true(s'), with mu_true(x, level) = A x0 + kappa x the one-step posterior mean `one_step` index
-units ahead (spec 2), so rewards telescope along any trajectory.
+units ahead (method.md §3), so rewards telescope along any trajectory.
 
 This env is the one producer of training data. Every batch is a reset plus env steps:
 
@@ -18,12 +18,12 @@ Keys (batch dims [*B], sample dims [*F]):
 
     root:   observations "x" [*B,*F] float, "level" [*B] float (sigma for EDM/CT, timestep t for VP), "index" [*B]
             float (continuous grid index, 0 = noisiest), "label" [*B] int64 (0 without labels), "valid" [*B] bool
-            (a full stride from this state is TD-valid, spec 4.2); hidden state "x0" [*B,*F]; "action" [*B] int64
+            (a full stride from this state is TD-valid, method.md §5.2); hidden state "x0" [*B,*F]; "action" [*B] int64
             (a single-action MRP: always 0); "done"/"terminated"/"truncated" [*B,1]
     "next": the observations at the next level, "reward" [*B,*F], "done"/"terminated"/"truncated" [*B,1].
 
 Episodes are never terminated. A step moves min(stride, N-1 - index) index units, so rollouts from sigma_max reach
-the sigma_min end (index N-1), where the episode is truncated; estimators still bootstrap from V(s_T) (spec 3).
+the sigma_min end (index N-1), where the episode is truncated; estimators still bootstrap from V(s_T) (method.md §7).
 
 Random streams: the env owns one pair of generators. The CPU "data generator" draws the data order (x0, labels) and
 the start levels; the "noise generator" on the env's device draws every Gaussian (the start noise and the
@@ -82,7 +82,7 @@ def _as_batch_size(batch_size) -> torch.Size:
 
 
 class DiffusionMRP(EnvBase):
-    """The diffusion denoising chain as a batched TorchRL environment (spec section 3).
+    """The diffusion denoising chain as a batched TorchRL environment (method.md §2).
 
     Args:
         dataset: a data set name for `diffusion_rl.data.load_dataset` ("digits", "8gaussians", ...) or a Dataset.
@@ -93,10 +93,10 @@ class DiffusionMRP(EnvBase):
         one_step: delta, index units of the one-step posterior mean that defines values and rewards (None: the
             formulation's `default_one_step`, 0.2 for EDM).
         coupling: "markov" (the true reverse kernel) or "shared" (shared noise: x' deterministic given x, x0);
-            None picks the formulation's `default_coupling` (markov; shared for CT, spec 5).
+            None picks the formulation's `default_coupling` (markov; shared for CT, method.md §10).
         start: where `reset` starts episodes: "max" at index 0 (the noisiest level); "random" at a uniform index
             in [0, N-1-(stride+one_step)], so at least one TD-valid step is possible; "train" at the formulation's
-            training levels (spec 4.1), the start of every training batch. `reset(start=...)` overrides it.
+            training levels (method.md §5.1), the start of every training batch. `reset(start=...)` overrides it.
         device: where states live; the noise generator lives there too.
         seed: seed of the env's generators (None: drawn from torch's global RNG).
         dtype: float dtype of states and rewards (float32; float64 makes reward sums telescope to rounding error).
@@ -183,7 +183,7 @@ class DiffusionMRP(EnvBase):
 
     # ---- the maths of one transition (the only copy) --------------------------------------------------------------
     def true_value(self, x0: Tensor, x: Tensor, level: Tensor) -> Tensor:
-        """mu_true(x, level) = A x0 + kappa x, the one-step posterior mean `one_step` index units ahead (spec 2).
+        """mu_true(x, level) = A x0 + kappa x, the one-step posterior mean `one_step` index units ahead (method.md §3).
 
         Flat inputs: x0, x [n, *F], level [n].
         """
@@ -191,11 +191,11 @@ class DiffusionMRP(EnvBase):
 
     @property
     def max_valid_index(self) -> float:
-        """The last index a TD-valid transition may start from: (N-1) - (stride + one_step) (spec 4.2)."""
+        """The last index a TD-valid transition may start from: (N-1) - (stride + one_step) (method.md §5.2)."""
         return self.last_index - (self.stride + self.one_step)
 
     def td_valid(self, level: Tensor, index: Tensor) -> Tensor:
-        """TD-valid mask of spec 4.2: in_range(level) & index <= (N-1) - (stride + one_step)."""
+        """TD-valid mask of method.md §5.2: in_range(level) & index <= (N-1) - (stride + one_step)."""
         return self.formulation.in_range(level) & (index <= self.max_valid_index)
 
     def _transition(self, x: Tensor, level: Tensor, index: Tensor, x0: Tensor) -> dict[str, Tensor]:
@@ -219,7 +219,7 @@ class DiffusionMRP(EnvBase):
         label = (torch.zeros(n, dtype=torch.int64) if label is None else label.to(torch.int64).reshape(n))
         form, g = self.formulation, self._data_generator
         if start == "train":
-            level = form.sample_training_level(n, g, "cpu").to(self.device, self.dtype)  # spec 4.1, raw level
+            level = form.sample_training_level(n, g, "cpu").to(self.device, self.dtype)  # method.md §5.1, raw level
             index = form.index(level).to(self.dtype)  # clamped to the grid
         else:
             index = (torch.zeros(n, dtype=self.dtype) if start == "max"
@@ -283,7 +283,7 @@ class DiffusionMRP(EnvBase):
         return int(batch_size)
 
     def reset_training(self, batch_size: int | None = None) -> TensorDictBase:
-        """`reset(start="train")` for a batch [B]: x0, training levels and x ~ q(x | x0) (spec 4.1)."""
+        """`reset(start="train")` for a batch [B]: x0, training levels and x ~ q(x | x0) (method.md §5.1)."""
         n = self._num(batch_size)
         if self.batch_size and self.batch_size.numel() != n:
             raise ConfigError(f"batch_size {n} differs from the env's batch_size {tuple(self.batch_size)}; build the "
@@ -303,11 +303,11 @@ class DiffusionMRP(EnvBase):
                             auto_reset=False, break_when_any_done=False)
 
     def sample_pairs(self, batch_size: int | None = None) -> TensorDictBase:
-        """The paper's training draw (spec 4): one transition per sample from the training levels, [B].
+        """The paper's training draw (method.md §5): one transition per sample from the training levels, [B].
 
         `reset_training` + one env step: x_t at the raw training level (possibly outside the grid: the base loss
         uses it, and such samples are TD-invalid), its partner at index_t + stride from the true reverse kernel,
-        the image-valued reward, and "valid", the TD-valid mask of spec 4.2.
+        the image-valued reward, and "valid", the TD-valid mask of method.md §5.2.
         """
         return self.sample_trajectories(1, batch_size)[..., 0]
 

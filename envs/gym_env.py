@@ -5,7 +5,7 @@ clean sample x0 is not observable and travels in `info["x0"]`. There is one acti
 
 Reward: Gymnasium wants a scalar, so `step` returns the MEAN over sample elements of the image-valued reward
 mu_true(s) - mu_true(s') (a mean of telescoping rewards still telescopes); the full image-valued reward is in
-`info["reward_image"]`. Episodes are never terminated, only truncated at the sigma_min end (spec 3).
+`info["reward_image"]`. Episodes are never terminated, only truncated at the sigma_min end (method.md §2).
 """
 from __future__ import annotations
 
@@ -16,9 +16,16 @@ from gymnasium import spaces
 
 from .diffusion_mrp import STATE_KEYS, DiffusionMRP
 
-__all__ = ["DiffusionMRPGym", "ENV_ID"]
+__all__ = ["DiffusionMRPGym", "ENV_ID", "register_envs"]
 
 ENV_ID = "diffusion_rl/DiffusionMRP-v0"
+
+
+def register_envs() -> None:
+    """Register ENV_ID with Gymnasium (idempotent). Called on `import envs`, by Gymnasium < 1.0 through the
+    "gymnasium.envs" plugin entry point in pyproject.toml, and by `gymnasium.make("envs:" + ENV_ID)` on any version."""
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="envs.gym_env:DiffusionMRPGym")
 
 
 class DiffusionMRPGym(gym.Env):

@@ -1,4 +1,4 @@
-"""The TD loss of agents/td_evaluator.py against spec sections 3-5, on fixed inputs and with a Gaussian oracle."""
+"""The TD loss of agents/td_evaluator.py against method.md §2-§10, on fixed inputs and with a Gaussian oracle."""
 from __future__ import annotations
 
 import math
@@ -15,7 +15,7 @@ from diffusion_rl.networks import MLP, Denoiser
 from diffusion_rl.training import TrainConfig, objective
 from envs import DiffusionMRP
 
-# ---- an independent transcription of spec sections 1, 2 and 4 (no library calls) -----------------------------------
+# ---- an independent transcription of method.md §1, §3 and §5 (no library calls) -----------------------------------
 N, RHO, SMIN, SMAX, SDATA = 18, 7.0, 0.002, 80.0, 0.5
 STRIDE, ONE_STEP, LAM = 3.0, 0.2, 0.5
 
@@ -102,7 +102,7 @@ def fixed_batch(sigmas, coupling, seed=1):
     x_n = x0 + sigma_n[:, None] * torch.randn(n, 2, generator=g, dtype=torch.float64)
     A_t, k_t = spec_A_kappa(sigma, coupling)
     A_n, k_n = spec_A_kappa(sigma_n, coupling)
-    reward = (A_t[:, None] * x0 + k_t[:, None] * x_t) - (A_n[:, None] * x0 + k_n[:, None] * x_n)  # spec 3
+    reward = (A_t[:, None] * x0 + k_t[:, None] * x_t) - (A_n[:, None] * x0 + k_n[:, None] * x_n)  # method.md §4
     valid = spec_valid(sigma)
     label = torch.zeros(n, dtype=torch.long)
     flags = torch.zeros(n, 1, dtype=torch.bool)
@@ -116,7 +116,7 @@ def fixed_batch(sigmas, coupling, seed=1):
 
 
 def spec_loss(ag, batch, coupling, reweighting):
-    """Per-sample loss of spec 4, with the network outputs read off the agent's online and target denoisers."""
+    """Per-sample loss of method.md §5, with the network outputs read off the agent's online and target denoisers."""
     sigma, sigma_n, x0 = batch["level"], batch["next", "level"], batch["x0"]
     with torch.no_grad():
         D = ag.denoiser(batch["x"], sigma)
@@ -131,10 +131,10 @@ def spec_loss(ag, batch, coupling, reweighting):
     return per, base, torch.where(valid, td, torch.zeros_like(td)), delta
 
 
-# ---- parity with the spec ------------------------------------------------------------------------------------------
+# ---- parity with method.md ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("coupling", ["markov", "shared"])
 @pytest.mark.parametrize("reweighting", ["edm", "pairwise", "linear", "none"])
-def test_parity_with_spec_section_4(coupling, reweighting):
+def test_parity_with_method_section_5(coupling, reweighting):
     env, ag = make_agent(coupling, reweighting)
     batch = fixed_batch(SIGMAS, coupling)
     assert batch["valid"].tolist() == [True] * 5 + [False] * 4
@@ -144,19 +144,19 @@ def test_parity_with_spec_section_4(coupling, reweighting):
     torch.testing.assert_close(out["sample_base"], base, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(out["sample_td"], td, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(out["sample_loss"], per, rtol=1e-6, atol=1e-9)
-    # TorchRL's convention: the scalar "loss_*" entries sum to the objective, the batch mean of the spec's loss
+    # TorchRL's convention: the scalar "loss_*" entries sum to the objective, the batch mean of the method.md §5.5 loss
     assert sorted(k for k in out.keys() if k.startswith("loss")) == ["loss_base", "loss_td"]
     assert all(out[k].dim() == 0 for k in ("loss_base", "loss_td"))
     torch.testing.assert_close(out["loss_td"] + out["loss_base"], per.mean(), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(objective(out), per.mean(), rtol=1e-6, atol=1e-9)
     assert out["valid"].tolist() == batch["valid"].tolist()
-    # invalid samples stay in the batch with (1 + lambda) base weight (pitfall 7.2)
+    # invalid samples stay in the batch with (1 + lambda) base weight (method.md §12.2)
     inv = ~batch["valid"]
     torch.testing.assert_close(out["sample_loss"][inv], (1 + LAM) * base[inv], rtol=1e-6, atol=1e-9)
 
 
 def test_edm_weight_generalisation_equals_c_out_form():
-    """td_weight("edm") with the formulation's c_out is the spec's 1/max(A^2 c_out^2, 1e-8), c_out written by hand."""
+    """td_weight("edm") with the formulation's c_out is method.md §6: 1/max(A^2 c_out^2, 1e-8), c_out written by hand."""
     _, ag = make_agent()
     sigma = torch.tensor(SIGMAS[:5], dtype=torch.float64)
     A, _ = spec_A_kappa(sigma, "markov")
@@ -172,7 +172,7 @@ def test_batch_size_one(coupling, valid_sigma):
     batch = fixed_batch([0.5 if valid_sigma else 200.0], coupling)
     out = ag.loss(batch)
     for key in ("valid", "sample_td", "sample_base", "sample_loss"):
-        assert out[key].shape == (1,), key  # masks stay 1-D (pitfall 7.6)
+        assert out[key].shape == (1,), key  # masks stay 1-D (method.md §12.6)
     assert out["td_error"].shape == (1, 2)
     per, *_ = spec_loss(ag, batch, coupling, "edm")
     torch.testing.assert_close(out["sample_loss"], per, rtol=1e-6, atol=1e-9)
@@ -180,7 +180,7 @@ def test_batch_size_one(coupling, valid_sigma):
 
 @pytest.mark.parametrize("coupling", ["markov", "shared"])
 def test_td_error_identities(coupling):
-    """delta = r + V-(s') - V(s) with gamma 1, and = A_t (x0 - D(x_t)) - A_t' (x0 - D-(x_t')) (spec 3)."""
+    """delta = r + V-(s') - V(s) with gamma 1, and = A_t (x0 - D(x_t)) - A_t' (x0 - D-(x_t')) (method.md §4)."""
     _, ag = make_agent(coupling)
     batch = fixed_batch(SIGMAS, coupling)
     out = ag.loss(batch)
@@ -188,7 +188,7 @@ def test_td_error_identities(coupling):
     with torch.no_grad():
         v = ag.critic(batch.select("x", "level", "label").clone())["state_value"]
         v_next = ag.target_critic(batch["next"].select("x", "level", "label").clone())["state_value"]
-    # the critic is V = A D + kappa x (spec 2)
+    # the critic is V = A D + kappa x (method.md §3)
     A_t, k_t = spec_A_kappa(batch["level"], coupling)
     with torch.no_grad():
         D = ag.denoiser(batch["x"], batch["level"])
@@ -214,7 +214,7 @@ def test_target_forward_only_on_valid_samples_in_eval_mode():
 
 
 def test_semi_gradient():
-    """Gradients reach the online network only; the target has no grad and requires none (spec 3, 7.5)."""
+    """Gradients reach the online network only; the target has no grad and requires none (method.md §4, §12.5)."""
     _, ag = make_agent()
     out = ag.loss(fixed_batch(SIGMAS, "markov"))
     objective(out).backward()
@@ -229,7 +229,7 @@ def test_semi_gradient():
 
 # ---- VP and CT through the same code -------------------------------------------------------------------------------
 def spec_vp_A(t_s, t_t, T=1000):
-    """DDPM posterior coefficient of x0 (spec 2, derived), linear betas 1e-4..0.02, by hand at integer steps."""
+    """DDPM posterior coefficient of x0 (method.md §9, derived), linear betas 1e-4..0.02, by hand at integer steps."""
     betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     abar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
     ab_t, ab_s = abar[t_t.long()], abar[t_s.long()]
@@ -274,7 +274,7 @@ def test_vp_uses_its_own_posterior():
 
 
 def test_td_ct_loss():
-    """Spec 5: loss_ct = mean (f(x_t, t) - f-(x_t2, t2))^2 on shared-noise grid pairs; TD with f, pairwise weight;
+    """method.md §10: loss_ct = mean (f(x_t, t) - f-(x_t2, t2))^2 on shared-noise grid pairs; TD with f, pairwise weight;
     boundary n = N-2: (1 + lambda) loss_ct."""
     form = CTFormulation()
     env = DiffusionMRP(toy_data(), form, coupling="shared", seed=0, dtype=torch.float64)
@@ -294,7 +294,7 @@ def test_td_ct_loss():
         f_tgt = ag.target(batch["next", "x"], batch["next", "level"]).double()
     x0 = batch["x0"].double()
     sigma, sigma2 = batch["level"].double(), batch["next", "level"].double()
-    # shared coupling on the CT grid: x_t = x0 + t n, x_t2 = x0 + t2 n (spec 5)
+    # shared coupling on the CT grid: x_t = x0 + t n, x_t2 = x0 + t2 n (method.md §10)
     noise = (batch["x"].double() - x0) / sigma[:, None]
     torch.testing.assert_close(batch["next", "x"].double(), x0 + sigma2[:, None] * noise, rtol=1e-4, atol=1e-4)
     ct = ((f - f_tgt) ** 2).mean(1)

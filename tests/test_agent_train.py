@@ -157,7 +157,7 @@ def test_variants_train(kw):
     recs = list(ag.train(4, progress=False))
     assert math.isfinite(recs[-1]["loss"])
     out = ag.loss(ag.collect())
-    B = batch.batch_size[0]  # the loss is taken at the chains' start states (spec 8)
+    B = batch.batch_size[0]  # the loss is taken at the chains' start states (method.md §7)
     assert out["valid"].shape == (B,)
     assert out["td_error"].shape == batch["x"].shape[:1] + batch["x"].shape[len(batch.batch_size):]
 

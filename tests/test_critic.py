@@ -87,7 +87,7 @@ def test_critic_on_rollout_batch_dims(points):
 
 @pytest.mark.parametrize("form", ["edm", "vp"])
 def test_td_error_identity(form, points):
-    """spec 3: r + V(s') - V(s) = A_t (x0 - D(x_t)) - A_t' (x0 - D(x_t')) (the kappa x terms cancel)."""
+    """method.md §4: r + V(s') - V(s) = A_t (x0 - D(x_t)) - A_t' (x0 - D(x_t')) (the kappa x terms cancel)."""
     env = DiffusionMRP(points, form, seed=0, dtype=torch.float64)
     den = _denoiser((2,), env.formulation).double()
     critic = make_critic(den, env.formulation, env.one_step)

@@ -68,7 +68,7 @@ def test_rollout_shapes_strides_truncation(form, points):
     torch.testing.assert_close(ro["next", "index"][:, -1], torch.full((B,), float(N1)))
     lo = env.formulation.level(torch.tensor(float(N1)))
     torch.testing.assert_close(ro["next", "level"][:, -1], lo.expand(B).to(ro["level"].dtype))
-    # TD-valid rows: a full stride and its one-step shift fit in the grid (spec 4.2)
+    # TD-valid rows: a full stride and its one-step shift fit in the grid (method.md §5.2)
     torch.testing.assert_close(ro["valid"], idx <= N1 - (k + d))
     # x0 is hidden state, carried unchanged along the episode and never written as an observation
     assert torch.equal(ro["x0"][:, 1:], ro["x0"][:, :-1]) and ("next", "x0") not in ro.keys(True)
@@ -106,7 +106,7 @@ def test_training_start_draws_the_formulations_levels(points):
     env = DiffusionMRP(points, "edm", seed=0, start="train")
     td = env.reset(TensorDict(batch_size=[40_000]))
     log_sigma = td["level"].log()
-    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.03)  # spec 4.1: ln sigma ~ N(-1.2, 1.2^2)
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.03)  # method.md §5.1: ln sigma ~ N(-1.2, 1.2^2)
     assert log_sigma.std().item() == pytest.approx(1.2, abs=0.03)
     assert torch.equal(td["valid"], env.td_valid(td["level"], td["index"]))
     vp = DiffusionMRP(points, "vp", seed=0).reset_training(5000)["level"]
@@ -170,7 +170,7 @@ def test_auto_reset_after_truncation(points):
 
 @pytest.mark.parametrize("form", ["edm", "vp"])
 def test_markov_kernel_moments(form, points):
-    """Monte Carlo: x' | x, x0 has mean A x0 + kappa x and per-pixel variance posterior_variance (spec 2-3)."""
+    """Monte Carlo: x' | x, x0 has mean A x0 + kappa x and per-pixel variance posterior_variance (method.md §2-§4)."""
     M = 200_000
     env = DiffusionMRP(points, form, batch_size=(), seed=11, dtype=torch.float64)
     f = env.formulation
@@ -435,3 +435,24 @@ def test_training_level_below_grid_keeps_its_own_noise():
     assert not b["valid"].any()
     assert (b["next", "level"] <= b["level"]).all()
     assert (b["x"] - b["x0"]).std().item() == pytest.approx(1e-4, rel=0.05)
+
+
+def test_gymnasium_make_in_a_fresh_interpreter():
+    """The env id resolves in a new interpreter with nothing imported first: through the "envs:" module prefix on
+    every Gymnasium, and the bare id through the plugin entry point where Gymnasium still loads plugins (< 1.0)."""
+    import subprocess
+    import sys
+
+    from gymnasium.envs import registration
+
+    def fresh(env_id: str) -> str:
+        code = ("import gymnasium, warnings; warnings.simplefilter('ignore')\n"
+                f"env = gymnasium.make({env_id!r}, dataset='8gaussians')\n"
+                "obs, info = env.reset(seed=0); print(sorted(obs))\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "['index', 'label', 'level', 'x']" in fresh("envs:" + envs.ENV_ID)
+    if hasattr(registration, "load_plugin_envs"):  # Gymnasium < 1.0 loads the pyproject entry point
+        assert "['index', 'label', 'level', 'x']" in fresh(envs.ENV_ID)

@@ -1,4 +1,4 @@
-"""Value estimators with gamma = 1 on image-valued rewards (agents/estimators.py, spec 3 and 7.7)."""
+"""Value estimators with gamma = 1 on image-valued rewards (agents/estimators.py, method.md §7 and §12.7)."""
 from __future__ import annotations
 
 import copy
@@ -57,7 +57,7 @@ def test_td0_single_transitions_and_td_error():
     r, v_next, v = (torch.randn(4, *F, generator=g, dtype=torch.float64) for _ in range(3))
     est = make_estimator("td0")
     torch.testing.assert_close(returns(est, r, v_next), r + v_next, rtol=0, atol=1e-12)
-    # spec 3: delta = r + V-(s') - V(s), gamma 1, gradient only through V(s)
+    # method.md §4: delta = r + V-(s') - V(s), gamma 1, gradient only through V(s)
     v.requires_grad_(True)
     v_next.requires_grad_(True)
     delta = td_errors(est, v, r, v_next)
@@ -89,7 +89,7 @@ def test_td_lambda_recursion_and_mixture(lam):
     r, v = _traj(3)
     g = returns(make_estimator("td_lambda", lmbda=lam), r, v, time_dim=1)
     torch.testing.assert_close(g, _hand_lambda_return(r, v, lam), rtol=1e-12, atol=1e-12)
-    # spec 3 (derived): at t = 0 the TD(lambda) return mixes the j-step returns with weights (1-lam) lam^(j-1),
+    # method.md §7 (derived): at t = 0 the TD(lambda) return mixes the j-step returns with weights (1-lam) lam^(j-1),
     # the remaining mass lam^(T-1) on the full return
     nstep = [r[:, :j].sum(1) + v[:, j - 1] for j in range(1, T + 1)]
     mix = sum((1 - lam) * lam ** (j - 1) * nstep[j - 1] for j in range(1, T)) + lam ** (T - 1) * nstep[-1]
@@ -104,7 +104,7 @@ def test_truncation_inside_trajectory_bootstraps():
     torch.testing.assert_close(g[:, 1], r[:, 1] + v[:, 1], rtol=0, atol=1e-12)
     torch.testing.assert_close(g[:, 0], r[:, 0] + r[:, 1] + v[:, 1], rtol=0, atol=1e-12)
     torch.testing.assert_close(g[:, 2], r[:, 2:].sum(1) + v[:, -1], rtol=0, atol=1e-12)
-    # terminated=False everywhere is the default (spec 3); a terminated flag would drop the bootstrap
+    # terminated=False everywhere is the default (method.md §2); a terminated flag would drop the bootstrap
     term = torch.zeros(B, T, dtype=torch.bool)
     term[:, -1] = True
     g_term = returns(make_estimator("td0"), r, v, None, term, time_dim=1)
@@ -113,7 +113,7 @@ def test_truncation_inside_trajectory_bootstraps():
 
 @pytest.mark.parametrize("name", ["td0", "nstep", "td_lambda"])
 def test_image_layout_is_pixelwise(name):
-    """Pinned layout (spec 7.7): pixels are flattened to [*B, T, P] with done expanded; this equals both a
+    """Pinned layout (method.md §12.7): pixels are flattened to [*B, T, P] with done expanded; this equals both a
     per-pixel scalar computation and TorchRL's image-shaped [*B, T, *F] call with time_dim."""
     r, v = _traj(5)
     est = make_estimator(name, lmbda=0.7)
@@ -148,7 +148,7 @@ def test_estimator_module_forward_agrees():
     torch.testing.assert_close(td["advantage"], returns(est, r, v_next, time_dim=1) - v, rtol=1e-12, atol=1e-12)
 
 
-# ---- telescoping through the agent: n-step with stride k == td0 with stride n k (spec 3) ---------------------------
+# ---- telescoping through the agent: n-step with stride k == td0 with stride n k (method.md §7) ---------------------------
 
 
 def _toy_dataset() -> Dataset:
@@ -164,7 +164,7 @@ def _denoiser(env) -> Denoiser:
 
 
 def test_nstep_stride_k_equals_td0_stride_nk():
-    """On the same draws, n-step at stride k is TD(0) at stride n k: same TD error, TD term and loss (spec 8)."""
+    """On the same draws, n-step at stride k is TD(0) at stride n k: same TD error, TD term and loss (method.md §7)."""
     n, k, one_step = 3, 1.0, 0.2
     data = _toy_dataset()
     env_k = DiffusionMRP(data, "edm", stride=k, one_step=one_step, seed=3)
@@ -196,7 +196,7 @@ def test_nstep_stride_k_equals_td0_stride_nk():
 
 
 def test_multistep_loss_is_taken_at_the_start_state_only():
-    """One online forward per sample (the start states), target forwards at the later states (spec 8)."""
+    """One online forward per sample (the start states), target forwards at the later states (method.md §7)."""
     data = _toy_dataset()
     env = DiffusionMRP(data, "edm", stride=1.0, one_step=0.2, seed=5)
     ag = TDEvaluator(env, denoiser=_denoiser(env), estimator="nstep", n_steps=3, config=TrainConfig(batch_size=8),
@@ -213,7 +213,7 @@ def test_multistep_loss_is_taken_at_the_start_state_only():
 
 
 def test_td_lambda_endpoints_and_mixture_through_agent():
-    """TD(lambda) at 0 is TD(0) at stride k, at 1 is n-step; in between the lambda-mixture of the two (spec 8)."""
+    """TD(lambda) at 0 is TD(0) at stride k, at 1 is n-step; in between the lambda-mixture of the two (method.md §7)."""
     data = _toy_dataset()
     env = DiffusionMRP(data, "edm", stride=1.0, one_step=0.2, seed=4)
     den = _denoiser(env)

@@ -1,4 +1,4 @@
-"""Closed-form checks of the formulations (spec sections 1, 2)."""
+"""Closed-form checks of the formulations (method.md §1, §3)."""
 import pytest
 import torch
 
@@ -104,7 +104,7 @@ def test_posterior_matches_monte_carlo(name, coupling):
 def test_vp_posterior_is_not_ve_shortcut():
     f = VPFormulation()
     A, kappa = f.posterior(torch.tensor([500.0]), torch.tensor([400.0]))
-    assert abs((A + kappa).item() - 1) > 1e-3  # spec 7.3: VP needs its own A and kappa
+    assert abs((A + kappa).item() - 1) > 1e-3  # method.md §12.3: VP needs its own A and kappa
 
 
 def test_vp_eps_x0_round_trip_and_eps_loss_weight():
