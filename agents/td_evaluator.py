@@ -76,10 +76,10 @@ class TDLoss(LossModule):
     `set_keys` may change, "level", "x0", "valid" at the root and "reward", "done" (plus the critic's keys) under
     "next". A batch missing any of them gets a ConfigError naming the missing keys.
 
-    Multi-step chains (method.md §7): the loss is taken at each chain's START state only: one online forward and backward
-    per sample, and no-grad target forwards at the later states the estimator bootstraps from. Every estimator so
-    trains on TD(0)'s distribution of levels and TD-valid samples; the chain stops after its last TD-valid
-    transition or at a "done" (a new episode follows in a rollout's later rows).
+    Multi-step chains (method.md §7): the loss is taken at each chain's START state only: one online forward and
+    backward per sample, and no-grad target forwards at the later states the estimator bootstraps from. Every
+    estimator so trains on TD(0)'s distribution of levels and TD-valid samples; the chain stops after its last
+    TD-valid transition or at a "done" (a new episode follows in a rollout's later rows).
 
     Output (TorchRL's convention): scalar "loss_td" and "loss_base" whose SUM is the objective
     (mean over the batch of td + lambda base for TD-valid samples, (1 + lambda) base for the others, method.md §5.5);
@@ -185,8 +185,8 @@ class TDLoss(LossModule):
         if rows.any():
             next_value[rows] = self._target(nxt[rows])[1].to(next_value)
 
-        # method.md §7: delta = G - V_theta(s) with G the estimator's return at the start state (gamma 1, never terminated,
-        # bootstrap from the target). td0: G = r + V-(s'), so delta = A_t (x0 - D) - A_t' (x0 - D-(x_t')).
+        # method.md §4, §7: delta = G - V_theta(s) with G the estimator's return at the start state (gamma 1, never
+        # terminated, bootstrap from the target). td0: G = r + V-(s'), so delta = A_t (x0 - D) - A_t' (x0 - D-(x_t')).
         stop = ~torch.cat([used[:, 1:], used.new_zeros(B, 1)], dim=1)  # the chain ends after row j
         g = returns(self.value_estimator, nxt.get(tk.reward), next_value, stop, None, time_dim=1)[:, 0]
         delta = torch.where(expand_as_image(valid, value).bool(), g - value, torch.zeros_like(value))
@@ -197,7 +197,8 @@ class TDLoss(LossModule):
                                                      self.coupling)
         w_td = td_weight(self.reweighting, A_t, A_n, self.formulation.preconditioning(level)[1]).to(value)
         sample_td = torch.where(valid, w_td * mean_pixels(delta.pow(2)), torch.zeros_like(loss_base))
-        loss_td, loss_base_term = split_objective(sample_td, loss_base, valid, self.base_weight_lambda)  # method.md §5.5
+        # method.md §5.5: two scalar terms whose sum is the batch mean of the per-sample loss
+        loss_td, loss_base_term = split_objective(sample_td, loss_base, valid, self.base_weight_lambda)
         return TensorDict({
             "loss_td": loss_td,
             "loss_base": loss_base_term,

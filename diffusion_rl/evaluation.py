@@ -178,7 +178,11 @@ def format_table(records: list[dict], metric: str) -> str:
 
 
 def plot_metric_vs_nfe(records: list[dict], path: str | Path, metric: str) -> Path:
-    """One curve per method: metric against NFE (log x axis)."""
+    """One curve per method: metric against NFE, both axes log (the metric's when all its values are positive).
+
+    Points sampled by another sampler than the method's odd-NFE one (Euler at even NFE, where Heun cannot land) are
+    drawn hollow and named in the legend, so a reader does not mistake a sampler change for a model change.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,17 +190,28 @@ def plot_metric_vs_nfe(records: list[dict], path: str | Path, metric: str) -> Pa
 
     recs = [r for r in records if r["metric"] == metric]
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    marked = set()
     for m in dict.fromkeys(r["method"] for r in recs):
-        pts = sorted((r["nfe"], r["value"]) for r in recs if r["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        pts = sorted((r["nfe"], r["value"], r.get("sampler", "")) for r in recs if r["method"] == m)
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        main = max((p[2] for p in pts), key=[p[2] for p in pts].count) if pts else ""
+        for nfe, value, sampler in pts:
+            if sampler != main:
+                label = f"{sampler} (hollow)" if sampler not in marked else None
+                ax.plot([nfe], [value], marker="o", markersize=9, markerfacecolor="white",
+                        markeredgecolor=line.get_color(), linestyle="none", label=label)
+                marked.add(sampler)
     ax.set_xscale("log")
+    if recs and all(r["value"] > 0 for r in recs):
+        ax.set_yscale("log")
     ax.set_xlabel("NFE")
     ax.set_ylabel(metric)
     if recs:
         r = recs[0]
-        ax.set_title(f"{metric} vs NFE on {r['dataset']} ({r['n_samples']} samples)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        ax.set_title(f"{metric} vs NFE on {r['dataset']} ({r['n_samples']} samples; hollow: other sampler)",
+                     fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

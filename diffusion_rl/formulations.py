@@ -5,7 +5,7 @@ states, posterior coefficients, the preconditioning that turns a raw network int
 the base loss weight. The TD layer (envs/, agents/) asks nothing else of it.
 
 - `EDMFormulation` ("edm"): VE, continuous time, the rho grid (method.md §1, §3).
-- `VPFormulation`  ("vp", alias "ddpm"): DDPM discrete time; the network predicts eps (method.md §9, derived posterior).
+- `VPFormulation`  ("vp", alias "ddpm"): DDPM discrete time; the network predicts eps (method.md §9).
 - `CTFormulation`  ("ct"): the EDM grid with the consistency boundary parametrisation (method.md §10).
 
 Levels are noise levels: sigma for EDM/CT, the (possibly fractional) timestep t for VP. Per-sample levels are

@@ -62,7 +62,7 @@ class TrainConfig:
     warmup_steps: int = 200         # linear learning-rate warm-up from 0
     ema_halflife_images: float = 20_000.0  # evaluation EMA half-life, in training images (EDM)
     grad_clip: float = 0.0          # max gradient norm; 0 disables clipping
-    seed: int = 0                   # seeds the initialisation of a network the learner builds (the env seeds data, noise)
+    seed: int = 0                   # seeds a network the learner builds (the env's seed drives data and noise)
     checkpoint_every: int = 0       # steps between checkpoints; 0 writes only at the end of train()
     log_every: int = 25             # steps between JSONL metric records
     tensorboard: bool = False       # also write metrics as TensorBoard scalars to out_dir/tensorboard

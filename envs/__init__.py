@@ -1,8 +1,8 @@
 """The diffusion denoising chain as an RL Markov reward process.
 
-- `DiffusionMRP`: a batched TorchRL environment (method.md §2), the one producer of training data: `sample_pairs`
-  (the paper's training draw, method.md §5) and `sample_trajectories` (n-step chains) are a reset at the training levels
-  plus env steps.
+- `DiffusionMRP`: a batched TorchRL environment (method.md §2), the one producer of training data:
+  `sample_pairs` (the paper's training draw, method.md §5) and `sample_trajectories` (n-step chains) are a reset
+  at the training levels plus env steps.
 - `ValueNet` / `make_critic`: the critic V(s) = A D(x) + kappa x as a TensorDictModule (method.md §2-§4).
 - `DiffusionMRPGym`: a single-sample Gymnasium adapter, registered as "diffusion_rl/DiffusionMRP-v0".
 """

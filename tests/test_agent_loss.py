@@ -156,7 +156,7 @@ def test_parity_with_method_section_5(coupling, reweighting):
 
 
 def test_edm_weight_generalisation_equals_c_out_form():
-    """td_weight("edm") with the formulation's c_out is method.md §6: 1/max(A^2 c_out^2, 1e-8), c_out written by hand."""
+    """td_weight("edm") with the formulation's c_out is method.md §6's 1/max(A^2 c_out^2, 1e-8), c_out by hand."""
     _, ag = make_agent()
     sigma = torch.tensor(SIGMAS[:5], dtype=torch.float64)
     A, _ = spec_A_kappa(sigma, "markov")

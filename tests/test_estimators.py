@@ -148,7 +148,7 @@ def test_estimator_module_forward_agrees():
     torch.testing.assert_close(td["advantage"], returns(est, r, v_next, time_dim=1) - v, rtol=1e-12, atol=1e-12)
 
 
-# ---- telescoping through the agent: n-step with stride k == td0 with stride n k (method.md §7) ---------------------------
+# ---- telescoping through the agent: n-step with stride k == td0 with stride n k (method.md §7) -------------------
 
 
 def _toy_dataset() -> Dataset:
