@@ -1,20 +1,22 @@
 """`diffusion-rl` command line: demo, train, sample, evaluate.
 
 Every setting is a field of one documented dataclass (`Args`, `SampleArgs`, `EvalArgs`), turned into --flags.
-Bad input exits with code 2 and a one-line message, before any training starts.
+Bad input exits with code 2 and a one-line message before any work starts (training, feature-net fitting,
+sampling); an environment failure (disk full, permission denied, out of memory, a non-finite loss) exits with code
+1 and a one-line message. `--debug` shows the traceback instead. Heavy imports (torch, torchrl) wait until a
+command runs, so `--help` and argument errors answer at once.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .errors import ConfigError, check_choice
+from .errors import ConfigError, check_choice, check_positive
 
 __all__ = ["Args", "SampleArgs", "EvalArgs", "main", "make_learner", "load_denoiser"]
 
@@ -45,18 +47,22 @@ class Args:
     conditional: bool = opt(False, "class-conditional network (needs labels)")
     seed: int = opt(0, "seeds initialisation, the env (data order, levels, noise) and sampling")
     device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
-    out: str = opt("runs/train", "output folder: checkpoint.pt, metrics.jsonl, results.json, plots")
-    resume: bool = opt(False, "continue from out/<method>/checkpoint.pt")
+    out: str = opt("runs/train", "output folder: results.json and plots; each method's checkpoint.pt and "
+                                 "metrics.jsonl in out/<method>-<formulation> (e.g. out/td-edm)")
+    resume: bool = opt(False, "continue the run held in --out (it may change lr, checkpoint and logging settings)")
+    overwrite: bool = opt(False, "replace the run held in --out (its checkpoints, logs and grids are deleted)")
     checkpoint_every: int = opt(250, "steps between checkpoints")
+    checkpoint_seconds: float = opt(300.0, "also checkpoint after this many seconds of training (0: off)")
     estimator: str = opt("td0", "TD: td0 | nstep | td_lambda")
     n_steps: int = opt(2, "TD: transitions per trajectory for nstep / td_lambda (td0 uses 1)")
-    lmbda: float = opt(0.95, "TD: lambda of td_lambda")
+    lmbda: float = opt(0.95, "TD: lambda of td_lambda, in [0, 1]")
     reweighting: str = opt("", "TD: edm | pairwise | linear | none ('': the formulation's default, edm; pairwise "
                                "for CT)")
     base_lambda: float = opt(0.5, "TD: weight of the base loss (the paper's lambda)")
     coupling: str = opt("", "TD: markov | shared ('': the formulation's default, markov; shared for CT)")
-    stride: float = opt(-1.0, "TD: MRP stride in index units (-1: the formulation's default, 3 for EDM)")
-    one_step: float = opt(-1.0, "TD: one-step stride delta (-1: the formulation's default, 0.2 for EDM)")
+    stride: str = opt("auto", "TD: MRP stride in index units > 0 (auto: the formulation's default, 3 for EDM)")
+    one_step: str = opt("auto", "TD: one-step shift delta in index units > 0 (auto: the formulation's default, "
+                                "0.2 for EDM)")
     target_tau: float = opt(0.999, "TD: target-network EMA rate")
     nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated (even budgets use Euler)")
     n_samples: int = opt(1000, "evaluation samples per NFE")
@@ -168,8 +174,22 @@ def _parse_nfe_grid(text: str) -> tuple[int, ...]:
     return grid
 
 
+def _auto_float(name: str, text: str) -> float | None:
+    """'auto' -> None; otherwise a float (its range is checked where it is used)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be 'auto' or a number, got {text!r}") from None
+
+
 def make_learner(args: Args, method: str | None = None, dataset=None):
-    """Build the learner an `Args` describes (data, network, formulation, method); validates everything first."""
+    """Build the learner an `Args` describes (data, network, formulation, method); validates everything first.
+
+    Its out_dir is `args.out / <learner.method>` ("edm-baseline", "td-edm", "vp-baseline", ...)."""
+    import torch
+
     from agents import DiffusionBaseline, TDEvaluator
     from envs import DiffusionMRP
 
@@ -179,6 +199,7 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     from .training import TrainConfig, resolve_device
 
     method = check_choice("method", method or args.method, METHODS)
+    device = resolve_device(args.device)
     dataset = dataset if dataset is not None else load_dataset(args.data, seed=args.seed)
     if args.conditional and dataset.labels is None:
         raise ConfigError(f"--conditional needs a labelled data set; {args.data!r} has no labels")
@@ -189,21 +210,21 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     denoiser = Denoiser(net, formulation)
     config = TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_halflife_images=args.ema_halflife_images, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
-    out_dir = Path(args.out) / method
+                         checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
+                         tensorboard=args.tensorboard)
     # one env per learner, seeded alike: the baseline and the TD agent draw the same x0 and levels at every step
-    env_kwargs = {"coupling": args.coupling or None, "seed": args.seed, "device": resolve_device(args.device)}
-    if args.stride > 0:
-        env_kwargs["stride"] = args.stride
-    if args.one_step > 0:
-        env_kwargs["one_step"] = args.one_step
-    env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size], **env_kwargs)
+    env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size], coupling=args.coupling or None,
+                       stride=_auto_float("stride", args.stride), one_step=_auto_float("one_step", args.one_step),
+                       seed=args.seed, device=device)
     if method == "baseline":
-        return DiffusionBaseline(env, denoiser=denoiser, config=config, out_dir=out_dir, device=args.device)
-    return TDEvaluator(env, denoiser=denoiser, estimator=args.estimator,
-                       n_steps=1 if args.estimator == "td0" else args.n_steps, lmbda=args.lmbda,
-                       reweighting=args.reweighting or None, base_weight_lambda=args.base_lambda, tau=args.target_tau,
-                       config=config, out_dir=out_dir, device=args.device)
+        learner = DiffusionBaseline(env, denoiser=denoiser, config=config, device=device)
+    else:
+        learner = TDEvaluator(env, denoiser=denoiser, estimator=args.estimator,
+                              n_steps=1 if args.estimator == "td0" else args.n_steps, lmbda=args.lmbda,
+                              reweighting=args.reweighting or None, base_weight_lambda=args.base_lambda,
+                              tau=args.target_tau, config=config, device=device)
+    learner.out_dir = Path(args.out) / learner.method  # each method and formulation in its own folder
+    return learner
 
 
 def load_denoiser(path: str | Path, device: str = "cpu", ema: bool = True):
@@ -217,39 +238,98 @@ def load_denoiser(path: str | Path, device: str = "cpu", ema: bool = True):
     fcfg = dict(cfg["formulation"])
     formulation = make_formulation(fcfg.pop("name"), **fcfg)
     denoiser = Denoiser(network_from_config(cfg["network"]), formulation)
-    denoiser.load_state_dict(ckpt["ema" if ema else "model"])
+    try:
+        denoiser.load_state_dict(ckpt["ema" if ema else "model"])
+    except (RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"checkpoint {str(path)!r}: its tensors do not fit its network config ({first})") from None
     denoiser.step = int(ckpt["step"])
     return denoiser.to(device).eval(), cfg
 
 
-def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool) -> int:
+# ---- checks of a whole command, before any work -------------------------------------------------------------------
+TD_OPTIONS = ("estimator", "n_steps", "lmbda", "reweighting", "base_lambda", "coupling", "stride", "one_step",
+              "target_tau")
+
+
+def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str, ...] = ()) -> tuple[int, ...]:
+    """Everything about a demo/train command that can be checked without data or torch; returns the NFE grid.
+
+    `given` names the options written on the command line: an option the chosen method or estimator would
+    ignore is refused with the reason, never dropped silently.
+    """
+    from .limits import check_limit
+
+    for name in ("steps", "batch_size", "width", "depth", "n_samples", "log_every"):
+        if hasattr(args, name):
+            check_positive(name, getattr(args, name))
+    check_limit("steps", args.steps, "steps")
+    check_limit("n_samples", args.n_samples, "samples")
+    if args.n_samples < 2:
+        raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {args.n_samples}")
+    nfe_grid = _parse_nfe_grid(args.nfe_grid)
+    for nfe in nfe_grid:
+        check_limit("nfe", nfe, "nfe")
+    for m in methods:
+        check_choice("method", m, METHODS)
+    if "baseline" in methods and "td" not in methods:
+        stray = [f"--{k.replace('_', '-')}" for k in TD_OPTIONS if k in given]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} applies to --method td only; the baseline would ignore it")
+    if "td" in methods:
+        if args.estimator == "td0" and "n_steps" in given and args.n_steps != 1:
+            raise ConfigError(f"--n-steps {args.n_steps} applies to the nstep and td_lambda estimators; td0 trains "
+                              f"on single transitions")
+        if args.estimator != "td_lambda" and "lmbda" in given:
+            raise ConfigError(f"--lmbda applies to --estimator td_lambda only; {args.estimator} would ignore it")
+    for name in ("stride", "one_step"):
+        value = _auto_float(name, getattr(args, name))
+        if value is not None:
+            check_positive(name, value, integer=False)
+    return nfe_grid
+
+
+def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, given: set[str]) -> int:
     from .data import load_dataset
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
+    from .runs import RunFolder, check_writable_folder
 
-    nfe_grid = _parse_nfe_grid(args.nfe_grid)
+    nfe_grid = validate_args(args, given, methods)
+    check_writable_folder(args.out)
     dataset = load_dataset(args.data, seed=args.seed)
     learners = [make_learner(args, m, dataset) for m in methods]  # validates every setting before any work
     eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features)
     out = Path(args.out)
-    evaluator = Evaluator(dataset, eval_cfg) if args.eval else None
-    records, t_start = [], time.perf_counter()
-    if with_untrained and evaluator is not None:
-        records += evaluator.sweep(learners[0].ema, "untrained", 0, out, learners[0].device, args.progress)
-    for learner in learners:
-        if args.resume and (learner.out_dir / "checkpoint.pt").exists():
-            learner.resume()
-            print(f"resumed {learner.method} at step {learner.step}", file=sys.stderr)
-        t0 = time.perf_counter()
-        last = {}
-        for last in learner.train(args.steps, progress=args.progress):
-            pass
-        print(f"{learner.method}: {learner.step} steps, loss {last.get('loss', float('nan')):.4f}, "
-              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        if evaluator is not None:
-            records += evaluator.sweep(learner.ema, learner.method, learner.step, out, learner.device, args.progress)
-    if evaluator is None:
-        return 0
-    write_results(records, out)
+    with RunFolder(out, resume=args.resume, overwrite=args.overwrite,
+                   subfolders=tuple(learner.method for learner in learners)):
+        for learner in learners:  # every checkpoint is read and checked before any training
+            if args.resume and (learner.out_dir / "checkpoint.pt").exists():
+                learner.resume()
+                if args.steps < learner.step:
+                    raise ConfigError(f"--steps {args.steps} is below step {learner.step} of the {learner.method} "
+                                      f"checkpoint; --steps is the total, give >= {learner.step}")
+                print(f"resuming {learner.method} at step {learner.step}", file=sys.stderr)
+            elif args.resume:
+                print(f"{learner.method}: no checkpoint in {learner.out_dir}, starting it", file=sys.stderr)
+        evaluator = Evaluator(dataset, eval_cfg) if args.eval else None
+        records, t_start = [], time.perf_counter()
+        if with_untrained and evaluator is not None:
+            records += evaluator.sweep(learners[0].ema, "untrained", 0, out, learners[0].device, args.progress)
+        for learner in learners:
+            t0 = time.perf_counter()
+            last = {}
+            for last in learner.train(args.steps, progress=args.progress):
+                pass
+            print(f"{learner.method}: {learner.step} steps, loss {last.get('loss', float('nan')):.4f}, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            if evaluator is not None:
+                records += evaluator.sweep(learner.ema, learner.method, learner.step, out, learner.device,
+                                           args.progress)
+        if evaluator is None:
+            return 0
+        for r in records:
+            r["data_hash"] = learners[0].data_hash
+        write_results(records, out)
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     for metric in metrics:
         plot_metric_vs_nfe(records, out / f"{metric}_vs_nfe.png", metric)
@@ -262,33 +342,68 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool) 
     return 0
 
 
+SAMPLE_SUFFIXES = (".png", ".npz")
+SAMPLE_CHUNK = 1000  # samples drawn at a time: memory does not grow with --n beyond the output itself
+
+
 def _cmd_sample(a: SampleArgs) -> int:
-    from .evaluation import save_sample_grid
-    from .samplers import sample
-    from .training import resolve_device
+    from .limits import check_limit
+    from .runs import check_writable_folder
 
     if not a.checkpoint:
         raise ConfigError("--checkpoint is required")
+    check_positive("n", a.n)
+    check_limit("n", a.n, "samples")
+    check_positive("nfe", a.nfe)
+    check_limit("nfe", a.nfe, "nfe")
+    out = Path(a.out)
+    if out.suffix.lower() not in SAMPLE_SUFFIXES:
+        raise ConfigError(f"--out {a.out!r} has suffix {out.suffix!r}; accepted: {', '.join(SAMPLE_SUFFIXES)}")
+    if out.is_dir():
+        raise ConfigError(f"--out {a.out!r} is a folder; give a file name ending in .png or .npz")
+    check_writable_folder(out.parent if str(out.parent) else ".", "--out folder")
+
+    import torch
+
+    from .evaluation import save_sample_grid
+    from .samplers import sample, sampler_for_nfe
+    from .training import resolve_device
+
     device = resolve_device(a.device)
     denoiser, _ = load_denoiser(a.checkpoint, device)
+    name = sampler_for_nfe(denoiser.formulation, a.nfe, a.sampler or None)  # an unreachable budget fails here
     g = torch.Generator(device=device).manual_seed(a.seed)
-    res = sample(denoiser, denoiser.formulation, (a.n, *denoiser.sample_shape), sampler=a.sampler or None,
-                 nfe=a.nfe, generator=g, device=device)
-    out = Path(a.out)
-    if out.suffix == ".npz":
+    chunks = []
+    for start in range(0, a.n, SAMPLE_CHUNK):
+        n = min(SAMPLE_CHUNK, a.n - start)
+        res = sample(denoiser, denoiser.formulation, (n, *denoiser.sample_shape), sampler=name, nfe=a.nfe,
+                     generator=g, device=device)
+        chunks.append(res.x.float().cpu())
+    x = torch.cat(chunks)
+    if out.suffix.lower() == ".npz":
         import numpy as np
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, samples=res.x.float().cpu().numpy())
+        np.savez(out, samples=x.numpy())
     else:
-        save_sample_grid(res.x.float().cpu(), out, title=f"{res.sampler}, NFE {res.nfe}")
+        save_sample_grid(x, out, title=f"{res.sampler}, NFE {res.nfe}")
     print(f"wrote {a.n} samples ({res.sampler}, NFE {res.nfe}) to {out}")
     return 0
 
 
 def _cmd_evaluate(a: EvalArgs) -> int:
+    from .limits import check_limit
+    from .runs import check_writable_folder
+
+    nfe_grid = _parse_nfe_grid(a.nfe_grid)
+    for nfe in nfe_grid:
+        check_limit("nfe", nfe, "nfe")
+    check_positive("n_samples", a.n_samples)
+    check_limit("n_samples", a.n_samples, "samples")
+    check_writable_folder(a.out)
+
     from .data import load_dataset
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
+    from .samplers import sampler_for_nfe
     from .training import resolve_device
 
     device = resolve_device(a.device)
@@ -297,12 +412,22 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     if len(datasets) != 1:
         raise ConfigError(f"checkpoints were trained on different data sets {sorted(datasets)}; evaluate them apart")
     dataset = load_dataset(datasets.pop())
-    cfg = EvalConfig(nfe_grid=_parse_nfe_grid(a.nfe_grid), n_samples=a.n_samples, seed=a.seed,
+    now = dataset.content_hash()
+    for path, (denoiser, cfg) in zip(a.checkpoint, loaded):
+        saved = cfg.get("data_hash")
+        if saved is not None and saved != now:
+            raise ConfigError(f"the data {cfg['dataset']!r} differs from the data {path!r} was trained on: content "
+                              f"hash {now} now vs {saved} saved; FID against it would score the wrong reference")
+        for nfe in nfe_grid:  # a sampler named on the command line is never swapped for another
+            sampler_for_nfe(denoiser.formulation, nfe, a.sampler or None)
+    cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=a.seed,
                      features=a.features, sampler=a.sampler or None)
     evaluator = Evaluator(dataset, cfg)
     records = []
     for denoiser, ccfg in loaded:
         records += evaluator.sweep(denoiser, ccfg["method"], denoiser.step, a.out, device)
+    for r in records:
+        r["data_hash"] = now
     write_results(records, a.out)
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     for metric in metrics:
@@ -314,44 +439,86 @@ def _cmd_evaluate(a: EvalArgs) -> int:
 DEMO_DEFAULTS = {"out": "runs/demo", "steps": 1500, "n_samples": 1000}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffusion-rl", description=__doc__.splitlines()[0])
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and its sub-parsers by command."""
+    p = argparse.ArgumentParser(prog="diffusion-rl", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train the EDM baseline and the TD agent on digits, evaluate across NFE")
-    add_dataclass_args(d, Args, DEMO_DEFAULTS)
-    d.add_argument("--quick", action="store_true", help="a tiny run (smoke test): 60 steps, 200 samples")
-    t = sub.add_parser("train", help="train one method, then evaluate it across NFE")
-    add_dataclass_args(t, Args)
-    s = sub.add_parser("sample", help="draw samples from a checkpoint")
-    add_dataclass_args(s, SampleArgs)
-    e = sub.add_parser("evaluate", help="sweep NFE budgets for checkpoints")
-    add_dataclass_args(e, EvalArgs)
-    return p
+    subs = {
+        "demo": sub.add_parser("demo", allow_abbrev=False,
+                               help="train the EDM baseline and the TD agent on digits, evaluate across NFE"),
+        "train": sub.add_parser("train", allow_abbrev=False, help="train one method, then evaluate it across NFE"),
+        "sample": sub.add_parser("sample", allow_abbrev=False, help="draw samples from a checkpoint"),
+        "evaluate": sub.add_parser("evaluate", allow_abbrev=False, help="sweep NFE budgets for checkpoints"),
+    }
+    add_dataclass_args(subs["demo"], Args, DEMO_DEFAULTS)
+    subs["demo"].add_argument("--quick", action="store_true",
+                              help="a 20-second smoke run: 60 steps, 200 samples, NFE 1,2,3,9,35")
+    add_dataclass_args(subs["train"], Args)
+    add_dataclass_args(subs["sample"], SampleArgs)
+    add_dataclass_args(subs["evaluate"], EvalArgs)
+    return p, subs
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the options written in `argv` (abbreviations are off, so exact matches suffice)."""
+    given = set()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            if any(a == flag or a.startswith(flag + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subs = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return _run(ns, given_options(subs[ns.command], argv))
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line, unless --debug asks for the traceback
+        if ns.debug:
+            raise
+        code, text = _classify(e)
+        print(f"diffusion-rl: error: {text}", file=sys.stderr)
+        return code
+
+
+def _run(ns: argparse.Namespace, given: set[str]) -> int:
+    if ns.command in ("demo", "train"):
+        args = dataclass_from_args(Args, ns)
+        if ns.command == "demo":
+            if ns.quick:
+                args.steps, args.n_samples, args.nfe_grid = 60, 200, "1,2,3,9,35"
+            return _train_and_eval(args, METHODS, with_untrained=True, given=given)
+        return _train_and_eval(args, (args.method,), with_untrained=False, given=given)
+    if ns.command == "sample":
+        return _cmd_sample(dataclass_from_args(SampleArgs, ns))
+    return _cmd_evaluate(dataclass_from_args(EvalArgs, ns))
+
+
+def _classify(e: Exception) -> tuple[int, str]:
+    """(exit code, one-line message): 2 for bad input, 1 for a failure of the environment or the run."""
+    if isinstance(e, ConfigError):
+        return 2, _one_line(e)
+    if isinstance(e, OSError):
+        what = {errno.ENOSPC: "disk full", errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
+                errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror or type(e).__name__)
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        return 1, f"{what}{where}; the last good checkpoint is kept"
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return 1, f"out of memory ({_one_line(e)}); lower --batch-size, --width or --n-samples"
     from .training import NonFiniteLossError
 
-    ns = build_parser().parse_args(argv)
-    try:
-        if ns.command in ("demo", "train"):
-            args = dataclass_from_args(Args, ns)
-            if ns.command == "demo":
-                if ns.quick:
-                    args.steps, args.n_samples, args.nfe_grid = 60, 200, "1,2,3,9,35"
-                return _train_and_eval(args, METHODS, with_untrained=True)
-            return _train_and_eval(args, (args.method,), with_untrained=False)
-        if ns.command == "sample":
-            return _cmd_sample(dataclass_from_args(SampleArgs, ns))
-        return _cmd_evaluate(dataclass_from_args(EvalArgs, ns))
-    except ConfigError as e:
-        print(f"diffusion-rl: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"diffusion-rl: error: {e}", file=sys.stderr)
-        return 1
+    if isinstance(e, NonFiniteLossError):
+        return 1, _one_line(e)
+    return 1, f"{type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

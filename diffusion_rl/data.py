@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import math
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, check_positive
+from .limits import check_limit, limit
 
 __all__ = ["Dataset", "DATASETS", "TOYS", "load_dataset", "cache_dir", "sample_toy"]
 
@@ -218,6 +220,8 @@ def _check_labels(labels: np.ndarray, n: int, what: str) -> tuple[Tensor, int]:
 
 
 def _image_dataset(name: str, images: np.ndarray, labels: np.ndarray | None, what: str) -> Dataset:
+    if images.ndim >= 3 and max(images.shape[1:3]) > limit("image_side"):
+        check_limit(f"{what} image side", max(images.shape[1:3]), "image_side")
     x = torch.from_numpy(np.ascontiguousarray(_to_unit_range(_to_nchw(images, what), what)))
     if labels is None:
         return Dataset(name, x, None, 0, "image")
@@ -269,7 +273,9 @@ def _load_npz(path: str) -> Dataset:
                 raise ConfigError(f"{path} has arrays {sorted(keys)}; accepted: an 'images' (or 'x') array")
             images = f[key]
             labels = f["labels"] if "labels" in keys else None
-    except (OSError, ValueError) as e:
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ConfigError(f"cannot read {path} as a .npz file: {e}") from None
     return _image_dataset(path, images, labels, path)
 
@@ -300,10 +306,12 @@ def _load_folder(path: str) -> Dataset:
     arrays = []
     for f, _ in files:
         try:
-            with Image.open(f) as im:
+            with Image.open(f) as im:  # reads the header only: the size is checked before any pixel is decoded
+                if max(im.size) > limit("image_side"):
+                    check_limit(f"image {f} side", max(im.size), "image_side")
                 gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")  # palette and colour modes -> RGB
                 arrays.append(np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8))
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             raise ConfigError(f"cannot read image {f}: {e}") from None
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
@@ -352,6 +360,12 @@ def load_dataset(name_or_path: str, *, root: str | None = None, n_points: int = 
     if os.path.isfile(path):
         if not path.lower().endswith(".npz"):
             raise ConfigError(f"data file {path!r} is not a .npz file; accepted: a .npz file or an image folder")
+        size = os.path.getsize(path)
+        if size == 0:
+            raise ConfigError(f"data file {path!r} is empty (0 bytes)")
+        check_limit(f"data file {path!r} size", size, "data_bytes")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"data file {path!r} is not readable (permission denied)")
         return _load_npz(path)
     raise ConfigError(
         f"unknown data set {name!r}; accepted: {', '.join(DATASETS)}, or a path to a .npz file or an image folder")

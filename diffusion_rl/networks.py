@@ -6,7 +6,7 @@ preconditioning, D(x; level) = c_skip x + c_out F(c_in x, c_noise), so D always 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, check_positive
 from .formulations import Formulation, expand_as_image
+from .limits import check_limit
 
-__all__ = ["FourierEmbedding", "UNet", "MLP", "Denoiser", "build_network", "network_from_config"]
+__all__ = ["FourierEmbedding", "UNet", "MLP", "Denoiser", "build_network", "network_from_config", "checked_size"]
 
 
 class FourierEmbedding(nn.Module):
@@ -202,12 +203,32 @@ class Denoiser(nn.Module):
         return expand_as_image(c_skip, x) * x + expand_as_image(c_out, x) * out.to(x.dtype)
 
 
+def checked_size(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build `factory()` on the meta device first (no memory) and refuse a network above the parameter limit;
+    then build it for real."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in factory().parameters())
+    check_limit("network parameters", n, "parameters")
+    return factory()
+
+
 def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int | None = None,
                   depth: int = 1, dropout: float = 0.0, channel_mult: Sequence[int] | None = None) -> nn.Module:
-    """A default raw network for samples of `sample_shape`: an MLP for vectors, a UNet for [C, H, W] images."""
+    """A default raw network for samples of `sample_shape`: an MLP for vectors, a UNet for [C, H, W] images.
+
+    width None picks the default (128 for the MLP, 32 for the UNet); any given width must be a positive integer.
+    """
+    if width is not None:
+        check_positive("width", width)
+    check_positive("depth", depth)
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+    if num_classes:
+        check_limit("num_classes", num_classes, "classes")
     shape = tuple(sample_shape)
     if len(shape) == 1:
-        return MLP(dim=shape[0], width=width or 128, depth=max(depth, 2), num_classes=num_classes, dropout=dropout)
+        return checked_size(lambda: MLP(dim=shape[0], width=width or 128, depth=max(depth, 2),
+                                        num_classes=num_classes, dropout=dropout))
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ConfigError(f"sample shape {shape} is not supported; expected (D,) vectors or square (C, H, W) images")
     c, res, _ = shape
@@ -215,15 +236,19 @@ def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int 
         channel_mult = (1, 2) if res <= 16 else (1, 2, 2)
         while res % 2 ** (len(channel_mult) - 1):
             channel_mult = channel_mult[:-1]
-    return UNet(res, channels=c, width=width or 32, depth=depth, channel_mult=channel_mult,
-                num_classes=num_classes, dropout=dropout)
+    return checked_size(lambda: UNet(res, channels=c, width=width or 32, depth=depth, channel_mult=channel_mult,
+                                     num_classes=num_classes, dropout=dropout))
 
 
 def network_from_config(config: dict) -> nn.Module:
     """Rebuild a raw network from its `config` attribute (as stored in checkpoints)."""
     kwargs = {k: v for k, v in config.items() if k != "kind"}
-    if config.get("kind") == "unet":
-        return UNet(**kwargs)
-    if config.get("kind") == "mlp":
-        return MLP(**kwargs)
+    kinds = {"unet": UNet, "mlp": MLP}
+    if config.get("kind") in kinds:
+        try:
+            return checked_size(lambda: kinds[config["kind"]](**kwargs))
+        except (TypeError, ValueError, RuntimeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"network config {config} cannot be built ({e})") from None
     raise ConfigError(f"unknown network kind {config.get('kind')!r}; accepted: unet, mlp")

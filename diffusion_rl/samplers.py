@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, check_choice, check_positive
+from .limits import check_limit
 from .formulations import CTFormulation, EDMFormulation, Formulation, VPFormulation
 from .schedules import edm_sampling_sigmas
 
@@ -119,6 +120,7 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
     """Steps that spend exactly `nfe` evaluations; ConfigError if the sampler cannot reach that budget."""
     check_choice("sampler", sampler, SAMPLERS)
     check_positive("nfe", nfe)
+    check_limit("nfe", nfe, "nfe")
     if sampler == "heun":
         if nfe % 2 == 0:
             raise ConfigError(f"nfe {nfe} is unreachable by heun (NFE = 2 steps - 1: odd budgets 1, 3, 5, ...); "
@@ -137,11 +139,15 @@ def default_sampler(formulation: Formulation) -> str:
 
 
 def sampler_for_nfe(formulation: Formulation, nfe: int, preferred: str | None = None) -> str:
-    """`preferred` (default: the family's main sampler), or Euler where Heun cannot reach the budget."""
-    name = preferred or default_sampler(formulation)
-    if name == "heun" and nfe % 2 == 0:
-        return "euler"
-    return name
+    """`preferred`, or (None) the family's main sampler with Euler where Heun cannot reach the budget.
+
+    A sampler asked for by name is never replaced: one that cannot reach `nfe` raises ConfigError.
+    """
+    if preferred:
+        steps_for_nfe(preferred, nfe)
+        return preferred
+    name = default_sampler(formulation)
+    return "euler" if name == "heun" and nfe % 2 == 0 else name
 
 
 def sample(denoise: DenoiseFn, formulation: Formulation, shape: tuple[int, ...], *, sampler: str | None = None,

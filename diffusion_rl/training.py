@@ -12,10 +12,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 import time
+import uuid
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -28,7 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, check_positive
+from .limits import check_limit
 from .networks import Denoiser, build_network
+from .runs import remove_stale_temporaries
 
 __all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint",
            "objective"]
@@ -46,11 +52,23 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" picks CUDA when there is a GPU, else CPU."""
-    if str(device) == "auto":
+    """"auto" picks CUDA when there is a GPU, else CPU. Unknown names and absent devices raise ConfigError."""
+    text = str(device)
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
+        raise ConfigError(f"unknown device {text!r}; accepted: {', '.join(DEVICES)}")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {text!r}: no CUDA device is available on this machine; accepted here: auto, cpu")
+    if text.startswith("cuda:") and int(text[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' is not available on this machine; accepted here: auto, cpu")
+    return torch.device(text)
 
 
 @dataclass
@@ -64,6 +82,7 @@ class TrainConfig:
     grad_clip: float = 0.0          # max gradient norm; 0 disables clipping
     seed: int = 0                   # seeds a network the learner builds (the env's seed drives data and noise)
     checkpoint_every: int = 0       # steps between checkpoints; 0 writes only at the end of train()
+    checkpoint_seconds: float = 300.0  # also checkpoint when this much wall-clock time has passed; 0 disables
     log_every: int = 25             # steps between JSONL metric records
     tensorboard: bool = False       # also write metrics as TensorBoard scalars to out_dir/tensorboard
 
@@ -71,9 +90,12 @@ class TrainConfig:
         check_positive("batch_size", self.batch_size)
         check_positive("lr", self.lr, integer=False)
         check_positive("ema_halflife_images", self.ema_halflife_images, integer=False)
-        for name in ("warmup_steps", "checkpoint_every", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "grad_clip", "checkpoint_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr > 1.0:
+            raise ConfigError(f"lr must be in (0, 1], got {self.lr!r}")
         check_positive("log_every", self.log_every)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard=True needs the tensorboard package: pip install 'diffusion-rl[tensorboard]'")
@@ -156,6 +178,9 @@ class Learner(ABC):
         self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=self.config.lr)
         self.step = 0
         self.images_seen = 0
+        self.run_id = uuid.uuid4().hex[:12]  # names this run in every metrics line; kept across resumes
+        hasher = getattr(self.dataset, "content_hash", None)  # the data is identified by content, not by path
+        self.data_hash = hasher() if callable(hasher) else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._writer = None  # TensorBoard SummaryWriter, made on first use
 
@@ -224,10 +249,17 @@ class Learner(ABC):
         """Run until `self.step == steps` (total, so a resumed run stops where the uninterrupted one would),
         yielding a metrics dict every `log_every` steps and writing checkpoints and metrics.jsonl to out_dir."""
         check_positive("steps", steps)
+        check_limit("steps", steps, "steps")
+        if steps < self.step:
+            raise ConfigError(f"steps={steps} is below the step {self.step} this run has reached; give steps >= "
+                              f"{self.step} (the total, not the number still to train)")
         cfg = self.config
+        if self.out_dir is not None and self.out_dir.is_dir():
+            remove_stale_temporaries(self.out_dir)
         bar = tqdm(total=steps, initial=self.step, desc=self.method, disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, leave=False)
         t0, acc, n_acc = time.perf_counter(), {}, 0
+        last_save = t0
         try:
             while self.step < steps:
                 out = self.update(self.collect())
@@ -236,16 +268,20 @@ class Learner(ABC):
                         acc[k] = acc.get(k, 0.0) + float(v)
                 n_acc += 1
                 bar.update(1)
+                rec = None
                 if self.step % cfg.log_every == 0 or self.step == steps:
-                    rec = {"method": self.method, "step": self.step, "images": self.images_seen,
-                           "lr": self._lr(), "seconds": time.perf_counter() - t0,
+                    rec = {"run_id": self.run_id, "seed": cfg.seed, "method": self.method, "step": self.step,
+                           "images": self.images_seen, "lr": self._lr(), "seconds": time.perf_counter() - t0,
                            **{k: v / n_acc for k, v in acc.items()}}  # averaged over the steps taken
                     acc, n_acc = {}, 0
                     bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
-                    self._log(rec)
-                    yield rec
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self._log(rec)  # before the checkpoint: a resume trims lines past the checkpoint's step
+                due = cfg.checkpoint_seconds and time.perf_counter() - last_save >= cfg.checkpoint_seconds
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or due:
                     self.save()
+                    last_save = time.perf_counter()
+                if rec is not None:
+                    yield rec
         except GeneratorExit:  # the caller stopped iterating early: keep what was trained
             self.save()
             raise
@@ -274,7 +310,8 @@ class Learner(ABC):
         """Everything a resume must agree on."""
         return {"method": self.method, "formulation": self.formulation.config(),
                 "network": getattr(self.denoiser.net, "config", {}),
-                "dataset": getattr(self.dataset, "name", "?"), "sample_shape": list(self.dataset.sample_shape),
+                "dataset": getattr(self.dataset, "name", "?"), "data_hash": self.data_hash,
+                "sample_shape": list(self.dataset.sample_shape),
                 "train": asdict(self.config), "method_config": self.method_config()}
 
     def state_dict(self) -> dict:
@@ -285,7 +322,7 @@ class Learner(ABC):
         return {"model": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "extra": {k: m.state_dict() for k, m in self.extra_modules().items()},
-                "step": self.step, "images_seen": self.images_seen,
+                "step": self.step, "images_seen": self.images_seen, "run_id": self.run_id,
                 "config": json.loads(json.dumps(self.full_config())), "rng": rng}
 
     def save(self, path: str | Path | None = None) -> Path | None:
@@ -298,15 +335,32 @@ class Learner(ABC):
         return Path(path)
 
     def load_state_dict(self, ckpt: dict, strict_config: bool = True) -> None:
+        """Restore a checkpoint. Settings that change the run's identity must match (the first difference is
+        named); RESUME_MAY_CHANGE may differ: the learning rate (with a warning), checkpoint and logging intervals."""
         mine = json.loads(json.dumps(self.full_config()))
-        if strict_config and ckpt["config"] != mine:
-            diffs = _config_diff(ckpt["config"], mine)
-            raise ConfigError(f"checkpoint config does not match this run: {diffs}")
-        self.denoiser.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        for k, m in self.extra_modules().items():
-            m.load_state_dict(ckpt["extra"][k])
+        saved = ckpt["config"]
+        if strict_config and _identity(saved) != _identity(mine):
+            saved_hash, my_hash = saved.get("data_hash"), mine.get("data_hash")
+            if saved_hash != my_hash:
+                raise ConfigError(f"the data differs from the checkpoint's: content hash {my_hash} now vs "
+                                  f"{saved_hash} saved (data set {saved.get('dataset')!r}); resume on the same data")
+            raise ConfigError(f"checkpoint config does not match this run: "
+                              f"{_config_diff(_identity(saved), _identity(mine))}")
+        old_lr = saved.get("train", {}).get("lr")
+        if old_lr is not None and old_lr != self.config.lr:
+            warnings.warn(f"resuming with lr {self.config.lr} (the checkpoint trained with {old_lr})", stacklevel=2)
+        try:
+            self.denoiser.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(ckpt["ema"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            for k, m in self.extra_modules().items():
+                m.load_state_dict(ckpt["extra"][k])
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"checkpoint tensors do not fit the network: {first}") from None
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr
+        self.run_id = str(ckpt.get("run_id", self.run_id))
         self.step, self.images_seen = int(ckpt["step"]), int(ckpt.get("images_seen", 0))
         torch.set_rng_state(ckpt["rng"]["torch"])
         for k, g in self.env.generators().items():
@@ -320,6 +374,8 @@ class Learner(ABC):
         if path is None:
             raise ConfigError("resume needs a checkpoint path or an out_dir")
         self.load_state_dict(load_checkpoint(path))
+        if self.out_dir is not None and self.out_dir.is_dir():
+            remove_stale_temporaries(self.out_dir)
         self._trim_log()
         return self
 
@@ -329,8 +385,27 @@ class Learner(ABC):
         log = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
         if log is None or not log.exists():
             return
-        keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        keep, torn = [], 0
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                if rec["step"] <= self.step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                torn += 1  # a line cut short by a killed writer: dropped, and said
+        if torn:
+            warnings.warn(f"{log}: dropped {torn} unreadable line(s) (a run killed while writing)", stacklevel=3)
         log.write_text("".join(line + "\n" for line in keep))
+
+
+RESUME_MAY_CHANGE: tuple[str, ...] = ("lr", "checkpoint_every", "checkpoint_seconds", "log_every", "tensorboard")
+
+
+def _identity(config: dict) -> dict:
+    """A run's config without the train settings a resume may change (RESUME_MAY_CHANGE)."""
+    out = dict(config)
+    out["train"] = {k: v for k, v in config.get("train", {}).items() if k not in RESUME_MAY_CHANGE}
+    return out
 
 
 def _config_diff(a: Any, b: Any, prefix: str = "") -> str:

@@ -36,9 +36,14 @@ def test_train_sample_evaluate_on_points(tmp_path, capsys):
     for key in ("dataset", "n_samples", "reference", "feature_net", "seed", "training_steps", "wall_time_s", "command"):
         assert key in recs[0]
     assert (out / "sw2_vs_nfe.png").exists() and (out / "samples" / "edm-baseline_nfe005.png").exists()
-    ckpt = out / "baseline" / "checkpoint.pt"
-    assert main(["sample", "--checkpoint", str(ckpt), "--nfe", "4", "--out", str(tmp_path / "s.png")]) == 2  # heun
-    assert "nfe 4" in capsys.readouterr().err
+    ckpt = out / "edm-baseline" / "checkpoint.pt"  # each method and formulation in its own folder
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(ckpt), "--nfe", "4", "--sampler", "heun",
+                 "--out", str(tmp_path / "s.png")]) == 2  # a named sampler is never swapped for another
+    assert "nfe 4 is unreachable by heun" in capsys.readouterr().err
+    assert not (tmp_path / "s.png").exists()
+    assert main(["sample", "--checkpoint", str(ckpt), "--nfe", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert "(euler, NFE 4)" in capsys.readouterr().out  # the default: Heun, Euler where Heun cannot land
     assert main(["sample", "--checkpoint", str(ckpt), "--nfe", "4", "--sampler", "euler", "--n", "16",
                  "--out", str(tmp_path / "s.npz")]) == 0
     import numpy as np
@@ -55,9 +60,11 @@ def test_resume_continues_a_cli_run(tmp_path):
     assert main(args) == 0
     assert main(args[:4] + ["20"] + args[5:] + ["--resume"]) == 0
     assert not (tmp_path / "results.json").exists()  # --no-eval skipped the sweep
-    lines = (tmp_path / "baseline" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "edm-baseline" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 20
-    assert main(args[:4] + ["20"] + args[5:] + ["--resume", "--lr", "0.1"]) == 2
+    assert main(args[:4] + ["20"] + args[5:] + ["--resume", "--batch-size", "16"]) == 2  # changes the run
+    with pytest.warns(UserWarning, match="lr 0.01"):  # the learning rate may change on resume
+        assert main(args[:4] + ["25"] + args[5:] + ["--resume", "--lr", "0.01"]) == 0
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -72,8 +72,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path):
     L = make(tmp_path)
     list(L.train(5, progress=False))
-    with pytest.raises(ConfigError, match="lr"):
-        make(tmp_path, lr=5e-3).resume()
+    with pytest.raises(ConfigError, match="train.seed: saved 0 vs now 1"):
+        make(tmp_path, seed=1).resume()
+    with pytest.warns(UserWarning, match="resuming with lr 0.005"):  # the learning rate may change on resume
+        resumed = make(tmp_path, lr=5e-3).resume()
+    assert resumed.optimizer.param_groups[0]["lr"] == 5e-3
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="corrupt"):
         L.resume(tmp_path / "bad.pt")
@@ -152,3 +155,50 @@ def test_baseline_and_td_agent_draw_the_same_data():
     for _ in range(3):
         b, t = base.collect(), td.collect()
         assert torch.equal(b["x0"], t["x0"]) and torch.equal(b["level"], t["level"])
+
+
+def test_resume_tolerates_a_torn_metrics_line_and_removes_stale_temporaries(tmp_path):
+    L = make(tmp_path)
+    list(L.train(10, progress=False))
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 15, "loss": 0.')  # a writer killed mid-line
+    (tmp_path / "checkpoint.pt12345.tmp").write_bytes(b"half a checkpoint")
+    with pytest.warns(UserWarning, match="dropped 1 unreadable line"):
+        resumed = make(tmp_path).resume()
+    assert not list(tmp_path.glob("*.tmp"))
+    list(resumed.train(15, progress=False))
+    recs = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [5, 10, 15]
+    assert len({r["run_id"] for r in recs}) == 1 and all(r["seed"] == 0 for r in recs)  # one run, named
+
+
+def test_steps_below_the_checkpoint_are_refused(tmp_path):
+    L = make(tmp_path)
+    list(L.train(10, progress=False))
+    with pytest.raises(ConfigError, match="steps=5 is below the step 10"):
+        list(make(tmp_path).resume().train(5, progress=False))
+
+
+def test_other_data_with_the_same_name_is_refused_on_resume(tmp_path):
+    import numpy as np
+
+    from diffusion_rl.data import load_dataset as load
+
+    npz = tmp_path / "lab.npz"
+    np.savez(npz, images=np.random.default_rng(0).integers(0, 256, (64, 8, 8), dtype=np.uint8))
+
+    def learner(out):
+        ds = load(str(npz))
+        return DiffusionBaseline(DiffusionMRP(ds, seed=0), config=TrainConfig(batch_size=8), out_dir=out,
+                                 device="cpu")
+
+    list(learner(tmp_path / "run").train(2, progress=False))
+    np.savez(npz, images=np.random.default_rng(1).integers(0, 256, (64, 8, 8), dtype=np.uint8))  # swapped file
+    with pytest.raises(ConfigError, match=r"content hash [0-9a-f]{16} now vs [0-9a-f]{16} saved"):
+        learner(tmp_path / "run").resume()
+
+
+def test_wall_clock_checkpoints(tmp_path):
+    L = make(tmp_path, checkpoint_seconds=1e-9)  # every step is "due"
+    for rec in L.train(10, progress=False):
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == rec["step"]

@@ -1,0 +1,155 @@
+"""Output folders that cannot lose work: path checks, a lock per folder, protection of finished runs.
+
+`RunFolder(out, resume=..., overwrite=...)` is entered before any work starts:
+- the path must be a folder, or creatable, and writable (no file in the way, no read-only parent);
+- a lock file `.lock` holds the owner's PID, host and start time; a second run on the same folder is refused, and a
+  lock left by a dead process on this host is reported and replaced;
+- a folder that holds a run (a checkpoint or a metrics log) is refused unless `resume` (continue it) or
+  `overwrite` (delete its run files first) is given;
+- stale temporary checkpoint files from killed runs (`*.pt*.tmp`) are removed.
+The lock is released when the block exits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import warnings
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["RunFolder", "check_writable_folder", "remove_stale_temporaries", "RUN_FILES"]
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl")  # their presence means the folder holds a run
+LOCK = ".lock"
+
+
+def check_writable_folder(path: str | Path, what: str = "--out") -> Path:
+    """Create `path` if needed and prove it is a writable folder; ConfigError naming the problem otherwise."""
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not writable ({e.strerror or e})") from None
+    return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary checkpoint files a killed writer left behind; returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob("*.pt*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunFolder:
+    """Guard one output folder for the length of a `with` block (see the module docstring).
+
+    Args:
+        path: the output folder.
+        resume: the command continues the run held there.
+        overwrite: the command replaces the run held there (its run files and sample grids are deleted).
+        subfolders: the learners' folders inside `path` (each may hold a run).
+    """
+
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 subfolders: tuple[str, ...] = ()) -> None:
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other: continue the run or replace it")
+        self.path = Path(path)
+        self.resume, self.overwrite = resume, overwrite
+        self.subfolders = subfolders
+        self._locked = False
+
+    def runs_held(self) -> list[Path]:
+        """The folders (this one and its learners') that hold a run."""
+        folders = [self.path, *(self.path / s for s in self.subfolders)]
+        return [f for f in folders if any((f / name).exists() for name in RUN_FILES)]
+
+    def __enter__(self) -> "RunFolder":
+        check_writable_folder(self.path)
+        self._acquire()
+        try:
+            held = self.runs_held()
+            if held and not (self.resume or self.overwrite):
+                raise ConfigError(f"--out {str(self.path)!r} already holds a run ({', '.join(map(str, held))}); "
+                                  f"pass --resume to continue it or --overwrite to replace it")
+            if self.resume and not held:
+                raise ConfigError(f"--resume: {str(self.path)!r} holds no run to continue (no checkpoint.pt); "
+                                  f"run without --resume to start one")
+            if self.overwrite:
+                for folder in held:
+                    for name in (*RUN_FILES, "samples", "tensorboard", "results.json"):
+                        target = folder / name
+                        if target.is_dir():
+                            shutil.rmtree(target)
+                        elif target.exists():
+                            target.unlink()
+            for folder in [self.path, *(self.path / s for s in self.subfolders)]:
+                if folder.is_dir():
+                    remove_stale_temporaries(folder)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release()
+
+    # ---- the lock ---------------------------------------------------------------------------------------------
+    def _acquire(self) -> None:
+        lock = self.path / LOCK
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._read_lock(lock)
+                if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+                    warnings.warn(f"removed a stale lock on {str(self.path)!r} left by process {owner['pid']} "
+                                  f"(started {owner.get('started', '?')}), which is no longer running", stacklevel=3)
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise ConfigError(f"--out {str(self.path)!r} is in use by process {owner.get('pid', '?')} on "
+                                  f"{owner.get('host', '?')} (started {owner.get('started', '?')}); wait for it, "
+                                  f"or delete {str(lock)!r} if that process is gone") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self._locked = True
+            return
+        raise ConfigError(f"could not lock {str(self.path)!r}; delete {str(lock)!r} if no run uses it")
+
+    @staticmethod
+    def _read_lock(lock: Path) -> dict:
+        try:
+            return json.loads(lock.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _release(self) -> None:
+        if self._locked:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self._locked = False
