@@ -395,7 +395,9 @@ class Learner(ABC):
                 torn += 1  # a line cut short by a killed writer: dropped, and said
         if torn:
             warnings.warn(f"{log}: dropped {torn} unreadable line(s) (a run killed while writing)", stacklevel=3)
-        log.write_text("".join(line + "\n" for line in keep))
+        text = "".join(line + "\n" for line in keep)
+        if text != log.read_text():  # rewritten only when a line goes
+            log.write_text(text)
 
 
 RESUME_MAY_CHANGE: tuple[str, ...] = ("lr", "checkpoint_every", "checkpoint_seconds", "log_every", "tensorboard")
