@@ -327,8 +327,6 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
                                            args.progress)
         if evaluator is None:
             return 0
-        for r in records:
-            r["data_hash"] = learners[0].data_hash
         write_results(records, out)
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     for metric in metrics:
@@ -426,8 +424,6 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     records = []
     for denoiser, ccfg in loaded:
         records += evaluator.sweep(denoiser, ccfg["method"], denoiser.step, a.out, device)
-    for r in records:
-        r["data_hash"] = now
     write_results(records, a.out)
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     for metric in metrics:

@@ -73,6 +73,8 @@ class Evaluator:
             self._setup_image_metrics()
         else:
             self.feature_info = {"feature_net": "none (2-D metrics)", "reference": "fresh true samples"}
+        hasher = getattr(self.dataset, "content_hash", None)
+        self.feature_info["data_hash"] = hasher() if callable(hasher) else None  # every record names its data
 
     def _setup_image_metrics(self) -> None:
         from .metrics import ImageFID, get_feature_net, inception_feature_net

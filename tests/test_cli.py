@@ -33,7 +33,8 @@ def test_train_sample_evaluate_on_points(tmp_path, capsys):
     recs = json.loads((out / "results.json").read_text())["records"]
     assert {(r["nfe"], r["metric"]) for r in recs} == {(2, "sw2"), (2, "energy"), (5, "sw2"), (5, "energy")}
     assert {r["sampler"] for r in recs} == {"euler", "heun"}
-    for key in ("dataset", "n_samples", "reference", "feature_net", "seed", "training_steps", "wall_time_s", "command"):
+    for key in ("dataset", "data_hash", "n_samples", "reference", "feature_net", "seed", "training_steps",
+                "wall_time_s", "command"):
         assert key in recs[0]
     assert (out / "sw2_vs_nfe.png").exists() and (out / "samples" / "edm-baseline_nfe005.png").exists()
     ckpt = out / "edm-baseline" / "checkpoint.pt"  # each method and formulation in its own folder
