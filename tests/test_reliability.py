@@ -228,7 +228,9 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys)
 
 KILL_SCRIPT = """
 import sys
+import torch
 from diffusion_rl.cli import main
+torch.set_num_threads(int(sys.argv[3]))  # the test process's thread count: the same arithmetic, bit for bit
 resume = ["--resume"] if sys.argv[2] == "1" else []
 sys.exit(main(["train", "--data", "moons", "--batch-size", "16", "--width", "16", "--no-progress", "--no-eval",
                "--steps", "150", "--checkpoint-every", "1", "--out", sys.argv[1], *resume]))
@@ -249,7 +251,8 @@ def test_sigkill_during_checkpoint_writes_resumes_bit_identically(tmp_path):
     ckpt = out / "edm-baseline" / "checkpoint.pt"
     for attempt in range(2):  # the second attempt resumes the killed run and is killed in turn
         step_before = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else -1
-        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), str(int(attempt > 0))],
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), str(int(attempt > 0)),
+                                 str(torch.get_num_threads())],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:  # wait until it writes checkpoints of its own
