@@ -172,7 +172,7 @@ class EDMFormulation(Formulation):
     """EDM / VE, continuous time (Karras et al. 2022), on the rho grid of method.md §1."""
 
     name = "edm"
-    samplers = ("heun", "euler")
+    samplers = ("heun", "euler", "dpmpp_2m", "ipndm")
 
     def __init__(self, steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2) -> None:
@@ -243,7 +243,7 @@ class CTFormulation(EDMFormulation):
     """
 
     name = "ct"
-    samplers = ("onestep", "multistep", "heun", "euler")
+    samplers = ("onestep", "multistep", "heun", "euler", "dpmpp_2m", "ipndm")
     consistency = True
     default_coupling = "shared"      # method.md §10: the consistency pair shares its noise
     default_reweighting = "pairwise"  # method.md §10: the release's CT weighting
