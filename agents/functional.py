@@ -38,9 +38,16 @@ def mean_pixels(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).mean(-1)
 
 
+def _terms(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """Per-sample (TD, base) parts of method.md §5.5: valid -> (td, lambda base); invalid -> (0, (1 + lambda) base)."""
+    base_w = torch.where(valid, torch.full_like(loss_base, lam), torch.full_like(loss_base, 1.0 + lam))
+    return torch.where(valid, loss_td, torch.zeros_like(loss_td)), base_w * loss_base
+
+
 def combine_losses(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> Tensor:
     """Per-sample loss of method.md §5.5: valid -> td + lambda * base; invalid -> (1 + lambda) * base."""
-    return torch.where(valid, loss_td + lam * loss_base, (1.0 + lam) * loss_base)
+    td, base = _terms(loss_td, loss_base, valid, lam)
+    return td + base
 
 
 def split_objective(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> tuple[Tensor, Tensor]:
@@ -49,9 +56,8 @@ def split_objective(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: floa
         TD term   = mean_i [valid_i] td_i
         base term = mean_i (lambda if valid_i else 1 + lambda) base_i
     """
-    zero = torch.zeros_like(loss_td)
-    base_w = torch.where(valid, torch.full_like(loss_base, lam), torch.full_like(loss_base, 1.0 + lam))
-    return torch.where(valid, loss_td, zero).mean(), (base_w * loss_base).mean()
+    td, base = _terms(loss_td, loss_base, valid, lam)
+    return td.mean(), base.mean()
 
 
 def chain_mask(valid: Tensor, done: Tensor) -> Tensor:

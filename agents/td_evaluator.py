@@ -70,9 +70,11 @@ class TDLoss(LossModule):
         estimator: a TorchRL value estimator with gamma = 1 (see `agents.estimators`).
         reweighting: TD weighting, one of REWEIGHTINGS.
         base_weight_lambda: lambda >= 0, the weight of the base (or consistency) loss.
+        n_steps: the horizon of a multi-step estimator (1 for td0): chains are cut after n_steps transitions.
 
-    Input: a batch [B] of transitions (`env.sample_pairs`) or [B, T] of chains (`env.rollout`,
-    `env.sample_trajectories`, a TorchRL collector's batch). It reads the critic's in_keys and, under names that
+    Input: a batch [B] of transitions (`env.sample_pairs`), [B, T] of chains (`env.rollout`,
+    `env.sample_trajectories`, a TorchRL collector's batch) or [T] (the rollout of an unbatched env, whose last
+    dim is named "time"). It reads the critic's in_keys and, under names that
     `set_keys` may change, "level", "x0", "valid" at the root and "reward", "done" (plus the critic's keys) under
     "next". A batch missing any of them gets a ConfigError naming the missing keys.
 
@@ -114,7 +116,7 @@ class TDLoss(LossModule):
 
     def __init__(self, critic: TensorDictModule, target_critic: TensorDictModule, formulation: Formulation, *,
                  one_step: float, coupling: str, estimator: ValueEstimatorBase, reweighting: str = "edm",
-                 base_weight_lambda: float = 0.5) -> None:
+                 base_weight_lambda: float = 0.5, n_steps: int = 1) -> None:
         super().__init__()
         check_choice("reweighting", reweighting, REWEIGHTINGS)
         # Modules live in __dict__ (not as submodules): their parameters are registered once, below.
@@ -128,6 +130,8 @@ class TDLoss(LossModule):
         self.one_step, self.coupling = float(one_step), coupling
         self.reweighting = reweighting
         self.base_weight_lambda = float(base_weight_lambda)
+        # the estimator's horizon: td0 looks one transition ahead, nstep / td_lambda n_steps
+        self.n_steps = 1 if isinstance(estimator, TD0Estimator) else int(check_positive("n_steps", n_steps))
         self.critic_keys = list(critic.in_keys)
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
@@ -157,13 +161,17 @@ class TDLoss(LossModule):
             raise ConfigError(f"TDLoss takes a batch [B] of transitions or [B, T] of chains, got {tuple(shape)}")
         self._check_keys(batch)
         tk = self.tensor_keys
-        chains = batch if len(shape) == 2 else batch.unsqueeze(1)  # [B, T]
+        if len(shape) == 2:
+            chains = batch
+        elif _names(batch)[-1] == "time":  # one chain: the rollout of an unbatched env
+            chains = batch.unsqueeze(0)
+        else:  # transitions, one per sample
+            chains = batch.unsqueeze(1)
         B, T = chains.batch_size
         start, nxt = chains[:, 0], chains.get("next")
         x0, level = start.get(tk.x0), start.get(tk.level).reshape(B)
         used = chain_mask(chains.get(tk.valid).reshape(B, T).bool(), nxt.get(tk.done).reshape(B, T).bool())
-        if isinstance(self.value_estimator, TD0Estimator):
-            used[:, 1:] = False  # G_0 = r_0 + V-(s_1): later states are not looked at
+        used[:, self.n_steps:] = False  # the estimator's horizon: a longer rollout is cut, never looked through
         valid = used[:, 0]  # 1-D even for batch size 1 (method.md §12.6)
 
         # method.md §5.3: D_theta(x_t) computed once, reused by the base and the TD terms; V_theta(s) = A D + kappa x.
@@ -191,10 +199,12 @@ class TDLoss(LossModule):
         g = returns(self.value_estimator, nxt.get(tk.reward), next_value, stop, None, time_dim=1)[:, 0]
         delta = torch.where(expand_as_image(valid, value).bool(), g - value, torch.zeros_like(value))
 
-        # method.md §6: td = w_td mean_pixels delta^2 (partner A_t' = one stride ahead for the pairwise/linear weights)
+        # method.md §6: td = w_td mean_pixels delta^2; the pairwise/linear weights take A_t' at the state the return
+        # bootstraps from (the partner for TD(0), the chain's last used state for multi-step estimators)
+        last = (used.sum(1) - 1).clamp(min=0)
+        level_end = nxt.get(tk.level).reshape(B, T).gather(1, last[:, None]).squeeze(1)
         A_t, _ = self.formulation.one_step_posterior(level, self.one_step, self.coupling)
-        A_n, _ = self.formulation.one_step_posterior(nxt[:, 0].get(tk.level).reshape(B), self.one_step,
-                                                     self.coupling)
+        A_n, _ = self.formulation.one_step_posterior(level_end, self.one_step, self.coupling)
         w_td = td_weight(self.reweighting, A_t, A_n, self.formulation.preconditioning(level)[1]).to(value)
         sample_td = torch.where(valid, w_td * mean_pixels(delta.pow(2)), torch.zeros_like(loss_base))
         # method.md §5.5: two scalar terms whose sum is the batch mean of the per-sample loss
@@ -210,6 +220,13 @@ class TDLoss(LossModule):
             "sample_loss": combine_losses(sample_td, loss_base, valid, self.base_weight_lambda).detach(),
             "td_error": delta.detach(),
         }, batch_size=[])
+
+
+def _names(td: TensorDictBase) -> list:
+    try:
+        return list(td.names)
+    except (RuntimeError, ValueError):
+        return [None] * td.batch_dims
 
 
 def _as_tuple(key: NestedKey) -> tuple[str, ...]:
@@ -299,7 +316,7 @@ class TDEvaluator(Learner):
         self.uses_trajectories = not isinstance(est, TD0Estimator)
         self.loss_module = TDLoss(self.critic, self.target_critic, form, one_step=env.one_step,
                                   coupling=env.coupling, estimator=est, reweighting=reweighting,
-                                  base_weight_lambda=base_weight_lambda)
+                                  base_weight_lambda=base_weight_lambda, n_steps=n_steps)
         if target_update == "soft":
             self.target_updater = SoftUpdate(self.loss_module, eps=self.tau)
         else:

@@ -48,15 +48,17 @@ class BenchArgs:
 class FusedTDStep:
     """The TDEvaluator's TD-EDM step (td0, Markov, edm weight, soft target) in plain tensors, on copies of the
     agent's networks: draw x0 and a training level, x ~ q(x | x0), x' from the reverse kernel, the loss of
-    method.md §5 with r + V-(x') - V(x) (§4), Adam, the evaluation EMA and the target EMA."""
+    method.md §5 with r + V-(x') - V(x) (§4), Adam, the evaluation EMA and the target EMA. The transition, reward
+    and TD-valid rule come from the env's plain-tensor maths (`env._transition`, its one copy); what is left out
+    is the RL layer itself: EnvBase.step, TensorDicts, the critic module, the estimator, the LossModule."""
 
     def __init__(self, agent) -> None:
         self.net, self.target = copy.deepcopy(agent.denoiser), copy.deepcopy(agent.target)
         self.ema = copy.deepcopy(agent.ema)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=agent.config.lr)
         self.form, self.data, self.device = agent.formulation, agent.dataset, agent.device
-        env = agent.env
-        self.stride, self.one_step, self.last = env.stride, env.one_step, float(self.form.steps - 1)
+        self.env = env = agent.env
+        self.one_step = env.one_step
         self.lam, self.tau, self.batch = agent.base_weight_lambda, agent.tau, agent.config.batch_size
         self.ema_beta = 0.5 ** (self.batch / agent.config.ema_halflife_images)
         self.g = torch.Generator(device=self.device).manual_seed(0)
@@ -68,13 +70,12 @@ class FusedTDStep:
         level = f.sample_training_level(n, self.g_data, "cpu").to(dev)
         index = f.index(level)
         x = f.add_noise(x0, level, torch.randn(x0.shape, generator=self.g, device=dev))
-        level_n = torch.minimum(f.level((index + self.stride).clamp(max=self.last)), level)
-        x_n = f.reverse_step(x0, x, level, level_n, "markov", self.g)
-        valid = f.in_range(level) & (index <= self.last - (self.stride + self.one_step))
+        valid = self.env.td_valid(level, index)
+        nxt = self.env._transition(x, level, index, x0)
+        x_n, level_n, reward = nxt["x"], nxt["level"], nxt["reward"]
         self.net.train()
         D = self.net(x, level)
         value = f.one_step_mean(D, x, level, self.one_step)
-        reward = f.one_step_mean(x0, x, level, self.one_step) - f.one_step_mean(x0, x_n, level_n, self.one_step)
         next_value = torch.zeros_like(value)
         with torch.no_grad():
             self.target.eval()

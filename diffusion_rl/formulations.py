@@ -206,7 +206,7 @@ class EDMFormulation(Formulation):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.sigma_max
 
     def posterior(self, level_t, level_s, coupling="markov"):
-        # method.md §3: Markov kappa = (sigma_s/sigma_t)^2, shared kappa = sigma_s/sigma_t, A = 1 - kappa (VE only).
+        # method.md §3, §8: Markov kappa = (sigma_s/sigma_t)^2, shared kappa = sigma_s/sigma_t, A = 1 - kappa (VE).
         self.check_coupling(coupling)
         ratio = level_s / level_t
         kappa = ratio.pow(2) if coupling == "markov" else ratio

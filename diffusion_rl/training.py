@@ -311,6 +311,7 @@ class Learner(ABC):
         return {"method": self.method, "formulation": self.formulation.config(),
                 "network": getattr(self.denoiser.net, "config", {}),
                 "dataset": getattr(self.dataset, "name", "?"), "data_hash": self.data_hash,
+                "env_dtype": str(getattr(self.env, "dtype", "")),
                 "sample_shape": list(self.dataset.sample_shape),
                 "train": asdict(self.config), "method_config": self.method_config()}
 
@@ -363,8 +364,12 @@ class Learner(ABC):
         self.run_id = str(ckpt.get("run_id", self.run_id))
         self.step, self.images_seen = int(ckpt["step"]), int(ckpt.get("images_seen", 0))
         torch.set_rng_state(ckpt["rng"]["torch"])
+        env_rng = ckpt["rng"].get("env")
+        if not isinstance(env_rng, dict) or set(env_rng) != set(self.env.generators()):
+            raise ConfigError("the checkpoint holds no state of the env's generators (written by an older version, "
+                              "whose learner drew its own data); it cannot be resumed exactly: start a new run")
         for k, g in self.env.generators().items():
-            g.set_state(ckpt["rng"]["env"][k])
+            g.set_state(env_rng[k])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 

@@ -30,16 +30,18 @@ class ValueNet(nn.Module):
         denoiser: the x0-predicting `Denoiser`.
         formulation: the formulation giving (A, kappa); defaults to the denoiser's.
         one_step: delta in index units (default: the formulation's `default_one_step`).
-        coupling: "markov" or "shared"; must match the env's for the TD errors to make sense.
+        coupling: "markov" or "shared"; must match the env's for the TD errors to make sense (None: the
+            formulation's `default_coupling`).
 
     Inputs may carry any batch dims [*B] (level [*B], x [*B, *F], label [*B]); they are flattened for the network.
     Labels reach the network only when it is class-conditional (`denoiser.net.num_classes > 0`).
     """
 
     def __init__(self, denoiser: Denoiser, formulation: Formulation | str | None = None,
-                 one_step: float | None = None, coupling: str = "markov") -> None:
+                 one_step: float | None = None, coupling: str | None = None) -> None:
         super().__init__()
-        check_choice("coupling", coupling, COUPLINGS)
+        if coupling is not None:
+            check_choice("coupling", coupling, COUPLINGS)
         form = getattr(denoiser, "formulation", None) if formulation is None else make_formulation(formulation)
         if form is None:
             raise ConfigError("ValueNet needs a formulation: the denoiser has none and none was given")
@@ -50,7 +52,7 @@ class ValueNet(nn.Module):
         self.denoiser = denoiser
         self.formulation = form
         self.one_step = float(one_step)
-        self.coupling = coupling
+        self.coupling = coupling or form.default_coupling
 
     @property
     def conditional(self) -> bool:
@@ -79,7 +81,7 @@ def check_critic_keys(in_keys: Sequence) -> None:
 
 
 def make_critic(denoiser: Denoiser, formulation: Formulation | str | None = None, one_step: float | None = None,
-                coupling: str = "markov", in_keys: Sequence = CRITIC_IN_KEYS,
+                coupling: str | None = None, in_keys: Sequence = CRITIC_IN_KEYS,
                 out_keys: Sequence = CRITIC_OUT_KEYS) -> TensorDictModule:
     """A TensorDictModule reading ("x", "level", "label") and writing ("denoised", "state_value").
 

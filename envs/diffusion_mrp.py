@@ -39,6 +39,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
+from torchrl.envs.utils import step_mdp
 
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice, check_positive
@@ -133,9 +134,7 @@ class DiffusionMRP(EnvBase):
         self.dtype = dtype
         self.last_index = float(form.steps - 1)  # N-1
         self._make_spec()
-        if seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        self.set_seed(seed)
+        self.set_seed(seed)  # None: drawn from torch's global RNG
 
     # ---- specs -------------------------------------------------------------------------------------------------
     def _make_spec(self) -> None:
@@ -292,15 +291,25 @@ class DiffusionMRP(EnvBase):
         return self.reset(td, start="train")
 
     def sample_trajectories(self, n: int, batch_size: int | None = None) -> TensorDictBase:
-        """Chains of `n` env steps from the training levels, [B, n]: `env.rollout` from `reset_training`.
+        """Chains of `n` env steps from the training levels, [B, n]: `reset_training`, then `env.step` and
+        TorchRL's `step_mdp` n times, as `env.rollout` does, but never resetting mid-chain.
 
         Each row holds a transition as env.rollout writes it ("valid" at the root says whether that row's
-        transition is TD-valid). A chain that reaches the sigma_min end within n steps is truncated there; TorchRL
-        then starts a fresh episode in its remaining rows (marked by "done"), which losses must not look through.
+        transition is TD-valid; the last dim is named "time"). A chain that reaches the sigma_min end stays there:
+        its later rows are zero-reward steps from the end state onto itself, marked "done". No fresh episode is
+        started, so the data generator draws only the start states, and a baseline, a TD(0) and a multi-step agent
+        with one seed see the same x0 and levels at every step.
         """
         check_positive("n", n)
-        return self.rollout(int(n), policy=single_action_policy, tensordict=self.reset_training(batch_size),
-                            auto_reset=False, break_when_any_done=False)
+        td = self.reset_training(batch_size)
+        rows = []
+        for _ in range(int(n)):
+            td = self.step(single_action_policy(td))
+            rows.append(td)
+            td = step_mdp(td)
+        chains = torch.stack(rows, dim=td.batch_dims)
+        chains.names = [None] * td.batch_dims + ["time"]
+        return chains
 
     def sample_pairs(self, batch_size: int | None = None) -> TensorDictBase:
         """The paper's training draw (method.md §5): one transition per sample from the training levels, [B].

@@ -34,7 +34,7 @@ class DiffusionMRPGym(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, dataset="digits", formulation="edm", *, stride: float | None = None,
-                 one_step: float | None = None, coupling: str = "markov", start: str = "max",
+                 one_step: float | None = None, coupling: str | None = None, start: str = "max",
                  seed: int | None = None, render_mode: str | None = None) -> None:
         super().__init__()
         if render_mode is not None:
@@ -48,7 +48,8 @@ class DiffusionMRPGym(gym.Env):
         max_level = float(form.level(torch.zeros((), dtype=torch.float64))) * (1 + 1e-3)  # the noisiest level
         self.observation_space = spaces.Dict({
             "x": spaces.Box(-np.inf, np.inf, shape=shape, dtype=np.float32),
-            "level": spaces.Box(0.0, max_level, shape=(1,), dtype=np.float32),
+            # training levels are unbounded above (log-normal sigma): only max/random starts stay on the grid
+            "level": spaces.Box(0.0, np.inf if start == "train" else max_level, shape=(1,), dtype=np.float32),
             "index": spaces.Box(0.0, n_last, shape=(1,), dtype=np.float32),
             "label": spaces.Discrete(max(self.mrp.num_classes, 1)),
         })

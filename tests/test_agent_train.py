@@ -199,39 +199,83 @@ def test_evaluate_calls_the_evaluation_module():
 
 
 # ---- the environment's own trajectories feed the loss ----------------------------------------------------------------
+def _until_first_done(batch):
+    """The rows [B, :T] before any chain of the batch ends (T >= 1): where every producer has drawn the same."""
+    done = batch["next", "done"].reshape(batch.batch_size).any(0)
+    T = int(done.int().argmax()) + 1 if done.any() else batch.batch_size[1]
+    return batch[:, :T]
+
+
 @pytest.mark.parametrize("kw", [{}, {"estimator": "nstep", "n_steps": 2}, {"estimator": "td_lambda", "n_steps": 3}])
 def test_rollout_and_collector_batches_feed_the_loss(kw):
-    """agent.loss(env.rollout(...)) and a TorchRL collector's batch equal the loss on the agent's own collect."""
+    """agent.loss(env.rollout(...)) and a TorchRL collector's batch equal the loss on the same states drawn by the
+    agent's own collect (up to the first end of an episode, after which rollouts and collectors start new ones)."""
     from torchrl.collectors import Collector
 
     from envs import single_action_policy
 
     n = kw.get("n_steps", 1)
 
-    def agent(start="max"):
+    def agent(start="max", **extra):
         env = DiffusionMRP(toy_data(), "edm", batch_size=(16,), seed=7, start=start)
         torch.manual_seed(0)
         return TDEvaluator(env, denoiser=small_denoiser(env.formulation), config=TrainConfig(batch_size=16),
-                           device="cpu", **kw)
+                           device="cpu", **{**kw, **extra})
 
-    ref_agent = agent()
-    ref = ref_agent.loss(ref_agent.collect())
-    # the env's rollout from a training reset
+    ref = agent().collect()
+    assert ref.batch_size == ((16, n) if n > 1 else (16,))
+    # the env's own rollout from a training reset (TorchRL's default: it stops at the first done)
     ag = agent()
-    ro = ag.env.rollout(n, policy=single_action_policy, tensordict=ag.env.reset(start="train"),
-                        auto_reset=False, break_when_any_done=False)
-    out = ag.loss(ro if n > 1 else ro[:, 0])
+    ro = ag.env.rollout(n, policy=single_action_policy, tensordict=ag.env.reset(start="train"), auto_reset=False)
     # a collector over an env whose resets start at the training levels
     ag_c = agent(start="train")
     collector = Collector(ag_c.env, single_action_policy, frames_per_batch=16 * n, total_frames=16 * n)
     batch = next(iter(collector))
     collector.shutdown()
-    out_c = ag_c.loss(batch)
-    for o in (out, out_c):
+    chains = ref if n > 1 else ref.unsqueeze(1)
+    for other in (ro, batch):
+        T = _until_first_done(other).batch_size[1]
+        horizon = agent(**({"n_steps": T} if n > 1 else {}))  # the same estimator over the common rows
+        expect = horizon.loss(chains[:, :T])
+        got = horizon.loss(other[:, :T])
         for key in ("loss_td", "loss_base", "td_error", "valid"):
-            torch.testing.assert_close(o[key], ref[key])
-    # and the plain env.rollout(n) from the env's own start trains too
+            torch.testing.assert_close(got[key], expect[key])
+        assert torch.isfinite(objective(ag.loss(other)))  # and the whole batch trains
+    # the plain env.rollout(n) from the env's own start trains too
     assert torch.isfinite(objective(agent().loss(agent().env.rollout(max(n, 2), policy=single_action_policy))))
+
+
+def test_multistep_agents_draw_the_same_data_as_td0():
+    """Training chains never start a new episode mid-chain: nstep, td_lambda and td0 agents with one env seed
+    draw the same x0 and levels at every step (the baseline too, test_training.py)."""
+    agents = []
+    for kw in ({}, {"estimator": "nstep", "n_steps": 3}, {"estimator": "td_lambda", "n_steps": 2}):
+        env = DiffusionMRP(toy_data(), "edm", batch_size=(64,), seed=11)
+        agents.append(TDEvaluator(env, config=TrainConfig(batch_size=64), device="cpu", **kw))
+    for _ in range(4):
+        batches = [a.collect() for a in agents]
+        starts = [b if b.batch_dims == 1 else b[:, 0] for b in batches]
+        assert all(b["next", "done"].any() for b in batches[1:])  # chains do end mid-batch
+        for s in starts[1:]:
+            assert torch.equal(s["x0"], starts[0]["x0"]) and torch.equal(s["level"], starts[0]["level"])
+
+
+def test_unbatched_rollouts_and_long_rollouts_keep_the_estimator():
+    """A [T] rollout of an unbatched env is one chain (not T transitions), and a rollout longer than the
+    estimator's horizon is cut at n_steps."""
+    from envs import single_action_policy
+
+    env = DiffusionMRP(toy_data(), "edm", seed=3)
+    torch.manual_seed(0)
+    ag = TDEvaluator(env, denoiser=small_denoiser(env.formulation), estimator="nstep", n_steps=2,
+                     config=TrainConfig(batch_size=4), device="cpu")
+    chains = env.sample_trajectories(6, 4)
+    torch.testing.assert_close(ag.loss(chains)["td_error"], ag.loss(chains[:, :2])["td_error"])
+    one = env.rollout(6, policy=single_action_policy, tensordict=env.reset(start="train"), auto_reset=False)
+    assert one.batch_size[0] >= 1 and one.names[-1] == "time"
+    out = ag.loss(one)
+    assert out["valid"].shape == (1,) and out["td_error"].shape == (1, 2)
+    torch.testing.assert_close(out["td_error"], ag.loss(one.unsqueeze(0))["td_error"])
 
 
 def test_batches_missing_keys_are_named():

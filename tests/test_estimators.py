@@ -163,16 +163,20 @@ def _denoiser(env) -> Denoiser:
     return Denoiser(net, env.formulation)
 
 
-def test_nstep_stride_k_equals_td0_stride_nk():
-    """On the same draws, n-step at stride k is TD(0) at stride n k: same TD error, TD term and loss (method.md §7)."""
+@pytest.mark.parametrize("reweighting", ["edm", "pairwise", "linear"])
+def test_nstep_stride_k_equals_td0_stride_nk(reweighting):
+    """On the same draws, n-step at stride k is TD(0) at stride n k: same TD error, TD term and loss under every
+    weighting (the partner's A is taken where the return bootstraps, method.md §6-§7)."""
     n, k, one_step = 3, 1.0, 0.2
     data = _toy_dataset()
     env_k = DiffusionMRP(data, "edm", stride=k, one_step=one_step, seed=3)
     env_nk = DiffusionMRP(data, "edm", stride=n * k, one_step=one_step, seed=3)
     den = _denoiser(env_k)
     cfg = TrainConfig(batch_size=8)
-    ag_n = TDEvaluator(env_k, denoiser=copy.deepcopy(den), estimator="nstep", n_steps=n, config=cfg, device="cpu")
-    ag_0 = TDEvaluator(env_nk, denoiser=copy.deepcopy(den), estimator="td0", config=cfg, device="cpu")
+    ag_n = TDEvaluator(env_k, denoiser=copy.deepcopy(den), estimator="nstep", n_steps=n, config=cfg, device="cpu",
+                       reweighting=reweighting)
+    ag_0 = TDEvaluator(env_nk, denoiser=copy.deepcopy(den), estimator="td0", config=cfg, device="cpu",
+                       reweighting=reweighting)
     traj = env_k.sample_trajectories(n, 256)
     keep = chain_mask(traj["valid"], traj["next", "done"].squeeze(-1)).all(1)  # all n transitions in the chain
     assert keep.sum() > 20
