@@ -283,6 +283,10 @@ class TDEvaluator(Learner):
         if isinstance(est, TD0Estimator) and n_steps != 1:
             raise ConfigError(f"n_steps={n_steps} needs a multi-step estimator; td0 trains on single transitions "
                               f"(n_steps=1); accepted estimators for n_steps > 1: nstep, td_lambda")
+        horizon = math.ceil((env.formulation.steps - 1) / env.stride - 1e-9)  # strides from sigma_max to the end
+        if n_steps > horizon:
+            raise ConfigError(f"n_steps={n_steps} exceeds the {horizon} strides of {env.stride} index units an "
+                              f"episode has on the {env.formulation.steps}-point grid; accepted: 1..{horizon}")
         reweighting = form.default_reweighting if reweighting is None else reweighting
         check_choice("reweighting", reweighting, REWEIGHTINGS)
         base_weight_lambda = _check_lambda("base_weight_lambda", base_weight_lambda)
@@ -357,8 +361,8 @@ class TDEvaluator(Learner):
                 "stride": float(self.env.stride), "one_step": float(self.env.one_step),
                 "coupling": self.env.coupling}
 
-    def load_state_dict(self, ckpt: dict, strict_config: bool = True) -> None:
-        super().load_state_dict(ckpt, strict_config)
+    def load_state_dict(self, ckpt: dict, strict_config: bool = True, **kwargs) -> None:
+        super().load_state_dict(ckpt, strict_config, **kwargs)
         if isinstance(self.target_updater, HardUpdate):
             self.target_updater.counter = self.step % self.hard_period
         self.target.eval()

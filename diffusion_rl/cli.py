@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, check_choice, check_positive
+from .errors import ConfigError, check_choice, check_positive, check_range
 
 __all__ = ["Args", "SampleArgs", "EvalArgs", "main", "make_learner", "load_denoiser"]
 
@@ -51,7 +53,7 @@ class Args:
                                  "metrics.jsonl in out/<method>-<formulation> (e.g. out/td-edm)")
     resume: bool = opt(False, "continue the run held in --out (it may change lr, checkpoint and logging settings)")
     overwrite: bool = opt(False, "replace the run held in --out (its checkpoints, logs and grids are deleted)")
-    checkpoint_every: int = opt(250, "steps between checkpoints")
+    checkpoint_every: int = opt(250, "steps between checkpoints (0: only at the end and by --checkpoint-seconds)")
     checkpoint_seconds: float = opt(300.0, "also checkpoint after this many seconds of training (0: off)")
     estimator: str = opt("td0", "TD: td0 | nstep | td_lambda")
     n_steps: int = opt(2, "TD: transitions per trajectory for nstep / td_lambda (td0 uses 1)")
@@ -83,6 +85,7 @@ class SampleArgs:
     seed: int = opt(0, "sampling seed")
     out: str = opt("samples.png", ".png (grid) or .npz (array in [-1, 1])")
     device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+    overwrite: bool = opt(False, "replace an existing --out file")
 
 
 @dataclass
@@ -97,6 +100,7 @@ class EvalArgs:
     seed: int = opt(0, "sampling seed")
     out: str = opt("runs/eval", "output folder: results.json and plots")
     device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+    overwrite: bool = opt(False, "replace the results, plots and grids in --out")
 
 
 def _parse_bool(text: str) -> bool:
@@ -166,12 +170,19 @@ def dataclass_from_args(cls, ns: argparse.Namespace):
 
 def _parse_nfe_grid(text: str) -> tuple[int, ...]:
     try:
-        grid = tuple(int(t) for t in text.split(",") if t.strip())
+        grid = tuple(int(t) for t in text.split(","))
     except ValueError:
         raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, e.g. 1,2,3,5,9,17,35")
     if not grid or min(grid) < 1:
         raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, e.g. 1,2,3,5,9,17,35")
     return grid
+
+
+def check_seed(seed) -> int:
+    """A seed must be an integer in [0, 2^63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    return seed
 
 
 def _auto_float(name: str, text: str) -> float | None:
@@ -259,7 +270,24 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     ignore is refused with the reason, never dropped silently.
     """
     from .limits import check_limit
+    from .training import TrainConfig
 
+    if not str(args.out).strip():
+        raise ConfigError("--out is empty; give a folder")
+    check_seed(args.seed)
+    TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,  # checks the optimisation
+                ema_halflife_images=args.ema_halflife_images, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                checkpoint_seconds=args.checkpoint_seconds)
+    if not 0 <= args.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {args.dropout!r}")
+    check_range("target_tau", args.target_tau, 0.0, 1.0)
+    check_range("lmbda", args.lmbda, 0.0, 1.0)
+    if not (math.isfinite(args.base_lambda) and args.base_lambda >= 0):
+        raise ConfigError(f"base_lambda must be a finite number >= 0, got {args.base_lambda!r}")
+    if not args.eval:
+        stray = [f"--{k.replace('_', '-')}" for k in ("n_samples", "nfe_grid", "features") if k in given]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} set the evaluation, which --no-eval skips")
     for name in ("steps", "batch_size", "width", "depth", "n_samples", "log_every"):
         if hasattr(args, name):
             check_positive(name, getattr(args, name))
@@ -294,17 +322,26 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
     from .runs import RunFolder, check_writable_folder
 
+    from .training import RESUME_MAY_CHANGE
+
     nfe_grid = validate_args(args, given, methods)
-    check_writable_folder(args.out)
-    dataset = load_dataset(args.data, seed=args.seed)
-    learners = [make_learner(args, m, dataset) for m in methods]  # validates every setting before any work
-    eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features)
     out = Path(args.out)
+    existed = out.exists()
+    check_writable_folder(out)
+    try:
+        dataset = load_dataset(args.data, seed=args.seed)
+        learners = [make_learner(args, m, dataset) for m in methods]  # validates every setting before any work
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused command leaves nothing behind
+        raise
+    eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features)
+    keep = tuple(k for k in RESUME_MAY_CHANGE if k in given)  # the rest keep the checkpoint's values
     with RunFolder(out, resume=args.resume, overwrite=args.overwrite,
                    subfolders=tuple(learner.method for learner in learners)):
         for learner in learners:  # every checkpoint is read and checked before any training
             if args.resume and (learner.out_dir / "checkpoint.pt").exists():
-                learner.resume()
+                learner.resume(keep=keep)
                 if args.steps < learner.step:
                     raise ConfigError(f"--steps {args.steps} is below step {learner.step} of the {learner.method} "
                                       f"checkpoint; --steps is the total, give >= {learner.step}")
@@ -320,13 +357,22 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
             last = {}
             for last in learner.train(args.steps, progress=args.progress):
                 pass
-            print(f"{learner.method}: {learner.step} steps, loss {last.get('loss', float('nan')):.4f}, "
-                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            if last:
+                print(f"{learner.method}: {learner.step} steps, loss {last['loss']:.4f}, "
+                      f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            else:
+                print(f"{learner.method}: already at step {learner.step}", file=sys.stderr)
             if evaluator is not None:
                 records += evaluator.sweep(learner.ema, learner.method, learner.step, out, learner.device,
                                            args.progress)
         if evaluator is None:
             return 0
+        if args.resume and (out / "results.json").exists():  # keep the records of methods this command did not run
+            import json
+
+            mine = {r["method"] for r in records}
+            old = json.loads((out / "results.json").read_text()).get("records", [])
+            records = [r for r in old if r.get("method") not in mine] + records
         write_results(records, out)
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     for metric in metrics:
@@ -350,6 +396,7 @@ def _cmd_sample(a: SampleArgs) -> int:
 
     if not a.checkpoint:
         raise ConfigError("--checkpoint is required")
+    check_seed(a.seed)
     check_positive("n", a.n)
     check_limit("n", a.n, "samples")
     check_positive("nfe", a.nfe)
@@ -359,6 +406,8 @@ def _cmd_sample(a: SampleArgs) -> int:
         raise ConfigError(f"--out {a.out!r} has suffix {out.suffix!r}; accepted: {', '.join(SAMPLE_SUFFIXES)}")
     if out.is_dir():
         raise ConfigError(f"--out {a.out!r} is a folder; give a file name ending in .png or .npz")
+    if out.exists() and not a.overwrite:
+        raise ConfigError(f"--out {a.out!r} exists; pass --overwrite to replace it")
     check_writable_folder(out.parent if str(out.parent) else ".", "--out folder")
 
     import torch
@@ -395,9 +444,17 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     nfe_grid = _parse_nfe_grid(a.nfe_grid)
     for nfe in nfe_grid:
         check_limit("nfe", nfe, "nfe")
+    check_seed(a.seed)
     check_positive("n_samples", a.n_samples)
     check_limit("n_samples", a.n_samples, "samples")
     check_writable_folder(a.out)
+    from .runs import RunFolder
+
+    with RunFolder(a.out, overwrite=a.overwrite):
+        return _evaluate(a, nfe_grid)
+
+
+def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
 
     from .data import load_dataset
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
@@ -409,7 +466,10 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     datasets = {cfg["dataset"] for _, cfg in loaded}
     if len(datasets) != 1:
         raise ConfigError(f"checkpoints were trained on different data sets {sorted(datasets)}; evaluate them apart")
-    dataset = load_dataset(datasets.pop())
+    seeds = {cfg.get("train", {}).get("seed", 0) for _, cfg in loaded}
+    if len(seeds) != 1:  # the 2-D toys are generated from the seed: one data set per evaluation
+        raise ConfigError(f"checkpoints were trained with different seeds {sorted(seeds)}; evaluate them apart")
+    dataset = load_dataset(datasets.pop(), seed=seeds.pop())
     now = dataset.content_hash()
     for path, (denoiser, cfg) in zip(a.checkpoint, loaded):
         saved = cfg.get("data_hash")
@@ -475,8 +535,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = build_parser()
     ns = parser.parse_args(argv)
+    if not ns.debug:
+        warnings.formatwarning = lambda message, *_a, **_k: f"diffusion-rl: warning: {message}\n"
     try:
         return _run(ns, given_options(subs[ns.command], argv))
+    except KeyboardInterrupt:
+        if ns.debug:
+            raise
+        print("diffusion-rl: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - every failure becomes one line, unless --debug asks for the traceback
         if ns.debug:
             raise
@@ -489,8 +556,13 @@ def _run(ns: argparse.Namespace, given: set[str]) -> int:
     if ns.command in ("demo", "train"):
         args = dataclass_from_args(Args, ns)
         if ns.command == "demo":
-            if ns.quick:
-                args.steps, args.n_samples, args.nfe_grid = 60, 200, "1,2,3,9,35"
+            if "method" in given:
+                raise ConfigError("demo trains both methods; to train one, use: diffusion-rl train --method ...")
+            if ns.quick:  # the smoke-run sizes, where not given explicitly
+                quick = {"steps": 60, "n_samples": 200, "nfe_grid": "1,2,3,9,35"}
+                for k, v in quick.items():
+                    if k not in given:
+                        setattr(args, k, v)
             return _train_and_eval(args, METHODS, with_untrained=True, given=given)
         return _train_and_eval(args, (args.method,), with_untrained=False, given=given)
     if ns.command == "sample":

@@ -2,15 +2,18 @@
 
 `RunFolder(out, resume=..., overwrite=...)` is entered before any work starts:
 - the path must be a folder, or creatable, and writable (no file in the way, no read-only parent);
-- a lock file `.lock` holds the owner's PID, host and start time; a second run on the same folder is refused, and a
-  lock left by a dead process on this host is reported and replaced;
-- a folder that holds a run (a checkpoint or a metrics log) is refused unless `resume` (continue it) or
-  `overwrite` (delete its run files first) is given;
+- a lock file `.lock`, held with an exclusive `flock` for the command's lifetime, names the owner's PID, host and
+  start time; a second run on the same folder is refused, and a lock left by a process that died (the kernel drops
+  its flock, even after SIGKILL) is reported and taken over;
+- a folder that holds a run (a checkpoint, a metrics log or results, in it or in any of its subfolders) is refused
+  unless `resume` (continue it) or `overwrite` (delete its run files, results, plots and sample grids first) is
+  given;
 - stale temporary checkpoint files from killed runs (`*.pt*.tmp`) are removed.
 The lock is released when the block exits.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,13 +26,16 @@ from .errors import ConfigError
 
 __all__ = ["RunFolder", "check_writable_folder", "remove_stale_temporaries", "RUN_FILES"]
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl")  # their presence means the folder holds a run
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json")  # their presence means the folder holds a run
+OUTPUTS = ("samples", "tensorboard")  # what a run writes besides RUN_FILES and the *_vs_nfe.png plots
 LOCK = ".lock"
 
 
 def check_writable_folder(path: str | Path, what: str = "--out") -> Path:
     """Create `path` if needed and prove it is a writable folder; ConfigError naming the problem otherwise."""
     path = Path(path)
+    if not str(path).strip():
+        raise ConfigError(f"{what} is empty; give a folder")
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
@@ -55,16 +61,6 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunFolder:
     """Guard one output folder for the length of a `with` block (see the module docstring).
 
@@ -82,11 +78,11 @@ class RunFolder:
         self.path = Path(path)
         self.resume, self.overwrite = resume, overwrite
         self.subfolders = subfolders
-        self._locked = False
+        self._fd: int | None = None
 
     def runs_held(self) -> list[Path]:
-        """The folders (this one and its learners') that hold a run."""
-        folders = [self.path, *(self.path / s for s in self.subfolders)]
+        """The folders (this one and any subfolder) that hold a run."""
+        folders = [self.path, *(p for p in sorted(self.path.iterdir()) if p.is_dir())] if self.path.is_dir() else []
         return [f for f in folders if any((f / name).exists() for name in RUN_FILES)]
 
     def __enter__(self) -> "RunFolder":
@@ -101,9 +97,9 @@ class RunFolder:
                 raise ConfigError(f"--resume: {str(self.path)!r} holds no run to continue (no checkpoint.pt); "
                                   f"run without --resume to start one")
             if self.overwrite:
-                for folder in held:
-                    for name in (*RUN_FILES, "samples", "tensorboard", "results.json"):
-                        target = folder / name
+                for folder in {self.path, *held}:
+                    targets = [*(folder / n for n in (*RUN_FILES, *OUTPUTS)), *folder.glob("*_vs_nfe.png")]
+                    for target in targets:
                         if target.is_dir():
                             shutil.rmtree(target)
                         elif target.exists():
@@ -119,37 +115,48 @@ class RunFolder:
     def __exit__(self, *exc) -> None:
         self._release()
 
-    # ---- the lock ---------------------------------------------------------------------------------------------
+    # ---- the lock ----------------------------------------------------------------------------------------------
     def _acquire(self) -> None:
         lock = self.path / LOCK
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
+        for _ in range(5):
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._read_lock(lock)
-                if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
-                    warnings.warn(f"removed a stale lock on {str(self.path)!r} left by process {owner['pid']} "
-                                  f"(started {owner.get('started', '?')}), which is no longer running", stacklevel=3)
-                    lock.unlink(missing_ok=True)
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = self._read(fd)
+                os.close(fd)
                 raise ConfigError(f"--out {str(self.path)!r} is in use by process {owner.get('pid', '?')} on "
                                   f"{owner.get('host', '?')} (started {owner.get('started', '?')}); wait for it, "
-                                  f"or delete {str(lock)!r} if that process is gone") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self._locked = True
+                                  f"or choose another --out") from None
+            try:  # the lock file may have been replaced between open and flock: then try again
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            owner = self._read(fd)
+            if owner.get("pid"):
+                warnings.warn(f"took over a stale lock on {str(self.path)!r} left by process {owner['pid']} on "
+                              f"{owner.get('host', '?')} (started {owner.get('started', '?')}), which is no longer "
+                              f"running", stacklevel=3)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            self._fd = fd
             return
-        raise ConfigError(f"could not lock {str(self.path)!r}; delete {str(lock)!r} if no run uses it")
+        raise ConfigError(f"could not lock {str(self.path)!r}; another process keeps replacing {str(lock)!r}")
 
     @staticmethod
-    def _read_lock(lock: Path) -> dict:
+    def _read(fd: int) -> dict:
         try:
-            return json.loads(lock.read_text())
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         except (OSError, ValueError):
             return {}
 
     def _release(self) -> None:
-        if self._locked:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
             (self.path / LOCK).unlink(missing_ok=True)
-            self._locked = False
+            os.close(fd)  # drops the flock
+            self._fd = None

@@ -135,6 +135,10 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+# train settings a resume may change without changing the run's identity
+RESUME_MAY_CHANGE: tuple[str, ...] = ("lr", "checkpoint_every", "checkpoint_seconds", "log_every", "tensorboard")
+
+
 class Learner(ABC):
     """Base class of every trainable method: subclasses implement `collect` and `loss`.
 
@@ -335,19 +339,25 @@ class Learner(ABC):
         atomic_save(self.state_dict(), path)
         return Path(path)
 
-    def load_state_dict(self, ckpt: dict, strict_config: bool = True) -> None:
+    def load_state_dict(self, ckpt: dict, strict_config: bool = True,
+                        keep: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
         """Restore a checkpoint. Settings that change the run's identity must match (the first difference is
-        named); RESUME_MAY_CHANGE may differ: the learning rate (with a warning), checkpoint and logging intervals."""
+        named); RESUME_MAY_CHANGE may differ. Those named in `keep` keep this learner's value (a changed learning
+        rate is warned about); the others take the checkpoint's."""
         mine = json.loads(json.dumps(self.full_config()))
         saved = ckpt["config"]
         if strict_config and _identity(saved) != _identity(mine):
-            saved_hash, my_hash = saved.get("data_hash"), mine.get("data_hash")
-            if saved_hash != my_hash:
-                raise ConfigError(f"the data differs from the checkpoint's: content hash {my_hash} now vs "
-                                  f"{saved_hash} saved (data set {saved.get('dataset')!r}); resume on the same data")
-            raise ConfigError(f"checkpoint config does not match this run: "
-                              f"{_config_diff(_identity(saved), _identity(mine))}")
-        old_lr = saved.get("train", {}).get("lr")
+            no_hash = ({**_identity(saved), "data_hash": None}, {**_identity(mine), "data_hash": None})
+            if no_hash[0] != no_hash[1]:
+                raise ConfigError(f"checkpoint config does not match this run: {_config_diff(*no_hash)}")
+            raise ConfigError(f"the data differs from the checkpoint's: content hash {mine.get('data_hash')} now vs "
+                              f"{saved.get('data_hash')} saved (data set {saved.get('dataset')!r}); resume on the "
+                              f"same data")
+        saved_train = saved.get("train", {})
+        for name in RESUME_MAY_CHANGE:
+            if name not in keep and name in saved_train:
+                setattr(self.config, name, saved_train[name])
+        old_lr = saved_train.get("lr")
         if old_lr is not None and old_lr != self.config.lr:
             warnings.warn(f"resuming with lr {self.config.lr} (the checkpoint trained with {old_lr})", stacklevel=2)
         try:
@@ -373,12 +383,13 @@ class Learner(ABC):
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
-    def resume(self, path: str | Path | None = None) -> "Learner":
-        """Continue from a checkpoint (default out_dir/checkpoint.pt); the config must match."""
+    def resume(self, path: str | Path | None = None, keep: tuple[str, ...] = RESUME_MAY_CHANGE) -> "Learner":
+        """Continue from a checkpoint (default out_dir/checkpoint.pt); the config must match. Of the settings a
+        resume may change, those in `keep` (default: all) keep this learner's values, the others the checkpoint's."""
         path = path or (self.out_dir / "checkpoint.pt" if self.out_dir else None)
         if path is None:
             raise ConfigError("resume needs a checkpoint path or an out_dir")
-        self.load_state_dict(load_checkpoint(path))
+        self.load_state_dict(load_checkpoint(path), keep=keep)
         if self.out_dir is not None and self.out_dir.is_dir():
             remove_stale_temporaries(self.out_dir)
         self._trim_log()
@@ -403,9 +414,6 @@ class Learner(ABC):
         text = "".join(line + "\n" for line in keep)
         if text != log.read_text():  # rewritten only when a line goes
             log.write_text(text)
-
-
-RESUME_MAY_CHANGE: tuple[str, ...] = ("lr", "checkpoint_every", "checkpoint_seconds", "log_every", "tensorboard")
 
 
 def _identity(config: dict) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from diffusion_rl.cli import main
 
-MOONS = ["--data", "moons", "--batch-size", "16", "--no-progress", "--nfe-grid", "3", "--n-samples", "50"]
+MOONS = ["--data", "moons", "--batch-size", "16", "--no-progress"]
 
 
 def train(out, *extra, steps=4):
@@ -52,6 +52,9 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+_HELD: list = []  # lock files a case holds for the length of the test
 
 
 def _case_setup(name: str, tmp: Path, trained: Path) -> list[str]:
@@ -91,10 +94,18 @@ def _case_setup(name: str, tmp: Path, trained: Path) -> list[str]:
         return ["sample", "--checkpoint", str(tmp / "wide.pt"), "--out", str(tmp / "s.png")]
     if name == "second_run_same_out":
         return ["train", *MOONS, "--out", str(trained / "moons")]
-    if name == "concurrent_run":
+    if name == "concurrent_run":  # another "process" holds the folder's lock (a separate open file, flocked)
+        import fcntl
+
         (tmp / "out").mkdir()
-        (tmp / "out" / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+        fh = open(tmp / "out" / ".lock", "w")
+        fh.write(json.dumps({"pid": 4242, "host": "elsewhere", "started": "earlier"}))
+        fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        _HELD.append(fh)
         return ["train", *MOONS, "--out", out]
+    if name == "other_method_same_out":
+        return ["train", *MOONS, "--method", "td", "--out", str(trained / "moons")]
     if name == "resume_missing":
         return ["train", *MOONS, "--resume", "--out", out]
     if name == "resume_steps_below":
@@ -112,6 +123,13 @@ def _case_setup(name: str, tmp: Path, trained: Path) -> list[str]:
         return ["evaluate", "--checkpoint", ckpt, "--sampler", "heun", "--nfe-grid", "3,4", "--out", str(tmp / "ev")]
     if name == "sample_unknown_suffix":
         return ["sample", "--checkpoint", ckpt, "--out", str(tmp / "s.jpg")]
+    if name == "sample_existing":
+        (tmp / "s.png").write_bytes(b"a picture")
+        return ["sample", "--checkpoint", ckpt, "--out", str(tmp / "s.png")]
+    if name == "sample_seed_overflow":
+        return ["sample", "--checkpoint", ckpt, "--seed", str(10 ** 20), "--out", str(tmp / "s.png")]
+    if name == "evaluate_into_run":
+        return ["evaluate", "--checkpoint", ckpt, "--out", str(trained / "moons")]
     if name == "sample_zero":
         return ["sample", "--checkpoint", ckpt, "--n", "0", "--out", str(tmp / "s.png")]
     if name == "sample_huge_nfe":
@@ -145,7 +163,9 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
     ("checkpoint of wrong shapes", "wrong_shapes", 2, "do not fit"),
     ("checkpoint of absurd width", "absurd_width", 2, "DIFFUSION_RL_MAX_PARAMETERS"),
     ("second run into one out", "second_run_same_out", 2, "already holds a run"),
-    ("concurrent run", "concurrent_run", 2, "is in use by process"),
+    ("concurrent run", "concurrent_run", 2, "is in use by process 4242 on elsewhere"),
+    ("another method into a run's out", "other_method_same_out", 2, "already holds a run"),
+    ("empty out", ["train", *MOONS, "--out", ""], 2, "--out is empty"),
     ("resume of nothing", "resume_missing", 2, "holds no run"),
     ("resume below the checkpoint", "resume_steps_below", 2, "below step 6"),
     ("resume and overwrite", "resume_and_overwrite", 2, "exclude each other"),
@@ -154,6 +174,18 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
     ("sample unknown suffix", "sample_unknown_suffix", 2, "accepted: .png, .npz"),
     ("sample n 0", "sample_zero", 2, "n must be a positive integer"),
     ("sample huge nfe", "sample_huge_nfe", 2, "DIFFUSION_RL_MAX_NFE"),
+    ("seed -1", ["train", *MOONS, "--seed", "-1"], 2, "seed must be an integer in [0, 2^63)"),
+    ("lr nan", ["train", *MOONS, "--lr", "nan"], 2, "lr must be a positive finite number"),
+    ("dropout 1", ["train", *MOONS, "--dropout", "1"], 2, "dropout must be in [0, 1)"),
+    ("tau 2", ["train", *MOONS, "--method", "td", "--target-tau", "2"], 2, "target_tau must be in [0.0, 1.0]"),
+    ("nfe grid with a hole", ["train", *MOONS, "--nfe-grid", "1,,2"], 2, "comma-separated positive integers"),
+    ("eval options with --no-eval", ["train", *MOONS, "--no-eval", "--n-samples", "50"], 2, "--no-eval skips"),
+    ("demo --method", ["demo", *MOONS, "--method", "td"], 2, "demo trains both methods"),
+    ("n-steps past the grid", ["train", *MOONS, "--method", "td", "--estimator", "nstep", "--n-steps", "1000"], 2,
+     "exceeds the 6 strides"),
+    ("sample over a file", "sample_existing", 2, "exists; pass --overwrite"),
+    ("sample seed overflow", "sample_seed_overflow", 2, "seed must be an integer"),
+    ("evaluate into a run", "evaluate_into_run", 2, "already holds a run"),
 ]
 
 
@@ -171,10 +203,13 @@ def test_bad_input_is_refused_before_any_work(case, argv, code, needle, tmp_path
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     # no work: no checkpoint, log, results or samples written, no feature net fitted, the finished runs untouched
     written = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".jsonl", ".json", ".png")
-               and p.name not in ("bad.pt", "wide.pt", "moved.pt", "bomb.png")]
+               and p.name not in ("bad.pt", "wide.pt", "moved.pt", "bomb.png", "s.png")]
     assert not written, written
     assert not cache.exists() or not any(cache.rglob("*.pt"))
     assert before == {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
+    for fh in _HELD:
+        fh.close()
+    _HELD.clear()
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -198,7 +233,7 @@ def test_overwrite_replaces_and_stale_lock_is_reported(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "started": "earlier"}))
-    with pytest.warns(UserWarning, match=f"stale lock .* process {dead.pid}"):
+    with pytest.warns(UserWarning, match=f"stale lock .* process {dead.pid}"):  # no flock holds it any more
         assert train(tmp_path, "--overwrite", steps=2) == 0
     lines = (tmp_path / "edm-baseline" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2]  # the old run's records are gone
@@ -270,3 +305,36 @@ def test_sigkill_during_checkpoint_writes_resumes_bit_identically(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(ref.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_evaluate_regenerates_toy_data_from_the_checkpoints_seed(tmp_path):
+    assert train(tmp_path / "run", "--seed", "1", steps=2) == 0
+    ckpt = tmp_path / "run" / "edm-baseline" / "checkpoint.pt"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--nfe-grid", "3", "--n-samples", "50",
+                 "--out", str(tmp_path / "ev")]) == 0
+
+
+def test_resume_keeps_the_checkpoints_learning_rate_unless_given(tmp_path):
+    assert train(tmp_path, "--lr", "0.01", steps=2) == 0
+    assert train(tmp_path, "--resume", steps=4) == 0  # no --lr: the run's own 0.01, not the default
+    ckpt = torch.load(tmp_path / "edm-baseline" / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["train"]["lr"] == 0.01 and ckpt["step"] == 4
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    from diffusion_rl.training import Learner
+
+    assert train(tmp_path, steps=2) == 0
+    good = (tmp_path / "edm-baseline" / "checkpoint.pt").read_bytes()
+
+    def interrupted(self, steps, progress=True):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(Learner, "train", interrupted)
+    capsys.readouterr()
+    assert train(tmp_path, "--resume", steps=4) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("diffusion-rl: interrupted") and "Traceback" not in "".join(err)
+    assert (tmp_path / "edm-baseline" / "checkpoint.pt").read_bytes() == good
+    assert not (tmp_path / ".lock").exists()
