@@ -52,6 +52,25 @@ __all__ = ["TDLoss", "TDEvaluator", "REWEIGHTINGS", "TARGET_UPDATES"]
 TARGET_UPDATES: tuple[str, ...] = ("soft", "hard")
 
 
+class FastSoftUpdate(SoftUpdate):
+    """TorchRL's `SoftUpdate` (target <- tau target + (1 - tau) online), its per-step lerp done by one foreach call
+    over the parameter lists, gathered once. TorchRL's own step rebuilds TensorDicts of `.data` views at every
+    call, which costs more than the rest of the RL layer on small networks; the update itself is the same."""
+
+    _pairs: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def step(self) -> None:
+        if self._pairs is None:
+            sources, targets = [], []
+            for key, src in self._sources.items():
+                tgt = self._targets.get(f"target_{key}")
+                for leaf in src.keys(include_nested=True, leaves_only=True):
+                    sources.append(src.get(leaf).data)
+                    targets.append(tgt.get(leaf).data)
+            self._pairs = (sources, targets)
+        torch._foreach_lerp_(self._pairs[1], self._pairs[0], 1 - self.eps)
+
+
 class TDLoss(LossModule):
     """The semi-gradient TD loss of method.md §5 (and TD-CT, §10) as a TorchRL LossModule.
 
@@ -140,7 +159,8 @@ class TDLoss(LossModule):
     # ---- pieces -------------------------------------------------------------------------------------------------
     def _target(self, states: TensorDictBase) -> tuple[Tensor, Tensor]:
         """(denoised, value) of the target critic: no grad, eval mode (method.md §5.4, §12.5)."""
-        self.target_value_network.eval()
+        if self.target_value_network.training:  # kept in eval mode; restored if a caller switched it
+            self.target_value_network.eval()
         with torch.no_grad():
             out = self.target_value_network(states.select(*self.critic_keys, strict=False))
         return out["denoised"].detach(), out["state_value"].detach()
@@ -161,6 +181,9 @@ class TDLoss(LossModule):
             raise ConfigError(f"TDLoss takes a batch [B] of transitions or [B, T] of chains, got {tuple(shape)}")
         self._check_keys(batch)
         tk = self.tensor_keys
+        # only what the loss reads, viewed as chains [B, T]
+        batch = batch.select(*self.critic_keys, tk.level, tk.x0, tk.valid,
+                             *(("next", *_as_tuple(k)) for k in (*self.critic_keys, tk.reward, tk.done)))
         if len(shape) == 2:
             chains = batch
         elif _names(batch)[-1] == "time":  # one chain: the rollout of an unbatched env
@@ -321,8 +344,9 @@ class TDEvaluator(Learner):
         self.loss_module = TDLoss(self.critic, self.target_critic, form, one_step=env.one_step,
                                   coupling=env.coupling, estimator=est, reweighting=reweighting,
                                   base_weight_lambda=base_weight_lambda, n_steps=n_steps)
+        self._buffer_pairs = list(zip(self.target.buffers(), self.denoiser.buffers()))
         if target_update == "soft":
-            self.target_updater = SoftUpdate(self.loss_module, eps=self.tau)
+            self.target_updater = FastSoftUpdate(self.loss_module, eps=self.tau)
         else:
             # HardUpdate copies when its counter reaches the interval, i.e. every interval + 1 steps
             self.target_updater = HardUpdate(self.loss_module, value_network_update_interval=self.hard_period - 1)
@@ -344,9 +368,8 @@ class TDEvaluator(Learner):
     def after_update(self) -> None:
         """Move the target network after each optimizer step (method.md §5.4: EMA tau, or a hard copy every period)."""
         self.target_updater.step()
-        for b_t, b in zip(self.target.buffers(), self.denoiser.buffers()):  # updaters move parameters only
+        for b_t, b in self._buffer_pairs:  # updaters move parameters only
             b_t.copy_(b)
-        self.target.eval()
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"target": self.target}
