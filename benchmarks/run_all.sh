@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Re-run every benchmark whose JSON is committed under benchmarks/results/ (about 2 hours on 2 CPU cores).
-# Each grid is resumable: an interrupted command picks up where it stopped.
+# Re-run every benchmark whose JSON is committed under benchmarks/results/ (about 1 hour on an idle 2-core machine).
+# Each grid is resumable: an interrupted command picks up where it stopped; delete a JSON to run its grid afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m benchmarks.compare --variants baseline td --seeds 0 1 2 --steps 1500 \
