@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import math
 import sys
 import time
@@ -321,7 +322,6 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
     from .data import load_dataset
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
     from .runs import RunFolder, check_writable_folder
-
     from .training import RESUME_MAY_CHANGE
 
     nfe_grid = validate_args(args, given, methods)
@@ -368,15 +368,13 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
         if evaluator is None:
             return 0
         if args.resume and (out / "results.json").exists():  # keep the records of methods this command did not run
-            import json
-
             mine = {r["method"] for r in records}
             old = json.loads((out / "results.json").read_text()).get("records", [])
             records = [r for r in old if r.get("method") not in mine] + records
         write_results(records, out)
-    metrics = list(dict.fromkeys(r["metric"] for r in records))
-    for metric in metrics:
-        plot_metric_vs_nfe(records, out / f"{metric}_vs_nfe.png", metric)
+        metrics = list(dict.fromkeys(r["metric"] for r in records))
+        for metric in metrics:
+            plot_metric_vs_nfe(records, out / f"{metric}_vs_nfe.png", metric)
     print(format_table(records, metrics[0]))
     info = evaluator.feature_info
     print(f"\n{metrics[0]} on {dataset.name}, {args.n_samples} samples per NFE, reference: {info.get('reference')}; "

@@ -268,7 +268,7 @@ from diffusion_rl.cli import main
 torch.set_num_threads(int(sys.argv[3]))  # the test process's thread count: the same arithmetic, bit for bit
 resume = ["--resume"] if sys.argv[2] == "1" else []
 sys.exit(main(["train", "--data", "moons", "--batch-size", "16", "--width", "16", "--no-progress", "--no-eval",
-               "--steps", "150", "--checkpoint-every", "1", "--out", sys.argv[1], *resume]))
+               "--steps", "400", "--checkpoint-every", "1", "--out", sys.argv[1], *resume]))
 """
 
 
@@ -277,10 +277,10 @@ def test_sigkill_during_checkpoint_writes_resumes_bit_identically(tmp_path):
     run ends, bit for bit."""
     from diffusion_rl.cli import Args, make_learner
 
-    args = dict(data="moons", batch_size=16, width=16, progress=False, eval=False, steps=150, checkpoint_every=1)
+    args = dict(data="moons", batch_size=16, width=16, progress=False, eval=False, steps=400, checkpoint_every=1)
     ref = make_learner(Args(out=str(tmp_path / "ref"), **args), "baseline")
     ref.out_dir = None
-    list(ref.train(150, progress=False))
+    list(ref.train(400, progress=False))
     rng = random.Random(0)
     out = tmp_path / "killed"
     ckpt = out / "edm-baseline" / "checkpoint.pt"
@@ -299,8 +299,8 @@ def test_sigkill_during_checkpoint_writes_resumes_bit_identically(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     resumed = make_learner(Args(out=str(out), **args), "baseline").resume()
-    assert 0 < resumed.step < 150, resumed.step  # killed midway
-    list(resumed.train(150, progress=False))
+    assert 0 < resumed.step < 400, resumed.step  # killed midway
+    list(resumed.train(400, progress=False))
     for a, b in zip(ref.denoiser.state_dict().values(), resumed.denoiser.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(ref.ema.state_dict().values(), resumed.ema.state_dict().values()):
