@@ -10,6 +10,10 @@ protocol. The table prints mean +- std over seeds; nothing is hidden when TD los
 
 Resumable: each (variant, seed) result is written to --out as soon as it finishes, and a restarted command skips
 the pairs already there (it refuses a file made with other settings). Every record carries its run's settings.
+
+`--samplers default,dpmpp_2m,ipndm` scores every trained model under each solver (same samples' seed, same
+budgets): rows are labelled `variant @solver` ("default" is the family's Heun, Euler at even NFE), so a table shows
+whether TD's few-step gain survives a stronger solver.
 """
 from __future__ import annotations
 
@@ -90,12 +94,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500, help="training steps of every run")
     p.add_argument("--n-samples", type=int, default=1000, help="evaluation samples per NFE")
     p.add_argument("--nfe-grid", default="1,2,3,5,9,17,35", help="evaluation NFE budgets")
+    p.add_argument("--samplers", default="default",
+                   help="comma-separated solvers to score every model with (default: the family's own)")
     p.add_argument("--out", default="benchmarks/results/compare.json", help="the JSON written after every run")
     a = p.parse_args()
     base = Args(data=a.data, steps=a.steps, n_samples=a.n_samples, nfe_grid=a.nfe_grid, progress=False)
     variants = [parse_variant(v, base) for v in a.variants]  # every variant validated before any work
     nfe_grid = tuple(int(n) for n in a.nfe_grid.split(","))
+    samplers = [x.strip() for x in a.samplers.split(",") if x.strip()]
     settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid)}
+    if samplers != ["default"]:
+        settings["samplers"] = samplers
+    from diffusion_rl.formulations import make_formulation
+    from diffusion_rl.samplers import sampler_for_nfe
+
+    for _, args in variants:  # every solver must reach every budget: refused before any training
+        for name in samplers:
+            for nfe in nfe_grid:
+                sampler_for_nfe(make_formulation(args.formulation), nfe, None if name == "default" else name)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
@@ -109,13 +125,15 @@ def main() -> None:
     dataset = load_dataset(a.data)
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
     for seed in a.seeds:
-        evaluator = None
+        evaluators = {}
         for label, args in variants:
             key = f"{label}|seed={seed}"
             if key in runs:
                 continue
-            evaluator = evaluator or Evaluator(dataset, EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples,
-                                                                   seed=seed))
+            evaluators = evaluators or {
+                name: Evaluator(dataset, EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=seed,
+                                                    sampler=None if name == "default" else name))
+                for name in samplers}
             args = dataclasses.replace(args, seed=seed)
             learner = make_learner(args, dataset=dataset)
             learner.out_dir = None
@@ -123,10 +141,15 @@ def main() -> None:
             for _ in learner.train(args.steps, progress=False):
                 pass
             train_s = time.perf_counter() - ts
-            recs = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device, progress=False)
             fields = run_settings(learner, args)
-            for r in recs:
-                r.update(fields, variant=label, train_seconds=round(train_s, 1))
+            recs = []
+            for name, evaluator in evaluators.items():
+                sweep = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device,
+                                        progress=False)
+                for r in sweep:
+                    r.update(fields, variant=label if name == "default" else f"{label} @{name}",
+                             train_seconds=round(train_s, 1))
+                recs += sweep
             runs[key] = recs
             records = [r for rs in runs.values() for r in rs]
             _write_json(out, {"command": command, "settings": settings, "summary": summarise(records),
@@ -141,4 +164,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # bad grids, options or budgets: one line, before any training
+        sys.exit(f"compare: error: {e}")
