@@ -5,5 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m benchmarks.compare --variants baseline td --seeds 0 1 2 --steps 1500 \
     --out benchmarks/results/digits_td_vs_edm.json
+python -m benchmarks.compare --variants baseline td --seeds 0 1 2 --steps 1500 --nfe-grid 3,5,9,17,35 \
+    --samplers default,dpmpp_2m,ipndm --out benchmarks/results/digits_td_vs_edm_solvers.json
+python -m benchmarks.report benchmarks/results/digits_td_vs_edm_solvers.json \
+    --plot benchmarks/results/digits_td_vs_edm_solvers_fid.png
 bash benchmarks/run_rest.sh
 python -m benchmarks.speed --out benchmarks/results/speed.json
