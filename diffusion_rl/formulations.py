@@ -268,32 +268,55 @@ class CTFormulation(EDMFormulation):
 class VPFormulation(Formulation):
     """DDPM / VP, discrete time (Ho et al. 2020); the raw network predicts eps.
 
-    Levels are timesteps t in [1, T] (t = 0 is clean data); the index grid has `steps` points from t = T (index 0)
-    to t = 1 (index N-1), so N = T gives one index unit per timestep. Fractional t interpolates log abar linearly,
-    which is exact at integer t.
+    Levels are timesteps t in [1, T] (t = 0 is clean data). Fractional t interpolates log abar linearly, which is
+    exact at integer t. For TD (method.md §9) the MRP lives in variance-exploding units: x~ = x / sqrt(abar) =
+    x0 + sigma~ eps with sigma~ = sqrt((1 - abar) / abar). The index grid is EDM's rho grid (`steps` points,
+    default 18) of sigma~ between sigma~(T) (index 0) and sigma~(1) (index N-1), so strides mean what they mean for
+    EDM; values are one-step posterior means of x~, with EDM's coefficients A = 1 - sigma~_d^2 / sigma~^2 (Markov).
+    The sampling kernels (`posterior`, `reverse_step`, DDIM, DDPM) stay the true VP ones in x units.
     """
 
     name = "vp"
     samplers = ("ddim", "ddpm")
     SCHEDULES = ("linear", "cosine")
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "linear", steps: int | None = None) -> None:
+    def __init__(self, timesteps: int = 1000, schedule: str = "linear", steps: int = 18, rho: float = 7.0) -> None:
         check_positive("timesteps", timesteps)
         if timesteps < 2:
             raise ConfigError(f"timesteps must be >= 2, got {timesteps}")
         check_choice("beta schedule", schedule, self.SCHEDULES)
-        steps = timesteps if steps is None else steps
         check_positive("steps", steps)
         if steps < 2:
             raise ConfigError(f"steps must be >= 2 for the index grid, got {steps}")
-        self.timesteps, self.schedule, self.steps = int(timesteps), schedule, int(steps)
+        check_positive("rho", rho, integer=False)
+        self.timesteps, self.schedule, self.steps, self.rho = int(timesteps), schedule, int(steps), float(rho)
         betas = linear_betas(timesteps) if schedule == "linear" else cosine_betas(timesteps)
         self.betas = betas
         self.alpha_bars = alpha_bar_from_betas(betas)  # [T + 1], abar_0 = 1
         self._log_abar = self.alpha_bars.log()
+        # the sigma~ range of the TD grid: sigma~(T) at index 0, sigma~(1) at index N-1 (method.md §9)
+        ends = self.sigma_ve(torch.tensor([float(timesteps), 1.0], dtype=torch.float64))
+        self.sigma_ve_max, self.sigma_ve_min = float(ends[0]), float(ends[1])
 
     def config(self) -> dict:
-        return {"name": self.name, "timesteps": self.timesteps, "schedule": self.schedule, "steps": self.steps}
+        return {"name": self.name, "timesteps": self.timesteps, "schedule": self.schedule, "steps": self.steps,
+                "rho": self.rho}
+
+    # ---- variance-exploding view (method.md §9) ------------------------------------------------------------------
+    def sigma_ve(self, t: Tensor) -> Tensor:
+        """sigma~(t) = sqrt((1 - abar(t)) / abar(t)): x / sqrt(abar) = x0 + sigma~ eps."""
+        ab = self.alpha_bar(t)
+        return ((1 - ab) / ab).sqrt()
+
+    def timestep_of_sigma_ve(self, sigma: Tensor) -> Tensor:
+        """The (fractional) timestep whose sigma~ is `sigma`: the inverse of `sigma_ve` on [1, T]."""
+        sigma = torch.as_tensor(sigma)
+        table = self._log_abar.to(sigma.device)  # decreasing in t
+        target = -torch.log1p(sigma.to(table.dtype).pow(2))  # log abar
+        lo = (torch.searchsorted(-table, -target) - 1).clamp(0, self.timesteps - 1)
+        frac = (table[lo] - target) / (table[lo] - table[lo + 1])
+        t = (lo.to(table.dtype) + frac).clamp(1, self.timesteps)
+        return t.to(sigma.dtype) if sigma.is_floating_point() else t
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """abar at (possibly fractional) timesteps t in [0, T]."""
@@ -305,12 +328,27 @@ class VPFormulation(Formulation):
         return out.to(t.dtype) if t.is_floating_point() else out
 
     def level(self, index: Tensor) -> Tensor:
-        T = self.timesteps
-        return (T - index / (self.steps - 1) * (T - 1)).clamp(1, T)
+        sigma = edm_sigma_of_index(index, self.steps, self.sigma_ve_min, self.sigma_ve_max, self.rho)
+        return self.timestep_of_sigma_ve(sigma)
 
     def index(self, level: Tensor) -> Tensor:
-        T = self.timesteps
-        return (T - level.clamp(1, T)) / (T - 1) * (self.steps - 1)
+        sigma = self.sigma_ve(torch.as_tensor(level).clamp(1, self.timesteps))
+        return edm_index_of_sigma(sigma, self.steps, self.sigma_ve_min, self.sigma_ve_max, self.rho).to(level.dtype)
+
+    def one_step_posterior(self, level: Tensor, one_step: float,
+                           coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
+        """The value's (A, kappa) in variance-exploding units (method.md §9): EDM's coefficients of sigma~."""
+        self.check_coupling(coupling)
+        ratio = self.sigma_ve(self.shift(level, one_step)) / self.sigma_ve(level)
+        kappa = ratio.pow(2) if coupling == "markov" else ratio
+        return (1 - kappa).to(level.dtype), kappa.to(level.dtype)
+
+    def one_step_mean(self, x0: Tensor, x: Tensor, level: Tensor, one_step: float,
+                      coupling: Coupling = "markov") -> Tensor:
+        """mu~(x, level) = A x0 + kappa x / sqrt(abar(level)): the one-step posterior mean of x~ (method.md §9)."""
+        A, kappa = self.one_step_posterior(level, one_step, coupling)
+        scale = expand_as_image(self.alpha_bar(level).rsqrt().to(x.dtype), x)
+        return expand_as_image(A, x) * x0 + expand_as_image(kappa, x) * (x * scale)
 
     def in_range(self, level: Tensor) -> Tensor:
         return (level >= 1) & (level <= self.timesteps)

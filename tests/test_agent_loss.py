@@ -228,49 +228,38 @@ def test_semi_gradient():
 
 
 # ---- VP and CT through the same code -------------------------------------------------------------------------------
-def spec_vp_A(t_s, t_t, T=1000):
-    """DDPM posterior coefficient of x0 (method.md §9, derived), linear betas 1e-4..0.02, by hand at integer steps."""
-    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    abar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
-    ab_t, ab_s = abar[t_t.long()], abar[t_s.long()]
-    A = ab_s.sqrt() * (1 - ab_t / ab_s) / (1 - ab_t)
-    kappa = (ab_t / ab_s).sqrt() * (1 - ab_s) / (1 - ab_t)
-    return A, kappa
-
-
-def test_vp_uses_its_own_posterior():
+def test_vp_td_error_in_variance_exploding_units():
+    """TD on VP (method.md §9): values are one-step posterior means of x~ = x / sqrt(abar), with EDM's coefficients
+    of sigma~ = sqrt((1 - abar) / abar) on EDM's rho grid of sigma~; transcribed here by hand."""
     form = VPFormulation(timesteps=1000)
-    env = DiffusionMRP(toy_data(), form, stride=3.0, one_step=1.0, seed=0)
-    ag = TDEvaluator(env, denoiser=random_denoiser(form, dtype=torch.float32), config=TrainConfig(batch_size=8),
-                     device="cpu")
-    assert ag.method == "td-vp"
-    batch = env.sample_pairs(64)
-    # integer timesteps so the hand table needs no interpolation; partner three steps toward the data
-    t = torch.randint(10, 990, (64,), generator=torch.Generator().manual_seed(0)).to(torch.float64)
-    x0 = batch["x0"].double()
-    ab = torch.cat([torch.ones(1, dtype=torch.float64),
-                    torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)])
-    g = torch.Generator().manual_seed(1)
-    x_t = ab[t.long()].sqrt()[:, None] * x0 + (1 - ab[t.long()]).sqrt()[:, None] * torch.randn(64, 2, generator=g,
-                                                                                                dtype=torch.float64)
-    t_n = t - 3
-    x_n = ab[t_n.long()].sqrt()[:, None] * x0 + (1 - ab[t_n.long()]).sqrt()[:, None] * torch.randn(
-        64, 2, generator=g, dtype=torch.float64)
-    A_t, k_t = spec_vp_A(t - 1, t)  # one_step 1.0 = one timestep (N = T grid)
-    A_n, k_n = spec_vp_A(t_n - 1, t_n)
-    assert (A_t + k_t - 1).abs().max() > 1e-3  # A + kappa != 1 for VP: never A = 1 - kappa
-    reward = (A_t[:, None] * x0 + k_t[:, None] * x_t) - (A_n[:, None] * x0 + k_n[:, None] * x_n)
-    b = batch.clone()
-    b.update({"x": x_t.float(), "level": t.float(), "valid": torch.ones(64, dtype=torch.bool)})
-    b["next"].update({"x": x_n.float(), "level": t_n.float(), "reward": reward.float()})
-    out = ag.loss(b)
+    env = DiffusionMRP(toy_data(), form, seed=0, dtype=torch.float64)
+    ag = TDEvaluator(env, denoiser=random_denoiser(form), config=TrainConfig(batch_size=8), device="cpu")
+    assert ag.method == "td-vp" and (env.stride, env.one_step, form.steps) == (3.0, 0.2, 18)
+    batch = env.sample_pairs(256)
+    t = batch["level"]
+    assert torch.equal(t, t.round())  # training timesteps are integers: the hand table needs no interpolation
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    sig = ((1 - abar[t.long() - 1]) / abar[t.long() - 1]).sqrt()
+    a, b = form.sigma_ve_max ** (1 / 7), form.sigma_ve_min ** (1 / 7)
+    i = (sig ** (1 / 7) - a) / (b - a) * 17
+
+    def rho(j):  # EDM's rho grid of sigma~
+        return (a + j.clamp(0, 17) / 17 * (b - a)) ** 7
+
+    A_t = 1 - (rho(i + 0.2) / sig) ** 2
+    A_n = 1 - (rho(i + 3.2) / rho(i + 3)) ** 2
+    out = ag.loss(batch)
     with torch.no_grad():
-        D = ag.denoiser(x_t.float(), t.float()).double()
-        D_tgt = ag.target(x_n.float(), t_n.float()).double()
+        D = ag.denoiser(batch["x"], t)
+        D_tgt = ag.target(batch["next", "x"], batch["next", "level"])
+    x0 = batch["x0"]
     delta = A_t[:, None] * (x0 - D) - A_n[:, None] * (x0 - D_tgt)
-    torch.testing.assert_close(out["td_error"].double(), delta, rtol=1e-3, atol=1e-4)
-    base = ab[t.long()] / (1 - ab[t.long()]) * ((D - x0) ** 2).mean(1)  # DDPM eps loss in x0 terms
-    torch.testing.assert_close(out["sample_base"].double(), base, rtol=1e-3, atol=1e-5)
+    valid = out["valid"]
+    assert valid.sum() > 100
+    torch.testing.assert_close(out["td_error"][valid], delta[valid], rtol=1e-6, atol=1e-8)
+    # the reward is the drop of mu~ = A x0 + kappa x / sqrt(abar) between the pair (it telescopes in x~ units)
+    mu = form.one_step_mean(x0, batch["x"], t, 0.2)
+    torch.testing.assert_close(mu, A_t[:, None] * x0 + (1 - A_t)[:, None] * batch["x"] / abar[t.long() - 1].sqrt()[:, None])
 
 
 def test_td_ct_loss():

@@ -39,8 +39,10 @@ def test_value_is_A_D_plus_kappa_x(form, coupling, points):
     with torch.no_grad():
         D = den(td["x"], td["level"])
         A, kappa = env.formulation.one_step_posterior(td["level"], env.one_step, coupling)
+    # VP values live in variance-exploding units: x~ = x / sqrt(abar) (method.md §9)
+    x = td["x"] / env.formulation.alpha_bar(td["level"]).sqrt()[:, None] if form == "vp" else td["x"]
     torch.testing.assert_close(out["denoised"], D)
-    torch.testing.assert_close(out["state_value"], A[:, None] * D + kappa[:, None] * td["x"])
+    torch.testing.assert_close(out["state_value"], A[:, None] * D + kappa[:, None] * x)
 
 
 def test_critic_cannot_read_x0(digits):

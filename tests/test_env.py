@@ -78,7 +78,7 @@ def test_rollout_shapes_strides_truncation(form, points):
 def test_family_policy_on_formulations():
     edm, vp, ct = EDMFormulation(), VPFormulation(), CTFormulation()
     assert (edm.default_stride, edm.default_one_step) == (3.0, 0.2)
-    assert vp.default_stride == pytest.approx(3 * 999 / 17) and vp.default_one_step == pytest.approx(0.2 * 999 / 17)
+    assert (vp.default_stride, vp.default_one_step) == (3.0, 0.2)  # VP's TD grid is EDM's rho grid of sigma~
     assert (ct.default_stride, ct.default_one_step) == (1.0, 0.25)
     assert [f.default_coupling for f in (edm, vp, ct)] == ["markov", "markov", "shared"]
     assert [f.default_reweighting for f in (edm, vp, ct)] == ["edm", "edm", "pairwise"]
@@ -277,10 +277,15 @@ def test_sample_pairs_valid_mask_vp(points):
     env = DiffusionMRP(points, "vp", seed=0)
     p = env.sample_pairs(4000)
     t = p["level"].double()
-    T, N1 = 1000, env.formulation.steps - 1
-    i_ref = (T - t) / (T - 1) * N1
-    ref = (t >= 1) & (t <= T) & (i_ref <= N1 - (env.stride + env.one_step))
-    assert torch.equal(p["valid"], ref)
+    N1, f = env.formulation.steps - 1, env.formulation
+    # by hand: sigma~ = sqrt((1 - abar) / abar) at integer t, then EDM's rho-grid index of sigma~ (method.md §9)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t.long() - 1]
+    s = ((1 - abar) / abar).sqrt()
+    a, b = f.sigma_ve_max ** (1 / 7), f.sigma_ve_min ** (1 / 7)
+    i_ref = (s ** (1 / 7) - a) / (b - a) * N1
+    ref = (t >= 1) & (t <= 1000) & (i_ref <= N1 - (env.stride + env.one_step))
+    clear = (i_ref - (N1 - (env.stride + env.one_step))).abs() > 1e-4
+    assert torch.equal(p["valid"][clear], ref[clear])
     assert p["valid"].any() and (~p["valid"]).any()
 
 

@@ -35,8 +35,9 @@ def test_edm_index_round_trip_and_clamps():
 
 def test_vp_index_round_trip_and_alpha_bar_exact_at_integers():
     f = VPFormulation(timesteps=100)
-    i = torch.linspace(0, 99, 37)
+    i = torch.linspace(0, 17, 37, dtype=torch.float64)
     assert torch.allclose(f.index(f.level(i)), i, atol=1e-9)
+    assert f.level(torch.tensor([0.0, 17.0], dtype=torch.float64)).tolist() == pytest.approx([100.0, 1.0])
     betas = torch.linspace(1e-4 * 10, 0.02 * 10, 100)
     ab = torch.cumprod(1 - betas, 0)
     assert torch.allclose(f.alpha_bar(torch.arange(1, 101).double()), ab, rtol=1e-10)
@@ -151,3 +152,24 @@ def test_training_level_distribution_is_lognormal():
     s = f.sample_training_level(100_000, torch.Generator().manual_seed(0))
     assert s.log().mean().item() == pytest.approx(-1.2, abs=0.02)
     assert s.log().std().item() == pytest.approx(1.2, abs=0.02)
+
+
+def test_vp_td_grid_keeps_the_partner_ratio_near_one():
+    """TD on VP in variance-exploding units on EDM's rho grid of sigma~: r = A_t' / A_t stays in (1, 1.5) over every
+    TD-valid start of the default grid, as for EDM (method.md §7, §9). On the raw timestep grid it ran 1.9-8.0."""
+    f = VPFormulation()
+    k, d = f.default_stride, f.default_one_step
+    idx = torch.linspace(0, f.steps - 1 - (k + d), 400, dtype=torch.float64)
+    A_t, kappa_t = f.one_step_posterior(f.level(idx), d)
+    A_n, _ = f.one_step_posterior(f.level(idx + k), d)
+    r = A_n / A_t
+    assert (r > 1).all() and (r < 1.5).all(), (r.min(), r.max())
+    # the value's coefficients are EDM's of sigma~: A = 1 - sigma~_d^2 / sigma~^2
+    s, s_d = f.sigma_ve(f.level(idx)), f.sigma_ve(f.level(idx + d))
+    torch.testing.assert_close(A_t, 1 - (s_d / s) ** 2)
+
+
+def test_vp_sigma_ve_inverse():
+    f = VPFormulation()
+    t = torch.linspace(1, 1000, 97, dtype=torch.float64)
+    torch.testing.assert_close(f.timestep_of_sigma_ve(f.sigma_ve(t)), t)
