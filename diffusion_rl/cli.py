@@ -176,6 +176,10 @@ def _parse_nfe_grid(text: str) -> tuple[int, ...]:
         raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, e.g. 1,2,3,5,9,17,35")
     if not grid or min(grid) < 1:
         raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, e.g. 1,2,3,5,9,17,35")
+    from .limits import check_limit
+
+    for nfe in grid:
+        check_limit("nfe", nfe, "nfe")
     return grid
 
 
@@ -265,12 +269,13 @@ TD_OPTIONS = ("estimator", "n_steps", "lmbda", "reweighting", "base_lambda", "co
 
 
 def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str, ...] = ()) -> tuple[int, ...]:
-    """Everything about a demo/train command that can be checked without data or torch; returns the NFE grid.
+    """Everything about a demo/train command that can be checked before data loads; returns the NFE grid.
 
     `given` names the options written on the command line: an option the chosen method or estimator would
     ignore is refused with the reason, never dropped silently.
     """
     from .limits import check_limit
+    from .networks import check_dropout
     from .training import TrainConfig
 
     if not str(args.out).strip():
@@ -279,8 +284,7 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,  # checks the optimisation
                 ema_halflife_images=args.ema_halflife_images, seed=args.seed, checkpoint_every=args.checkpoint_every,
                 checkpoint_seconds=args.checkpoint_seconds)
-    if not 0 <= args.dropout < 1:
-        raise ConfigError(f"dropout must be in [0, 1), got {args.dropout!r}")
+    check_dropout(args.dropout)
     check_range("target_tau", args.target_tau, 0.0, 1.0)
     check_range("lmbda", args.lmbda, 0.0, 1.0)
     if not (math.isfinite(args.base_lambda) and args.base_lambda >= 0):
@@ -297,8 +301,6 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     if args.n_samples < 2:
         raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {args.n_samples}")
     nfe_grid = _parse_nfe_grid(args.nfe_grid)
-    for nfe in nfe_grid:
-        check_limit("nfe", nfe, "nfe")
     for m in methods:
         check_choice("method", m, METHODS)
     if "baseline" in methods and "td" not in methods:
@@ -440,8 +442,6 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     from .runs import check_writable_folder
 
     nfe_grid = _parse_nfe_grid(a.nfe_grid)
-    for nfe in nfe_grid:
-        check_limit("nfe", nfe, "nfe")
     check_seed(a.seed)
     check_positive("n_samples", a.n_samples)
     check_limit("n_samples", a.n_samples, "samples")

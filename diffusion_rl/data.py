@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, check_positive
-from .limits import check_limit, limit
+from .limits import check_limit
 
 __all__ = ["Dataset", "DATASETS", "TOYS", "load_dataset", "cache_dir", "sample_toy"]
 
@@ -65,14 +65,22 @@ class Dataset:
         return tuple(self.x.shape[1:])
 
     def content_hash(self) -> str:
-        """First 16 hex digits of sha256 over the shape, the bytes of x and of the labels (not the name)."""
+        """First 16 hex digits of sha256 over the shape, the bytes of x and of the labels (not the name).
+
+        Computed once per content: the learner, the evaluator and the feature-net cache all ask for it, and a large
+        data set takes a while to hash. An in-place edit of x or labels (their version counters) recomputes it."""
+        key = tuple((id(t), t._version) for t in (self.x, self.labels) if t is not None)
+        cached = self.__dict__.get("_hash")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         h = hashlib.sha256()
         h.update(repr(tuple(self.x.shape)).encode())
         h.update(np.ascontiguousarray(self.x.detach().cpu().to(torch.float32).numpy()))  # no bytes copy
         if self.labels is not None:
             h.update(b"labels")
             h.update(np.ascontiguousarray(self.labels.detach().cpu().to(torch.int64).numpy()))
-        return h.hexdigest()[:16]
+        self.__dict__["_hash"] = (key, h.hexdigest()[:16])
+        return self.__dict__["_hash"][1]
 
     def draw(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         """A batch drawn uniformly with replacement: (x [B, ...], labels [B] or None), reproducible given `generator`.
@@ -220,7 +228,7 @@ def _check_labels(labels: np.ndarray, n: int, what: str) -> tuple[Tensor, int]:
 
 
 def _image_dataset(name: str, images: np.ndarray, labels: np.ndarray | None, what: str) -> Dataset:
-    if images.ndim >= 3 and max(images.shape[1:3]) > limit("image_side"):
+    if images.ndim >= 3:
         check_limit(f"{what} image side", max(images.shape[1:3]), "image_side")
     x = torch.from_numpy(np.ascontiguousarray(_to_unit_range(_to_nchw(images, what), what)))
     if labels is None:
@@ -307,8 +315,7 @@ def _load_folder(path: str) -> Dataset:
     for f, _ in files:
         try:
             with Image.open(f) as im:  # reads the header only: the size is checked before any pixel is decoded
-                if max(im.size) > limit("image_side"):
-                    check_limit(f"image {f} side", max(im.size), "image_side")
+                check_limit(f"image {f} side", max(im.size), "image_side")
                 gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")  # palette and colour modes -> RGB
                 arrays.append(np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8))
         except (OSError, Image.DecompressionBombError) as e:

@@ -16,7 +16,8 @@ from .errors import ConfigError, check_positive
 from .formulations import Formulation, expand_as_image
 from .limits import check_limit
 
-__all__ = ["FourierEmbedding", "UNet", "MLP", "Denoiser", "build_network", "network_from_config", "checked_size"]
+__all__ = ["FourierEmbedding", "UNet", "MLP", "Denoiser", "build_network", "network_from_config", "checked_size",
+           "check_dropout"]
 
 
 class FourierEmbedding(nn.Module):
@@ -203,6 +204,13 @@ class Denoiser(nn.Module):
         return expand_as_image(c_skip, x) * x + expand_as_image(c_out, x) * out.to(x.dtype)
 
 
+def check_dropout(dropout: float) -> float:
+    """Dropout must lie in [0, 1)."""
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+    return dropout
+
+
 def checked_size(factory: Callable[[], nn.Module]) -> nn.Module:
     """Build `factory()` on the meta device first (no memory) and refuse a network above the parameter limit;
     then build it for real."""
@@ -221,8 +229,7 @@ def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int 
     if width is not None:
         check_positive("width", width)
     check_positive("depth", depth)
-    if not 0 <= dropout < 1:
-        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_dropout(dropout)
     if num_classes:
         check_limit("num_classes", num_classes, "classes")
     shape = tuple(sample_shape)

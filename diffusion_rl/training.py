@@ -402,7 +402,8 @@ class Learner(ABC):
         if log is None or not log.exists():
             return
         keep, torn = [], 0
-        for line in log.read_text().splitlines():
+        original = log.read_text()
+        for line in original.splitlines():
             try:
                 rec = json.loads(line)
                 if rec["step"] <= self.step:
@@ -412,7 +413,7 @@ class Learner(ABC):
         if torn:
             warnings.warn(f"{log}: dropped {torn} unreadable line(s) (a run killed while writing)", stacklevel=3)
         text = "".join(line + "\n" for line in keep)
-        if text != log.read_text():  # rewritten only when a line goes
+        if text != original:  # rewritten only when a line goes
             log.write_text(text)
 
 
