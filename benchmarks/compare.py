@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import shlex
-import statistics
 import sys
 import time
-from pathlib import Path
 
-from diffusion_rl.cli import Args, cast_field, make_learner
+from diffusion_rl.cli import Args, cast_field, make_learner, validate_args
 from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
+
+from .grid import ResultGrid, summarise
 
 # the settings every record carries as fields (issue: records must not rest on a variant label alone)
 SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "coupling",
@@ -49,6 +47,11 @@ def parse_variant(spec: str, base: Args) -> tuple[str, Args]:
     return spec, args
 
 
+def args_given(spec: str) -> list[str]:
+    """The option names a variant sets ('td:stride=6,n_steps=2' -> ['stride', 'n_steps'])."""
+    return [item.partition("=")[0] for item in filter(None, spec.partition(":")[2].split(","))]
+
+
 def run_settings(learner, args: Args) -> dict:
     """The run's full settings as record fields (the learner's resolved values where it has them)."""
     s = {k: getattr(args, k) for k in SETTING_FIELDS}
@@ -61,15 +64,6 @@ def run_settings(learner, args: Args) -> dict:
     return s
 
 
-def summarise(records: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[float]] = {}
-    for r in records:
-        groups.setdefault((r["variant"], r["nfe"], r["metric"]), []).append(r["value"])
-    return [{"variant": v, "nfe": n, "metric": m, "mean": statistics.fmean(vals),
-             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n_seeds": len(vals), "values": vals}
-            for (v, n, m), vals in groups.items()]
-
-
 def table(summary: list[dict], metric: str) -> str:
     rows = [s for s in summary if s["metric"] == metric]
     nfes = sorted({s["nfe"] for s in rows})
@@ -78,12 +72,6 @@ def table(summary: list[dict], metric: str) -> str:
         cell = {s["nfe"]: f"{s['mean']:.2f} +- {s['std']:.2f}" for s in rows if s["variant"] == v}
         lines.append(f"{v:<42}" + "".join(f"{cell.get(n, '-'):>16}" for n in nfes))
     return "\n".join(lines)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -112,23 +100,20 @@ def main() -> None:
         for name in samplers:
             for nfe in nfe_grid:
                 sampler_for_nfe(make_formulation(args.formulation), nfe, None if name == "default" else name)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {}
-    if out.exists():
-        old = json.loads(out.read_text())
-        if old.get("settings") != settings:
-            raise ConfigError(f"{out} was made with settings {old.get('settings')}, not {settings}; "
-                              f"use another --out or delete it")
-        runs = old.get("runs", {})
-        print(f"resuming {out}: {len(runs)} finished runs kept", file=sys.stderr)
-    dataset = load_dataset(a.data)
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
+    grid = ResultGrid(a.out, settings, command)  # refuses a file made with other settings, before any training
+    done = grid.runs()
+    if done:
+        print(f"resuming {a.out}: {len(done)} finished runs kept", file=sys.stderr)
+    dataset = load_dataset(a.data)
+    for label, args in variants:  # every setting checked (the env's TD-valid rule too) before any training
+        validate_args(args, given=set(args_given(label)), methods=(args.method,))
+        make_learner(args, dataset=dataset)
     for seed in a.seeds:
         evaluators = {}
         for label, args in variants:
             key = f"{label}|seed={seed}"
-            if key in runs:
+            if not grid.claim(key):  # finished, or another worker runs it
                 continue
             evaluators = evaluators or {
                 name: Evaluator(dataset, EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=seed,
@@ -147,20 +132,18 @@ def main() -> None:
                 sweep = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device,
                                         progress=False)
                 for r in sweep:
-                    r.update(fields, variant=label if name == "default" else f"{label} @{name}",
+                    r.update(fields, variant=label if name == "default" else f"{label} @{name}", sampler=name,
                              train_seconds=round(train_s, 1))
                 recs += sweep
-            runs[key] = recs
-            records = [r for rs in runs.values() for r in rs]
-            _write_json(out, {"command": command, "settings": settings, "summary": summarise(records),
-                              "runs": runs})
+            grid.finish(key, recs)
             print(f"seed {seed} {label}: trained {train_s:.0f} s; " + ", ".join(
                 f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
                 file=sys.stderr, flush=True)
+    runs = grid.runs()
     records = [r for rs in runs.values() for r in rs]
     metric = "fid" if dataset.kind == "image" else "sw2"
     print(table(summarise(records), metric))
-    print(f"wrote {out}")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""A results file that several worker processes can fill at once, and that a restart continues.
+
+`ResultGrid(path, settings, command)` holds `{"command", "settings", "summary", "runs"}` where `runs` maps a key
+("variant|seed=S") to that run's records. Every read-modify-write happens under an exclusive `flock` on
+`<path>.lock`, so workers started with the same command share one file:
+- `claim(key)` is true when the key is neither finished nor being run by a live worker; it leaves a claim file
+  `<path>.claims/<key>` naming the worker's PID (a claim whose PID is dead is taken over, so a killed worker's run
+  is redone, never lost or duplicated);
+- `finish(key, records)` merges the records into the file as it is on disk now and drops the claim.
+A file made with other settings is refused before any work.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Iterator
+
+from diffusion_rl.errors import ConfigError
+
+__all__ = ["ResultGrid", "summarise"]
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean, std and values over seeds of every (variant, nfe, metric)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault((r["variant"], r["nfe"], r["metric"]), []).append(r["value"])
+    return [{"variant": v, "nfe": n, "metric": m, "mean": statistics.fmean(vals),
+             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n_seeds": len(vals), "values": vals}
+            for (v, n, m), vals in groups.items()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ResultGrid:
+    """One resumable, shareable results file (see the module docstring)."""
+
+    def __init__(self, path: str | Path, settings: dict, command: str) -> None:
+        self.path = Path(path)
+        self.settings, self.command = settings, command
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.claims = self.path.with_name(self.path.name + ".claims")
+        self.claims.mkdir(exist_ok=True)
+        with self._locked():
+            self._load()  # refuses a file made with other settings
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _load(self) -> dict[str, list[dict]]:
+        if not self.path.exists():
+            return {}
+        old = json.loads(self.path.read_text())
+        if old.get("settings") != self.settings:
+            raise ConfigError(f"{self.path} was made with settings {old.get('settings')}, not {self.settings}; "
+                              f"use another --out or delete it")
+        return old.get("runs", {})
+
+    def runs(self) -> dict[str, list[dict]]:
+        """The finished runs on disk now."""
+        with self._locked():
+            return self._load()
+
+    def _claim_file(self, key: str) -> Path:
+        return self.claims / key.replace("/", "_")
+
+    def claim(self, key: str) -> bool:
+        """True (and the key is this process's) when `key` is unfinished and no live worker runs it."""
+        with self._locked():
+            if key in self._load():
+                return False
+            cf = self._claim_file(key)
+            if cf.exists():
+                try:
+                    pid = int(cf.read_text().strip() or 0)
+                except ValueError:
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    return False
+            cf.write_text(str(os.getpid()))
+            return True
+
+    def finish(self, key: str, records: list[dict]) -> None:
+        """Merge one run's records into the file (atomic replace) and drop its claim."""
+        with self._locked():
+            runs = self._load()
+            runs[key] = records
+            flat = [r for rs in runs.values() for r in rs]
+            tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"command": self.command, "settings": self.settings,
+                                       "summary": summarise(flat), "runs": runs}, indent=1))
+            os.replace(tmp, self.path)
+            self._claim_file(key).unlink(missing_ok=True)
