@@ -22,7 +22,8 @@ formulation; nothing here assumes A = 1 - kappa.
 
 Target network: a deep copy of the denoiser, always in eval mode with requires_grad False, updated after every
 optimizer step by EMA (tau = 0.999, `SoftUpdate(eps=tau)`) or by a hard copy every `hard_period` steps
-(`HardUpdate`). It is not the evaluation EMA (`Learner.ema`); both are kept and both are checkpointed.
+(`HardUpdate`). The EMA's rate may instead follow a half-life in training images and/or a ramp-up (a half-life of
+a fixed fraction of the images seen so far), so that the target's lag fits the run's length (method.md §5.4). It is not the evaluation EMA (`Learner.ema`); both are kept and both are checkpointed.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 from diffusion_rl.errors import ConfigError, check_choice, check_positive, check_range
 from diffusion_rl.formulations import Formulation, expand_as_image
 from diffusion_rl.networks import Denoiser
-from diffusion_rl.training import Learner, TrainConfig, resolve_device
+from diffusion_rl.training import Learner, TrainConfig, halflife_decay, resolve_device
 
 from .estimators import estimator_name, make_estimator, returns
 from .functional import REWEIGHTINGS, chain_mask, combine_losses, mean_pixels, split_objective, td_weight
@@ -281,7 +282,10 @@ class TDEvaluator(Learner):
         base_weight_lambda: the paper's lambda >= 0 weighting the BASE loss (0.5).
         target_update: "soft" (EMA after each optimizer step, target <- tau target + (1 - tau) online) or "hard"
             (copy every `hard_period` optimizer steps).
-        tau: EMA factor of the soft update in [0, 1] (0.999).
+        tau: EMA factor of the soft update in [0, 1] (0.999), used when neither of the next two is given.
+        target_halflife_images: the soft update's half-life in training images (tau = 0.5 ** (batch / half-life)).
+        target_rampup: cap the half-life at this fraction of the images seen so far (EDM's EMA ramp-up): the lag
+            stays that fraction of the run, and the target follows the online network closely early on.
         hard_period: steps between hard copies (100).
         config, out_dir, device: as for `Learner`.
         critic_factory: builds a critic TensorDictModule from (denoiser, formulation, one_step, coupling); default
@@ -293,7 +297,8 @@ class TDEvaluator(Learner):
     def __init__(self, env, *, denoiser: Denoiser | None = None, estimator: str | ValueEstimatorBase = "td0",
                  n_steps: int = 1, lmbda: float = 0.95, reweighting: str | None = None,
                  base_weight_lambda: float = 0.5, target_update: str = "soft", tau: float = 0.999,
-                 hard_period: int = 100, config: TrainConfig | None = None, out_dir: str | Path | None = None,
+                 hard_period: int = 100, target_halflife_images: float | None = None,
+                 target_rampup: float | None = None, config: TrainConfig | None = None, out_dir: str | Path | None = None,
                  device: str | torch.device = "auto",
                  critic_factory: Callable[..., TensorDictModule] | None = None) -> None:
         # ---- validate everything before any work -----------------------------------------------------------------
@@ -315,6 +320,12 @@ class TDEvaluator(Learner):
         base_weight_lambda = _check_lambda("base_weight_lambda", base_weight_lambda)
         check_choice("target_update", target_update, TARGET_UPDATES)
         check_range("tau", tau, 0.0, 1.0)
+        for name, v in (("target_halflife_images", target_halflife_images), ("target_rampup", target_rampup)):
+            if v is not None:
+                check_positive(name, v, integer=False)
+                if target_update != "soft":
+                    raise ConfigError(f"{name} sets the soft update's rate; target_update={target_update!r} "
+                                      f"copies every hard_period steps instead")
         check_positive("hard_period", hard_period)
         if form.consistency:
             # method.md §10: the consistency pair is (sigma(n), sigma(n+1)) with shared noise
@@ -333,6 +344,8 @@ class TDEvaluator(Learner):
         self.n_steps, self.lmbda = int(n_steps), float(lmbda)
         self.reweighting, self.base_weight_lambda = reweighting, base_weight_lambda
         self.target_update, self.tau, self.hard_period = target_update, float(tau), int(hard_period)
+        self.target_halflife_images = None if target_halflife_images is None else float(target_halflife_images)
+        self.target_rampup = None if target_rampup is None else float(target_rampup)
 
         # ---- critics: online over the denoiser, target over a frozen deep copy in eval mode ------------------------
         self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
@@ -367,9 +380,19 @@ class TDEvaluator(Learner):
     @torch.no_grad()
     def after_update(self) -> None:
         """Move the target network after each optimizer step (method.md §5.4: EMA tau, or a hard copy every period)."""
+        if self.target_update == "soft":
+            self.target_updater.eps = self.current_tau()
         self.target_updater.step()
         for b_t, b in self._buffer_pairs:  # updaters move parameters only
             b_t.copy_(b)
+
+    def current_tau(self) -> float:
+        """The soft update's rate at this step: `tau`, or the decay of the half-life min(target_halflife_images,
+        target_rampup * images seen) (method.md §5.4)."""
+        halflives = [h for h in (self.target_halflife_images,
+                                 None if self.target_rampup is None else self.target_rampup * self.images_seen)
+                     if h is not None]
+        return halflife_decay(self.config.batch_size, min(halflives)) if halflives else self.tau
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"target": self.target}
@@ -379,7 +402,9 @@ class TDEvaluator(Learner):
                 "lmbda": self.lmbda if self.estimator_name == "td_lambda" else None,
                 "reweighting": self.reweighting, "lambda": self.base_weight_lambda,
                 "target_update": self.target_update,
-                "tau": self.tau if self.target_update == "soft" else None,
+                "tau": self.tau if self.target_update == "soft" and self.target_halflife_images is None
+                and self.target_rampup is None else None,
+                "target_halflife_images": self.target_halflife_images, "target_rampup": self.target_rampup,
                 "hard_period": self.hard_period if self.target_update == "hard" else None,
                 "stride": float(self.env.stride), "one_step": float(self.env.one_step),
                 "coupling": self.env.coupling}

@@ -32,7 +32,8 @@ from .grid import ResultGrid, summarise
 
 # the settings every record carries as fields (issue: records must not rest on a variant label alone)
 SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "coupling",
-                  "reweighting", "base_lambda", "target_tau", "steps", "batch_size", "lr", "width", "seed", "device")
+                  "reweighting", "base_lambda", "target_tau", "target_halflife_images", "target_rampup", "steps",
+                  "batch_size", "lr", "width", "seed", "device")
 
 
 def parse_variant(spec: str, base: Args) -> tuple[str, Args]:
@@ -60,7 +61,9 @@ def run_settings(learner, args: Args) -> dict:
     for k in ("estimator", "stride", "one_step", "n_steps", "lmbda", "coupling", "reweighting"):
         s[k] = mc.get(k)
     if not mc:  # the baseline has no TD settings
-        s.update(base_lambda=None, target_tau=None)
+        s.update(base_lambda=None, target_tau=None, target_halflife_images=None, target_rampup=None)
+    elif args.target_halflife_images or args.target_rampup:
+        s.update(target_tau=None)
     return s
 
 

@@ -66,7 +66,10 @@ class Args:
     stride: str = opt("auto", "TD: MRP stride in index units > 0 (auto: the formulation's default, 3 for EDM)")
     one_step: str = opt("auto", "TD: one-step shift delta in index units > 0 (auto: the formulation's default, "
                                 "0.2 for EDM)")
-    target_tau: float = opt(0.999, "TD: target-network EMA rate")
+    target_tau: float = opt(0.999, "TD: target-network EMA rate (unless a half-life or ramp-up is given)")
+    target_halflife_images: float = opt(0.0, "TD: target-network EMA half-life in training images (0: off)")
+    target_rampup: float = opt(0.0, "TD: cap the target's half-life at this fraction of the images seen so far "
+                                    "(0: off)")
     nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated (even budgets use Euler)")
     n_samples: int = opt(1000, "evaluation samples per NFE")
     features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
@@ -238,7 +241,8 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
         learner = TDEvaluator(env, denoiser=denoiser, estimator=args.estimator,
                               n_steps=1 if args.estimator == "td0" else args.n_steps, lmbda=args.lmbda,
                               reweighting=args.reweighting or None, base_weight_lambda=args.base_lambda,
-                              tau=args.target_tau, config=config, device=device)
+                              tau=args.target_tau, target_halflife_images=args.target_halflife_images or None,
+                              target_rampup=args.target_rampup or None, config=config, device=device)
     learner.out_dir = Path(args.out) / learner.method  # each method and formulation in its own folder
     return learner
 
@@ -265,7 +269,7 @@ def load_denoiser(path: str | Path, device: str = "cpu", ema: bool = True):
 
 # ---- checks of a whole command, before any work -------------------------------------------------------------------
 TD_OPTIONS = ("estimator", "n_steps", "lmbda", "reweighting", "base_lambda", "coupling", "stride", "one_step",
-              "target_tau")
+              "target_tau", "target_halflife_images", "target_rampup")
 
 
 def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str, ...] = ()) -> tuple[int, ...]:
@@ -287,6 +291,13 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     check_dropout(args.dropout)
     check_range("target_tau", args.target_tau, 0.0, 1.0)
     check_range("lmbda", args.lmbda, 0.0, 1.0)
+    for name in ("target_halflife_images", "target_rampup"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"{name} must be a finite number >= 0 (0: off), got {v!r}")
+        if v and "target_tau" in given:
+            raise ConfigError(f"--target-tau and --{name.replace('_', '-')} exclude each other: the half-life or "
+                              f"ramp-up sets the target's rate")
     if not (math.isfinite(args.base_lambda) and args.base_lambda >= 0):
         raise ConfigError(f"base_lambda must be a finite number >= 0, got {args.base_lambda!r}")
     if not args.eval:

@@ -48,6 +48,12 @@ def objective(losses: TensorDict) -> torch.Tensor:
     return torch.stack([t.reshape(()) for t in terms]).sum()
 
 
+def halflife_decay(batch_size: int, halflife_images: float) -> float:
+    """EMA decay per step for a half-life in training images (EDM): 0.5 ** (batch / half-life); 0 for a half-life
+    of 0 (the average is the latest value)."""
+    return 0.5 ** (batch_size / halflife_images) if halflife_images > 0 else 0.0
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
@@ -241,8 +247,7 @@ class Learner(ABC):
 
     @torch.no_grad()
     def _update_ema(self, batch_size: int) -> None:
-        # EDM: beta = 0.5 ** (batch / half-life in images)
-        beta = 0.5 ** (batch_size / self.config.ema_halflife_images)
+        beta = halflife_decay(batch_size, self.config.ema_halflife_images)
         for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters()):
             p_ema.lerp_(p.detach(), 1 - beta)
         for b_ema, b in zip(self.ema.buffers(), self.denoiser.buffers()):

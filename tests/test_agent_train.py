@@ -72,6 +72,27 @@ def test_soft_update_after_each_step():
     assert not ag.target.training
 
 
+def test_target_rate_from_a_halflife_and_a_rampup():
+    """tau = 0.5 ** (batch / h) with h = min(half-life, ramp-up * images seen), applied by the soft update."""
+    ag = make(target_halflife_images=64.0, target_rampup=0.5)
+    B = ag.config.batch_size
+    before = params(ag.target)
+    ag.update(ag.collect())  # images seen = B: the ramp-up's h = B / 2 is below 64
+    tau = 0.5 ** (B / (0.5 * B))
+    assert ag.current_tau() == tau == 0.25
+    for t0, t1, p in zip(before, params(ag.target), params(ag.denoiser)):
+        torch.testing.assert_close(t1, tau * t0 + (1 - tau) * p, rtol=1e-6, atol=1e-7)
+    for _ in range(20):
+        ag.update(ag.collect())  # h now capped by the half-life
+    assert ag.current_tau() == 0.5 ** (B / 64.0)
+    assert make(target_rampup=0.05).method_config()["tau"] is None
+    assert make().current_tau() == 0.999
+    with pytest.raises(ConfigError, match="target_rampup must be a positive finite number, got 0.0"):
+        make(target_rampup=0.0)
+    with pytest.raises(ConfigError, match="target_update='hard'"):
+        make(target_update="hard", target_halflife_images=100.0)
+
+
 def test_hard_update_every_period():
     ag = make(target_update="hard", hard_period=3)
     assert isinstance(ag.target_updater, HardUpdate)
