@@ -135,7 +135,7 @@ def main() -> None:
                 sweep = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device,
                                         progress=False)
                 for r in sweep:
-                    r.update(fields, variant=label if name == "default" else f"{label} @{name}", sampler=name,
+                    r.update(fields, variant=label if name == "default" else f"{label} @{name}",
                              train_seconds=round(train_s, 1))
                 recs += sweep
             grid.finish(key, recs)

@@ -1,15 +1,30 @@
-"""Markdown tables (mean +- std over seeds) from the JSON files `benchmarks.compare` writes.
+"""Render the committed benchmark JSON into docs/results.md, the README's tables and plots.
 
-    python -m benchmarks.report benchmarks/results/digits_td_vs_edm.json [--metric fid] [--nfe 1,3,5,9,35]
-        [--plot fid_vs_nfe.png]
+    python -m benchmarks.report                    # docs/results.md + its plots, and the README's result blocks
+    python -m benchmarks.report FILE.json [--metric fid] [--nfe 3,5,9] [--plot out.png]   # one file's table
 
-The README's result tables are pasted from this output, so every number there is the JSON's, rounded.
+Every table is mean ± std over seeds of a JSON written by `benchmarks.compare`. The README holds blocks
+
+    <!-- report FILE.json [nfe=3,5,9] [variants=baseline,td] -->
+    ...table...
+    <!-- /report -->
+
+whose tables this script regenerates from FILE.json; tests/test_readme.py checks that every block equals what the
+JSON gives, so no number in the README can drift from its JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SOLVERS = {"default": "Heun (Euler at even NFE)", "dpmpp_2m": "DPM-Solver++(2M)", "ipndm": "iPNDM",
+           "ddim": "DDIM"}
+BLOCK = re.compile(r"<!-- report (\S+)((?: \w+=\S+)*) -->\n(.*?)<!-- /report -->", re.S)
+FEW_STEP = 9  # "wins everywhere" means at every NFE <= 9 (NFE 1-2 excluded: see the README's "Reading the results")
 
 
 def fmt(x: float) -> str:
@@ -17,54 +32,235 @@ def fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
 
 
-def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | None = None) -> str:
+def split_label(variant: str) -> tuple[str, str]:
+    """'td:stride=2 @dpmpp_2m' -> ('td:stride=2', 'dpmpp_2m'); no '@' means the family's default solver."""
+    base, _, solver = variant.partition(" @")
+    return base, solver or "default"
+
+
+def is_baseline(variant: str) -> bool:
+    return split_label(variant)[0].partition(":")[0] == "baseline"
+
+
+def describe(fields: dict) -> str:
+    """A readable label from a record's settings: 'EDM baseline', 'TD(0) k=3', 'n-step(2) k=2, delta 0.1', ..."""
+    form = (fields.get("formulation") or "edm").upper()
+    if fields.get("method") in (None, "baseline") or str(fields.get("method", "")).endswith("baseline"):
+        return {"EDM": "EDM baseline", "VP": "DDPM eps baseline", "CT": "CT baseline"}.get(form, f"{form} baseline")
+    est, n = fields.get("estimator"), fields.get("n_steps")
+    head = {"td0": "TD(0)", "nstep": f"n-step({n})"}.get(est, f"TD(λ={fields.get('lmbda')}, n={n})")
+    parts = [f"{head} k={fields.get('stride'):g}"]
+    if form != "EDM":
+        parts[0] = f"TD-{form} " + parts[0]
+    defaults = {"one_step": 0.2 if form != "CT" else 0.25, "coupling": "markov" if form != "CT" else "shared",
+                "reweighting": "edm" if form != "CT" else "pairwise"}
+    if fields.get("one_step") is not None and fields["one_step"] != defaults["one_step"]:
+        parts.append(f"δ {fields['one_step']:g}")
+    if fields.get("coupling") and fields["coupling"] != defaults["coupling"]:
+        parts.append(f"{fields['coupling']} coupling")
+    if fields.get("reweighting") and fields["reweighting"] != defaults["reweighting"]:
+        parts.append("no reweighting" if fields["reweighting"] == "none" else f"{fields['reweighting']} weights")
+    if fields.get("target_rampup"):
+        parts.append(f"target ramp-up {fields['target_rampup']:g}")
+    if fields.get("target_halflife_images"):
+        parts.append(f"target half-life {fields['target_halflife_images']:g} img")
+    return ", ".join(parts)
+
+
+def load(path: str | Path) -> dict:
+    """A compare JSON with `labels`: base variant -> readable label (from its first record's settings)."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = RESULTS / path
+    d = json.loads(path.read_text())
+    labels = {}
+    for recs in d.get("runs", {}).values():
+        for r in recs:
+            labels.setdefault(split_label(r["variant"])[0], describe(r))
+    d["labels"] = labels
+    return d
+
+
+def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | None = None,
+                   labels: dict[str, str] | None = None, variants: list[str] | None = None) -> str:
+    """One row per variant (in first-seen order, or `variants`' order), one column per NFE: 'mean ± std'."""
     rows = [s for s in summary if s["metric"] == metric]
     nfes = nfes or sorted({s["nfe"] for s in rows})
     lines = ["| variant | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
-    for v in dict.fromkeys(s["variant"] for s in rows):
+    for v in variants or dict.fromkeys(s["variant"] for s in rows):
         cell = {s["nfe"]: f"{fmt(s['mean'])} ± {fmt(s['std'])}" for s in rows if s["variant"] == v}
-        lines.append(f"| {v} | " + " | ".join(cell.get(n, "-") for n in nfes) + " |")
+        base, solver = split_label(v)
+        name = (labels or {}).get(base, base) + ("" if solver == "default" else f", {SOLVERS.get(solver, solver)}")
+        lines.append(f"| {name} | " + " | ".join(cell.get(n, "-") for n in nfes) + " |")
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], path: str, metric: str = "fid", nfes: list[int] | None = None) -> None:
-    """Mean +- std of `metric` against NFE, one line per variant, log axes."""
+def wins_everywhere(summary: list[dict], metric: str = "fid", max_nfe: int = FEW_STEP) -> dict[str, dict]:
+    """Per solver, each TD variant's verdict against the baseline at every NFE in [3, max_nfe]: 'wins' when its mean
+    is below the baseline's at every such NFE, and 'beyond the spread' when also by more than both stds."""
+    rows = {(s["variant"], s["nfe"]): s for s in summary if s["metric"] == metric and 3 <= s["nfe"] <= max_nfe}
+    out: dict[str, dict] = {}
+    for (v, nfe) in rows:
+        base, solver = split_label(v)
+        if is_baseline(v):
+            continue
+        ref = next((k for k in {k[0] for k in rows} if is_baseline(k) and split_label(k)[1] == solver), None)
+        if ref is None:
+            continue
+        nfes = sorted(n for (u, n) in rows if u == v)
+        diffs = [(rows[(ref, n)]["mean"] - rows[(v, n)]["mean"], rows[(ref, n)]["std"] + rows[(v, n)]["std"])
+                 for n in nfes if (ref, n) in rows]
+        out.setdefault(solver, {})[base] = {"wins": all(d > 0 for d, _ in diffs),
+                                            "beyond_spread": all(d > s for d, s in diffs), "nfes": nfes}
+    return out
+
+
+def _solvers(summary: list[dict]) -> list[str]:
+    return list(dict.fromkeys(split_label(s["variant"])[1] for s in summary))
+
+
+def plot_vs_nfe(d: dict, path: Path, metric: str = "fid") -> None:
+    """FID vs NFE, one panel per solver, one line per variant (mean ± std over seeds), log axes."""
+    plt = _pyplot()
+    summary = [s for s in d["summary"] if s["metric"] == metric]
+    solvers = _solvers(summary)
+    fig, axes = plt.subplots(1, len(solvers), figsize=(5.5 * len(solvers), 4.5), squeeze=False, sharey=True)
+    for ax, solver in zip(axes[0], solvers):
+        for v in dict.fromkeys(s["variant"] for s in summary if split_label(s["variant"])[1] == solver):
+            pts = sorted((s["nfe"], s["mean"], s["std"]) for s in summary if s["variant"] == v)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        label=d["labels"].get(split_label(v)[0], v), lw=2.5 if is_baseline(v) else 1.2,
+                        color="black" if is_baseline(v) else None)
+        ax.set(xscale="log", yscale="log", xlabel="NFE", title=SOLVERS.get(solver, solver))
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(f"{metric.upper()} (mean ± std over seeds)")
+    axes[0][-1].legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_vs_stride(d: dict, path: Path, metric: str = "fid") -> bool:
+    """FID vs the TD(0) stride k (paper defaults otherwise), one line per NFE, the baseline as dashed lines, one
+    panel per solver. False (nothing written) when the file has fewer than two TD(0) strides."""
+    runs = {split_label(r["variant"])[0]: r for recs in d["runs"].values() for r in recs}
+    td0 = {v: r["stride"] for v, r in runs.items() if re.fullmatch(r"td(:stride=[\d.]+)?", v)
+           and r.get("estimator") == "td0"}
+    if len(td0) < 2:
+        return False
+    plt = _pyplot()
+    summary = [s for s in d["summary"] if s["metric"] == metric]
+    solvers = _solvers(summary)
+    fig, axes = plt.subplots(1, len(solvers), figsize=(5.5 * len(solvers), 4.5), squeeze=False, sharey=True)
+    for ax, solver in zip(axes[0], solvers):
+        suffix = "" if solver == "default" else f" @{solver}"
+        for i, nfe in enumerate(sorted({s["nfe"] for s in summary})):
+            pts = sorted((td0[v], s["mean"], s["std"]) for v in td0 for s in summary
+                         if s["variant"] == v + suffix and s["nfe"] == nfe)
+            line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                               capsize=3, label=f"NFE {nfe}")
+            base = [s for s in summary if s["variant"] == "baseline" + suffix and s["nfe"] == nfe]
+            if base:
+                ax.axhline(base[0]["mean"], ls="--", lw=1, color=line[0].get_color())
+        ax.set(yscale="log", xlabel="TD(0) stride k (index units)", title=SOLVERS.get(solver, solver))
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(f"{metric.upper()} (dashed: the baseline)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [s for s in summary if s["metric"] == metric and (not nfes or s["nfe"] in nfes)]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for v in dict.fromkeys(s["variant"] for s in rows):
-        pts = sorted((s["nfe"], s["mean"], s["std"]) for s in rows if s["variant"] == v)
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=v, linestyle="--" if "@" in v else "-")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return plt
+
+
+def file_section(path: Path, plots: Path) -> str:
+    """docs/results.md's section for one compare JSON: provenance, one table per solver, verdicts, plots."""
+    d = load(path)
+    metric = "fid" if any(s["metric"] == "fid" for s in d["summary"]) else "sw2"
+    first = next(iter(d["runs"].values()))[0]
+    seeds = sorted({int(k.rpartition("seed=")[2]) for k in d["runs"]})
+    out = [f"## {path.name}", "",
+           f"`{d['command']}`", "",
+           f"Data {first.get('data')}, {first.get('steps')} training steps of {first.get('batch_size')} images, "
+           f"width {first.get('width')}, device {first.get('device')}; {first.get('n_samples')} samples per NFE; "
+           f"seeds {', '.join(map(str, seeds))}; {len(d['runs'])} runs. {metric.upper()}, mean ± std over seeds.", ""]
+    for solver in _solvers(d["summary"]):
+        variants = [v for v in dict.fromkeys(s["variant"] for s in d["summary"]) if split_label(v)[1] == solver]
+        out += [f"**{SOLVERS.get(solver, solver)}**", "", markdown_table(d["summary"], metric, None, d["labels"],
+                                                                         variants), ""]
+    verdict = wins_everywhere(d["summary"], metric)
+    if verdict:
+        out += [f"Variants whose mean {metric.upper()} is below the baseline's at every NFE in [3, {FEW_STEP}] "
+                f"(beyond the spread: by more than the sum of the two stds at each):", ""]
+        for solver, per in verdict.items():
+            win = [d["labels"].get(v, v) + (" (beyond the spread)" if r["beyond_spread"] else "")
+                   for v, r in per.items() if r["wins"]]
+            out.append(f"- {SOLVERS.get(solver, solver)}: " + ("; ".join(win) if win else "**none**"))
+        out.append("")
+    plots.mkdir(parents=True, exist_ok=True)
+    png = plots / f"{path.stem}_{metric}_vs_nfe.png"
+    plot_vs_nfe(d, png, metric)
+    out += [f"![{metric} vs NFE]({png.relative_to(ROOT / 'docs').as_posix()})", ""]
+    stride_png = plots / f"{path.stem}_{metric}_vs_stride.png"
+    if plot_vs_stride(d, stride_png, metric):
+        out += [f"![{metric} vs stride]({stride_png.relative_to(ROOT / 'docs').as_posix()})", ""]
+    return "\n".join(out)
+
+
+def results_page(files: list[Path], plots: Path) -> str:
+    head = ["# Benchmark results", "",
+            "Generated by `python -m benchmarks.report` from the JSON files in `benchmarks/results/` (do not edit by "
+            "hand). Each file records the command that made it; each record carries its run's full settings. "
+            "NFE 1-2 of the EDM family measure the untrained-at-that-budget regime, not quality (see the README's "
+            "\"Reading the results\").", ""]
+    return "\n".join(head + [file_section(f, plots) for f in files])
+
+
+def render_block(spec: str, options: str) -> str:
+    """The table of one README block: `spec` the JSON file, options 'nfe=3,5 variants=baseline,td'."""
+    opts = dict(o.split("=", 1) for o in options.split())
+    d = load(spec)
+    nfes = [int(n) for n in opts["nfe"].split(",")] if "nfe" in opts else None
+    variants = [v.replace("+", " ") for v in opts["variants"].split(",")] if "variants" in opts else None
+    metric = opts.get("metric", "fid")
+    return markdown_table(d["summary"], metric, nfes, d["labels"], variants) + "\n"
+
+
+def update_readme(text: str) -> str:
+    """Every `<!-- report ... -->` block's table regenerated from its JSON."""
+    return BLOCK.sub(lambda m: f"<!-- report {m[1]}{m[2]} -->\n{render_block(m[1], m[2])}<!-- /report -->", text)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="+", help="JSON files written by benchmarks.compare")
+    p.add_argument("files", nargs="*", help="JSON files written by benchmarks.compare (default: every committed "
+                                            "one, into docs/results.md and the README)")
     p.add_argument("--metric", default="fid", help="fid | kid | sw2 | ...")
     p.add_argument("--nfe", default="", help="comma-separated NFE columns (default: all)")
     p.add_argument("--plot", default="", help="also write a plot of the (last) file's metric vs NFE here (.png)")
     a = p.parse_args()
-    nfes = [int(n) for n in a.nfe.split(",") if n] or None
-    for f in a.files:
-        summary = json.loads(Path(f).read_text())["summary"]
-        seeds = max(s["n_seeds"] for s in summary)
-        print(f"{f} ({a.metric}, mean ± std over {seeds} seeds)\n\n{markdown_table(summary, a.metric, nfes)}\n")
-        if a.plot:
-            plot(summary, a.plot, a.metric, nfes)
+    if a.files:
+        nfes = [int(n) for n in a.nfe.split(",") if n] or None
+        for f in a.files:
+            d = load(f)
+            print(f"{f} ({a.metric}, mean ± std over seeds)\n\n"
+                  f"{markdown_table(d['summary'], a.metric, nfes, d['labels'])}\n")
+            if a.plot:
+                plot_vs_nfe(d, Path(a.plot), a.metric)
+        return
+    files = sorted(f for f in RESULTS.glob("*.json") if "runs" in json.loads(f.read_text()))
+    (ROOT / "docs" / "results.md").write_text(results_page(files, ROOT / "docs" / "plots"))
+    readme = ROOT / "README.md"
+    readme.write_text(update_readme(readme.read_text()))
+    print(f"wrote docs/results.md ({len(files)} files) and README.md's report blocks")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 import pytest
 
 from benchmarks.compare import parse_variant, summarise
-from benchmarks.report import markdown_table
+from benchmarks.report import describe, markdown_table, render_block, update_readme, wins_everywhere
 from diffusion_rl.cli import Args
 from diffusion_rl.errors import ConfigError
 
@@ -27,3 +27,35 @@ def test_summary_and_table_give_mean_and_spread_over_seeds():
     assert by["baseline"]["mean"] == 75.0 and by["td"]["std"] == pytest.approx(1.41421356)
     table = markdown_table(summary, "fid")
     assert "| baseline | 75.0 ± 7.07 |" in table and "| td | 41.0 ± 1.41 |" in table
+
+
+def _summary(rows):
+    return summarise([{"variant": v, "nfe": n, "metric": "fid", "value": x} for v, n, x in rows])
+
+
+def test_wins_everywhere_needs_every_few_step_budget():
+    rows = [("baseline", 3, 50.0), ("baseline", 9, 5.0), ("baseline", 35, 1.0),
+            ("td", 3, 30.0), ("td", 9, 4.0), ("td", 35, 2.0),          # wins at 3 and 9; 35 is not a few-step NFE
+            ("td:stride=6", 3, 30.0), ("td:stride=6", 9, 6.0),          # loses at 9
+            ("baseline @ipndm", 3, 10.0), ("td @ipndm", 3, 12.0)]
+    v = wins_everywhere(_summary(rows))
+    assert v["default"]["td"]["wins"] and v["default"]["td"]["nfes"] == [3, 9]
+    assert not v["default"]["td:stride=6"]["wins"]
+    assert not v["ipndm"]["td"]["wins"]  # each solver against the baseline under the same solver
+
+
+def test_labels_come_from_the_record_settings():
+    td = {"method": "td-edm", "formulation": "edm", "estimator": "td_lambda", "n_steps": 3, "lmbda": 0.5,
+          "stride": 2.0, "one_step": 0.1, "coupling": "markov", "reweighting": "edm", "target_rampup": 0.05}
+    assert describe(td) == "TD(λ=0.5, n=3) k=2, δ 0.1, target ramp-up 0.05"
+    assert describe({"method": "edm-baseline", "formulation": "edm"}) == "EDM baseline"
+    assert describe({**td, "estimator": "nstep", "n_steps": 2, "one_step": 0.2, "target_rampup": None,
+                     "coupling": "shared"}) == "n-step(2) k=2, shared coupling"
+
+
+def test_readme_blocks_are_regenerated_from_the_json():
+    stale = "<!-- report digits_td_vs_edm.json nfe=3,35 -->\n| stale |\n<!-- /report -->"
+    fresh = update_readme(stale)
+    assert "stale" not in fresh and fresh.endswith("<!-- /report -->")
+    assert render_block("digits_td_vs_edm.json", " nfe=3,35") in fresh
+    assert "| EDM baseline | 77.1 ± 1.28 | 1.16 ± 0.23 |" in fresh

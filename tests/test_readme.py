@@ -28,3 +28,14 @@ def test_readme_training_is_reproducible(capsys):
         exec(compile(code, str(README), "exec"), {})
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and "10 " in outs[0]
+
+
+def test_readme_result_tables_equal_their_json():
+    """Every `<!-- report FILE -->` block in the README is exactly the table `benchmarks.report` renders from FILE:
+    no number in the README can drift from the JSON it cites."""
+    from benchmarks.report import BLOCK, render_block
+
+    blocks = BLOCK.findall(README.read_text())
+    assert blocks, "the README lost its result tables"
+    for spec, options, table in blocks:
+        assert table == render_block(spec, options), f"README table of {spec} differs from the JSON"
