@@ -1,8 +1,8 @@
 """Agents: the TD policy-evaluation agent (method.md §2-§10), its TorchRL loss, estimators, pure maths, baselines."""
-from .baselines import DiffusionBaseline
+from .baselines import ConsistencyBaseline, DiffusionBaseline
 from .estimators import ESTIMATORS, make_estimator, returns, td_errors
 from .functional import REWEIGHTINGS, combine_losses, split_objective, td_weight
 from .td_evaluator import TARGET_UPDATES, TDEvaluator, TDLoss
 
-__all__ = ["DiffusionBaseline", "TDEvaluator", "TDLoss", "ESTIMATORS", "REWEIGHTINGS", "TARGET_UPDATES",
+__all__ = ["DiffusionBaseline", "ConsistencyBaseline", "TDEvaluator", "TDLoss", "ESTIMATORS", "REWEIGHTINGS", "TARGET_UPDATES",
            "make_estimator", "returns", "td_errors", "td_weight", "combine_losses", "split_objective"]

@@ -1,11 +1,15 @@
-"""Baselines: plain denoising score matching in any formulation (EDM loss, DDPM eps loss, ...)."""
+"""Baselines: plain denoising score matching in any formulation (EDM loss, DDPM eps loss, ...), and consistency
+training (CT, improved CT) for the consistency formulations."""
 from __future__ import annotations
 
 from tensordict import TensorDict, TensorDictBase
 
+from diffusion_rl.errors import ConfigError
 from diffusion_rl.training import Learner
 
-__all__ = ["DiffusionBaseline"]
+from .td_evaluator import TDEvaluator
+
+__all__ = ["DiffusionBaseline", "ConsistencyBaseline"]
 
 
 class DiffusionBaseline(Learner):
@@ -29,3 +33,33 @@ class DiffusionBaseline(Learner):
         denoised = self.denoiser(batch["x"], batch["level"], self.labels_for_net(batch["label"]))
         loss_base = self.formulation.base_loss(denoised, batch["x0"], batch["level"])
         return TensorDict({"loss_base": loss_base.mean(), "sample_base": loss_base.detach()}, batch_size=[])
+
+
+class ConsistencyBaseline(TDEvaluator):
+    """Consistency training without the TD term (method.md §10): the formulation's consistency loss
+    w(t) d(f_theta(x_t, t), f-(x_t2, t2)) on every pair of the env's `sample_pairs` (stride 1, shared noise).
+
+    It is TD-CT with the TD term removed, on the same pairs, target network and target schedule: the control that
+    makes a CT vs TD-CT comparison fair. Improved CT's stop-gradient teacher is `tau=0` (the target then equals the
+    online network of the previous step, i.e. the current one under no-grad). Args: as for `TDEvaluator` (the TD
+    settings estimator, reweighting and base_weight_lambda do not apply).
+    """
+
+    def __init__(self, env, **kwargs) -> None:
+        if not getattr(getattr(env, "formulation", None), "consistency", False):
+            raise ConfigError(f"ConsistencyBaseline needs a consistency formulation (ct, ict), got "
+                              f"{getattr(getattr(env, 'formulation', None), 'name', env)!r}; use DiffusionBaseline")
+        super().__init__(env, **kwargs)
+        self.method = f"{self.formulation.name}-baseline"
+
+    def loss(self, batch: TensorDictBase) -> TensorDict:
+        start = batch.select(*self.loss_module.critic_keys, strict=False)
+        f = self.critic(start)["denoised"]
+        f_target, _ = self.loss_module._target(batch.get("next"))
+        loss_base = self.formulation.base_loss(f, f_target, batch["level"])
+        return TensorDict({"loss_base": loss_base.mean(), "sample_base": loss_base.detach()}, batch_size=[])
+
+    def method_config(self) -> dict:
+        mc = super().method_config()
+        return {k: mc[k] for k in ("target_update", "tau", "hard_period", "target_halflife_images", "target_rampup",
+                                   "stride", "one_step", "coupling")}

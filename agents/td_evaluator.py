@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,7 +360,9 @@ class TDEvaluator(Learner):
                                   base_weight_lambda=base_weight_lambda, n_steps=n_steps)
         self._buffer_pairs = list(zip(self.target.buffers(), self.denoiser.buffers()))
         if target_update == "soft":
-            self.target_updater = FastSoftUpdate(self.loss_module, eps=self.tau)
+            with warnings.catch_warnings():  # TorchRL warns about rates below 0.5, which ramp-ups and iCT use
+                warnings.filterwarnings("ignore", message="Found an eps value")
+                self.target_updater = FastSoftUpdate(self.loss_module, eps=self.tau)
         else:
             # HardUpdate copies when its counter reaches the interval, i.e. every interval + 1 steps
             self.target_updater = HardUpdate(self.loss_module, value_network_update_interval=self.hard_period - 1)

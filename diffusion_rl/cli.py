@@ -37,7 +37,8 @@ class Args:
 
     data: str = opt("digits", "data set name (digits, mnist5k, checkerboard, 8gaussians, swissroll, moons, mnist, "
                               "cifar10) or a path (.npz / image folder)")
-    formulation: str = opt("edm", "edm | vp (ddpm) | ct")
+    formulation: str = opt("edm", "edm | vp (ddpm) | ct | ict (improved CT: curriculum, log-normal levels, "
+                                  "pseudo-Huber)")
     method: str = opt("baseline", "baseline (the formulation's own loss) | td (TDEvaluator, the paper's TD objective)")
     steps: int = opt(2000, "optimizer steps")
     batch_size: int = opt(128, "samples per step")
@@ -209,7 +210,7 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     Its out_dir is `args.out / <learner.method>` ("edm-baseline", "td-edm", "vp-baseline", ...)."""
     import torch
 
-    from agents import DiffusionBaseline, TDEvaluator
+    from agents import ConsistencyBaseline, DiffusionBaseline, TDEvaluator
     from envs import DiffusionMRP
 
     from .data import load_dataset
@@ -235,14 +236,17 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size], coupling=args.coupling or None,
                        stride=_auto_float("stride", args.stride), one_step=_auto_float("one_step", args.one_step),
                        seed=args.seed, device=device)
-    if method == "baseline":
+    target = dict(tau=args.target_tau, target_halflife_images=args.target_halflife_images or None,
+                  target_rampup=args.target_rampup or None)
+    if method == "baseline" and formulation.consistency:  # CT: the same pairs and target as TD-CT, no TD term
+        learner = ConsistencyBaseline(env, denoiser=denoiser, **target, config=config, device=device)
+    elif method == "baseline":
         learner = DiffusionBaseline(env, denoiser=denoiser, config=config, device=device)
     else:
         learner = TDEvaluator(env, denoiser=denoiser, estimator=args.estimator,
                               n_steps=1 if args.estimator == "td0" else args.n_steps, lmbda=args.lmbda,
                               reweighting=args.reweighting or None, base_weight_lambda=args.base_lambda,
-                              tau=args.target_tau, target_halflife_images=args.target_halflife_images or None,
-                              target_rampup=args.target_rampup or None, config=config, device=device)
+                              **target, config=config, device=device)
     learner.out_dir = Path(args.out) / learner.method  # each method and formulation in its own folder
     return learner
 
@@ -270,6 +274,7 @@ def load_denoiser(path: str | Path, device: str = "cpu", ema: bool = True):
 # ---- checks of a whole command, before any work -------------------------------------------------------------------
 TD_OPTIONS = ("estimator", "n_steps", "lmbda", "reweighting", "base_lambda", "coupling", "stride", "one_step",
               "target_tau", "target_halflife_images", "target_rampup")
+CT_BASELINE_OPTIONS = ("coupling", "stride", "one_step", "target_tau", "target_halflife_images", "target_rampup")
 
 
 def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str, ...] = ()) -> tuple[int, ...]:
@@ -315,7 +320,9 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     for m in methods:
         check_choice("method", m, METHODS)
     if "baseline" in methods and "td" not in methods:
-        stray = [f"--{k.replace('_', '-')}" for k in TD_OPTIONS if k in given]
+        consistency = args.formulation in ("ct", "ict")  # the CT baseline has the TD agent's pairs and target
+        stray = [f"--{k.replace('_', '-')}" for k in TD_OPTIONS if k in given
+                 and not (consistency and k in CT_BASELINE_OPTIONS)]
         if stray:
             raise ConfigError(f"{', '.join(stray)} applies to --method td only; the baseline would ignore it")
     if "td" in methods:

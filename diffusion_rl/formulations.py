@@ -7,6 +7,8 @@ the base loss weight. The TD layer (envs/, agents/) asks nothing else of it.
 - `EDMFormulation` ("edm"): VE, continuous time, the rho grid (method.md §1, §3).
 - `VPFormulation`  ("vp", alias "ddpm"): DDPM discrete time; the network predicts eps (method.md §9).
 - `CTFormulation`  ("ct"): the EDM grid with the consistency boundary parametrisation (method.md §10).
+- `ICTFormulation` ("ict"): CT as improved consistency training has it: a curriculum of grid sizes, log-normal
+  levels, the pseudo-Huber loss with 1 / (sigma_n - sigma_n+1) weights (method.md §10).
 
 Levels are noise levels: sigma for EDM/CT, the (possibly fractional) timestep t for VP. Per-sample levels are
 1-D tensors of shape [B]; `expand_as_image` broadcasts them over image dimensions.
@@ -25,6 +27,8 @@ from .schedules import (
     cosine_betas,
     edm_index_of_sigma,
     edm_sigma_of_index,
+    ict_grid_size,
+    ict_index_probs,
     linear_betas,
 )
 
@@ -35,7 +39,9 @@ __all__ = [
     "EDMFormulation",
     "VPFormulation",
     "CTFormulation",
+    "ICTFormulation",
     "FORMULATIONS",
+    "pseudo_huber",
     "make_formulation",
     "expand_as_image",
 ]
@@ -265,6 +271,61 @@ class CTFormulation(EDMFormulation):
         return self.level(idx.to(torch.float32))
 
 
+def pseudo_huber(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample pseudo-Huber distance sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(d) for d values per sample
+    (improved CT, method.md §10): l2-like for small errors, l1-like for large ones, no learned metric needed."""
+    c = 0.00054 * a[0].numel() ** 0.5
+    return ((a - b).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
+
+
+class ICTFormulation(CTFormulation):
+    """Improved consistency training (Song & Dhariwal 2023) on the CT parametrisation (method.md §10).
+
+    - Curriculum: the grid has N = min(s0 2^floor(k / K'), s1) + 1 points at training step k of K
+      (`set_training_progress`, called by the learner before each step), so strides and one-step shifts in index
+      units refer to the current grid; `steps` is that current N.
+    - Levels: the pair index n is drawn with the log-normal mass of ln sigma between sigma(n) and sigma(n+1)
+      (p_mean = -1.1, p_std = 2.0).
+    - Loss: 1 / (sigma(n) - sigma(n+1)) times the pseudo-Huber distance between f_theta(x_t) and the target's
+      f-(x_t2).
+    """
+
+    name = "ict"
+
+    def __init__(self, s0: int = 10, s1: int = 1280, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0, sigma_data: float = 0.5, p_mean: float = -1.1, p_std: float = 2.0) -> None:
+        check_positive("s0", s0)
+        check_positive("s1", s1)
+        if s0 < 2 or s1 < s0:
+            raise ConfigError(f"the curriculum needs 2 <= s0 <= s1 (grid sizes s0 + 1 .. s1 + 1), got s0={s0}, "
+                              f"s1={s1}")
+        super().__init__(steps=s0 + 1, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigma_data=sigma_data,
+                         p_mean=p_mean, p_std=p_std)
+        self.s0, self.s1 = int(s0), int(s1)
+        self.max_steps = self.s1 + 1
+
+    def config(self) -> dict:
+        cfg = super().config()
+        del cfg["steps"]  # the curriculum's current N is training state, not identity
+        return {**cfg, "s0": self.s0, "s1": self.s1}
+
+    def set_training_progress(self, step: int, total: int) -> None:
+        """Set the grid to the curriculum's N at training step `step` of `total`."""
+        self.steps = ict_grid_size(step, total, self.s0, self.s1)
+
+    def base_weight(self, level):
+        # improved CT: lambda(sigma_n) = 1 / (sigma_n - sigma_n+1), the partner one grid point toward the data
+        return 1.0 / (level - self.shift(level, 1.0)).clamp(min=1e-12)
+
+    def base_loss(self, denoised: Tensor, target: Tensor, level: Tensor) -> Tensor:
+        return self.base_weight(level).to(denoised) * pseudo_huber(denoised, target)
+
+    def sample_training_level(self, n, generator=None, device="cpu"):
+        probs = ict_index_probs(self.grid(), self.p_mean, self.p_std)
+        idx = torch.multinomial(probs, n, replacement=True, generator=generator).to(device)
+        return self.level(idx.to(torch.float32))
+
+
 class VPFormulation(Formulation):
     """DDPM / VP, discrete time (Ho et al. 2020); the raw network predicts eps.
 
@@ -408,11 +469,12 @@ class VPFormulation(Formulation):
 
 FORMULATIONS: dict[str, type[Formulation]] = {
     "edm": EDMFormulation, "ve": EDMFormulation, "vp": VPFormulation, "ddpm": VPFormulation, "ct": CTFormulation,
+    "ict": ICTFormulation,
 }
 
 
 def make_formulation(spec: str | Formulation, **kwargs) -> Formulation:
-    """A formulation from its name ("edm", "vp"/"ddpm", "ct") or an instance (returned as is)."""
+    """A formulation from its name ("edm", "vp"/"ddpm", "ct", "ict") or an instance (returned as is)."""
     if isinstance(spec, Formulation):
         return spec
     check_choice("formulation", spec, FORMULATIONS)

@@ -2,6 +2,8 @@
 
 EDM / VE: the rho grid in continuous index space (method.md §1).
 DDPM / VP: linear and cosine beta schedules and their cumulative products alpha-bar.
+Improved consistency training: the curriculum of grid sizes and the discretised log-normal level distribution
+(method.md §10).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ __all__ = [
     "linear_betas",
     "cosine_betas",
     "alpha_bar_from_betas",
+    "ict_grid_size",
+    "ict_index_probs",
 ]
 
 
@@ -62,3 +66,18 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
 def alpha_bar_from_betas(betas: Tensor) -> Tensor:
     """abar_t = prod_{u<=t} (1 - beta_u), returned for t = 0..T with abar_0 = 1 (clean data)."""
     return torch.cat([betas.new_ones(1), torch.cumprod(1 - betas, dim=0)])
+
+
+def ict_grid_size(step: int, total: int, s0: int, s1: int) -> int:
+    """Grid points N at training step `step` of `total` (improved CT, method.md §10): N = min(s0 2^floor(k / K'),
+    s1) + 1 with K' = floor(total / (floor(log2(s1 / s0)) + 1)), so N doubles in equal stages from s0 + 1 to s1 + 1."""
+    stage = max(total // (int(math.log2(s1 // s0)) + 1), 1)
+    return min(s0 * 2 ** (step // stage), s1) + 1
+
+
+def ict_index_probs(sigmas: Tensor, p_mean: float, p_std: float) -> Tensor:
+    """Probabilities of the consistency pairs (sigma_n, sigma_n+1), n = 0..N-2, of a grid ordered noisiest first:
+    the log-normal N(p_mean, p_std^2) mass of ln sigma between the pair's two levels (improved CT, method.md §10)."""
+    cdf = torch.erf((sigmas.double().log() - p_mean) / (math.sqrt(2.0) * p_std))
+    mass = (cdf[:-1] - cdf[1:]).clamp(min=0)
+    return mass / mass.sum()

@@ -270,7 +270,12 @@ class Learner(ABC):
         t0, acc, n_acc = time.perf_counter(), {}, 0
         last_save = t0
         try:
+            # a curriculum (improved CT, method.md §10) sets the grid of the env's and the denoiser's formulation
+            hooks = [f.set_training_progress for f in {id(f): f for f in (self.env.formulation, self.formulation)}
+                     .values() if hasattr(f, "set_training_progress")]
             while self.step < steps:
+                for hook in hooks:
+                    hook(self.step, steps)
                 out = self.update(self.collect())
                 for k, v in out.items():
                     if v.numel() == 1:

@@ -132,7 +132,6 @@ class DiffusionMRP(EnvBase):
         self.sample_shape = tuple(self.dataset.sample_shape)
         self.num_classes = int(getattr(self.dataset, "num_classes", 0) or 0)
         self.dtype = dtype
-        self.last_index = float(form.steps - 1)  # N-1
         self._make_spec()
         self.set_seed(seed)  # None: drawn from torch's global RNG
 
@@ -142,7 +141,9 @@ class DiffusionMRP(EnvBase):
         self.observation_spec = Composite(
             x=Unbounded(shape=(*B, *F), dtype=dt, device=dev),
             level=Unbounded(shape=B, dtype=dt, device=dev),
-            index=Bounded(low=0.0, high=self.last_index, shape=B, dtype=dt, device=dev),
+            # a curriculum (improved CT) grows the grid up to max_steps points
+            index=Bounded(low=0.0, high=float(getattr(self.formulation, "max_steps", self.formulation.steps) - 1),
+                          shape=B, dtype=dt, device=dev),
             label=Categorical(n=max(self.num_classes, 1), shape=B, dtype=torch.int64, device=dev),
             valid=Categorical(n=2, shape=B, dtype=torch.bool, device=dev),
             shape=B, device=dev,
@@ -187,6 +188,11 @@ class DiffusionMRP(EnvBase):
         Flat inputs: x0, x [n, *F], level [n].
         """
         return self.formulation.one_step_mean(x0, x, level, self.one_step, self.coupling)
+
+    @property
+    def last_index(self) -> float:
+        """N-1, the grid's cleanest index (read each time: a curriculum may grow the grid during training)."""
+        return float(self.formulation.steps - 1)
 
     @property
     def max_valid_index(self) -> float:

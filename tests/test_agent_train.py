@@ -8,7 +8,7 @@ import torch
 from tensordict.nn import TensorDictModule
 from torchrl.objectives import HardUpdate, SoftUpdate
 
-from agents import TDEvaluator, TDLoss
+from agents import ConsistencyBaseline, TDEvaluator, TDLoss
 from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.formulations import EDMFormulation
@@ -317,3 +317,50 @@ def test_set_keys_renames_what_the_loss_reads():
     torch.testing.assert_close(ag.loss(renamed)["loss_td"], ref["loss_td"])
     with pytest.raises(ValueError, match="not an accepted"):
         ag.loss_module.set_keys(obs="x")
+
+
+# ---- consistency training: the CT control and the curriculum ------------------------------------------------------
+def _ct(cls, formulation="ct", seed=0, **kw):
+    env = DiffusionMRP(toy_data(), formulation, seed=seed)
+    cfg = TrainConfig(batch_size=16, lr=1e-3, warmup_steps=0, log_every=5, seed=seed)
+    return cls(env, denoiser=small_denoiser(env.formulation, seed), config=cfg, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("formulation", ["ct", "ict"])
+def test_consistency_baseline_is_td_ct_without_the_td_term(formulation):
+    """On the same pairs and target, the CT control's loss is the per-sample consistency loss TD-CT computes."""
+    ct, td = _ct(ConsistencyBaseline, formulation, tau=0.0), _ct(TDEvaluator, formulation, tau=0.0)
+    assert (ct.method, td.method) == (f"{formulation}-baseline", f"td-{formulation}")
+    batch = ct.collect()
+    torch.testing.assert_close(td.collect()["x"], batch["x"])  # one seed: the same draws
+    out_ct, out_td = ct.loss(batch), td.loss(batch)
+    torch.testing.assert_close(out_ct["sample_base"], out_td["sample_base"])
+    torch.testing.assert_close(out_ct["loss_base"], out_td["sample_base"].mean())
+    with pytest.raises(ConfigError, match="needs a consistency formulation"):
+        _ct(ConsistencyBaseline, "edm")
+
+
+def test_curriculum_grows_the_grid_and_a_resumed_run_matches(tmp_path):
+    """The grid follows ict_grid_size(step, total) before each step; a run stopped at step 5 and resumed ends with
+    the same weights as the uninterrupted one (the curriculum is recomputed from the step)."""
+    full = _ct(TDEvaluator, "ict", tau=0.0)
+    seen = []
+    hook = full.formulation.set_training_progress
+    full.formulation.set_training_progress = lambda k, n: (hook(k, n), seen.append(full.env.formulation.steps))
+    for _ in full.train(16, progress=False):
+        pass
+    assert seen == [min(10 * 2 ** (k // 2), 1280) + 1 for k in range(16)] and seen[-1] == 1281
+    assert full.formulation is full.env.formulation and full.env.last_index == 1280.0
+
+    cut = _ct(TDEvaluator, "ict", tau=0.0)
+    cut.out_dir = tmp_path
+    for _ in cut.train(16, progress=False):
+        break  # stopped after the first log line (step 5): the checkpoint is written
+    resumed = _ct(TDEvaluator, "ict", tau=0.0)
+    resumed.out_dir = tmp_path
+    resumed.resume()
+    assert resumed.step == 5
+    for _ in resumed.train(16, progress=False):
+        pass
+    for a, b in zip(params(full.denoiser), params(resumed.denoiser)):
+        torch.testing.assert_close(a, b)

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from diffusion_rl.errors import ConfigError
-from diffusion_rl.formulations import CTFormulation, EDMFormulation, VPFormulation, make_formulation
+from diffusion_rl.formulations import (CTFormulation, EDMFormulation, ICTFormulation, VPFormulation, make_formulation,
+                                      pseudo_huber)
+from diffusion_rl.schedules import ict_grid_size
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +142,8 @@ def test_cosine_schedule_alpha_bar_decreasing():
     (lambda: EDMFormulation(steps=0), "steps"),
     (lambda: EDMFormulation(sigma_min=5, sigma_max=1), "sigma_min"),
     (lambda: VPFormulation(schedule="quadratic"), "quadratic"),
+    (lambda: ICTFormulation(s0=1), "2 <= s0 <= s1"),
+    (lambda: ICTFormulation(s0=20, s1=10), "s0=20, s1=10"),
     (lambda: EDMFormulation().posterior(torch.ones(1), torch.ones(1), "tied"), "tied"),
 ])
 def test_bad_input_is_named(bad, match):
@@ -173,3 +177,44 @@ def test_vp_sigma_ve_inverse():
     f = VPFormulation()
     t = torch.linspace(1, 1000, 97, dtype=torch.float64)
     torch.testing.assert_close(f.timestep_of_sigma_ve(f.sigma_ve(t)), t)
+
+
+def test_ict_curriculum_doubles_in_equal_stages():
+    """N = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2(s1 / s0) + 1)): 8 stages from 11 to 1281 points."""
+    sizes = [ict_grid_size(k, 8000, 10, 1280) for k in range(8000)]
+    assert sizes[0] == 11 and sizes[-1] == 1281 and sizes == sorted(sizes)
+    assert [sizes[k] for k in range(0, 8000, 1000)] == [11, 21, 41, 81, 161, 321, 641, 1281]
+    assert ict_grid_size(10**6, 8000, 10, 1280) == 1281  # capped past the end (a resume with more steps)
+    f = ICTFormulation()
+    assert f.steps == 11 and "steps" not in f.config()  # the current N is training state, not identity
+    f.set_training_progress(7999, 8000)
+    assert f.steps == 1281 and f.grid()[0] == 80.0 and f.grid()[-1] == pytest.approx(0.002)
+    assert make_formulation("ict", **{k: v for k, v in f.config().items() if k != "name"}).config() == f.config()
+
+
+def test_ict_levels_follow_the_lognormal_on_a_fine_grid():
+    """Pair n is drawn with the N(-1.1, 2^2) mass of ln sigma between sigma(n) and sigma(n+1): on the 1281-point grid
+    the drawn levels have that median, and every level is a grid point other than the last."""
+    f = ICTFormulation()
+    f.set_training_progress(10**6, 8000)
+    s = f.sample_training_level(50_000, torch.Generator().manual_seed(0))
+    assert s.log().median().item() == pytest.approx(-1.1, abs=0.05)
+    idx = f.index(s.double())
+    assert torch.allclose(idx, idx.round(), atol=1e-3) and idx.max() <= f.steps - 2
+
+
+def test_pseudo_huber_is_l2_near_zero_and_l1_far_away():
+    a = torch.zeros(2, 1, 8, 8)
+    c = 0.00054 * 8
+    small, large = torch.full_like(a, 1e-5), torch.full_like(a, 3.0)
+    assert pseudo_huber(a, a).abs().max() < 1e-12
+    sq = small.pow(2).sum().item() / 2
+    assert pseudo_huber(small, a)[0].item() == pytest.approx(sq / (2 * c), rel=1e-2)
+    assert pseudo_huber(large, a)[0].item() == pytest.approx(3.0 * 8 - c, rel=1e-4)
+
+
+def test_ict_weight_is_the_inverse_gap_to_the_partner():
+    f = ICTFormulation()
+    grid = f.grid(torch.float64)
+    w = f.base_weight(grid[:-1])
+    torch.testing.assert_close(w, 1 / (grid[:-1] - grid[1:]))
