@@ -148,8 +148,11 @@ def onestep(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int,
 
 
 def multistep(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
-    """Consistency multistep sampling: denoise, re-noise to the next grid level, repeat (`steps` evaluations)."""
-    sigmas = _edm_sigmas(formulation, steps, x.dtype)[:-1].to(x.device)
+    """Consistency multistep sampling: denoise, re-noise to the next level, repeat (`steps` evaluations).
+
+    The levels are the first `steps` points of the (steps + 1)-point rho grid: sigma_max, then levels strictly above
+    sigma_min (re-noising to sigma_min itself would spend an evaluation on a no-op; two steps use sigma ~ 2.5)."""
+    sigmas = _edm_sigmas(formulation, steps + 1, x.dtype)[:-2].to(x.device)
     x = denoise(x, _levels(x, sigmas[0]), labels)
     for s in sigmas[1:]:
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)

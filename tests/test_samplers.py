@@ -115,3 +115,17 @@ def test_seeded_and_batched():
 def test_bad_sampler_input(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         sample(gaussian_denoiser, EDMFormulation(), (2, 1), **kwargs)
+
+
+def test_consistency_multistep_renoises_to_levels_above_sigma_min():
+    from diffusion_rl.formulations import CTFormulation
+    from diffusion_rl.samplers import multistep
+
+    f, seen = CTFormulation(), []
+
+    def denoise(x, level, labels):
+        seen.append(float(level.flatten()[0]))
+        return torch.zeros_like(x)
+
+    _, nfe = multistep(denoise, f, torch.randn(4, 2, dtype=torch.float64), 2)
+    assert nfe == 2 and seen[0] == f.sigma_max and f.sigma_min * 100 < seen[1] < f.sigma_max / 10
