@@ -404,6 +404,42 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
     return 0
 
 
+@dataclass
+class DiagnoseArgs:
+    """`diffusion-rl diagnose`: per-noise-level diagnostics of a checkpoint."""
+
+    checkpoint: str = opt("", "path to checkpoint.pt (its folder's metrics.jsonl gives the per-level training curves)")
+    n: int = opt(256, "data samples and sampler trajectories")
+    seed: int = opt(0, "seed of the noise and of the trajectories")
+    data: str = opt("", "data set (default: the one named in the checkpoint)")
+    out: str = opt("", "output folder for diagnose.png and diagnose.json (default: the checkpoint's folder)")
+    device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+
+
+def _cmd_diagnose(a: DiagnoseArgs) -> int:
+    from .limits import check_limit
+    from .runs import check_writable_folder
+
+    if not a.checkpoint:
+        raise ConfigError("--checkpoint is required")
+    if not Path(a.checkpoint).is_file():
+        raise ConfigError(f"--checkpoint {a.checkpoint!r} is not a file; give a checkpoint.pt")
+    check_seed(a.seed)
+    check_positive("n", a.n)
+    check_limit("n", a.n, "samples")
+    out = check_writable_folder(a.out or Path(a.checkpoint).parent)
+    from .diagnostics import diagnose
+    from .training import resolve_device
+
+    report = diagnose(a.checkpoint, out, n=a.n, seed=a.seed, device=resolve_device(a.device), data=a.data or None)
+    t = report["trajectory"]
+    print(f"{report['method']}: error to the trajectory's end at the noisiest / cleanest level "
+          f"{t['error_to_end'][0]:.4g} / {t['error_to_end'][-1]:.4g}; self-consistency (stride 1) "
+          f"{t['self_consistency']['1'][0]:.4g} / {t['self_consistency']['1'][-1]:.4g}")
+    print(f"wrote {out / 'diagnose.png'} and {out / 'diagnose.json'}")
+    return 0
+
+
 SAMPLE_SUFFIXES = (".png", ".npz")
 SAMPLE_CHUNK = 1000  # samples drawn at a time: memory does not grow with --n beyond the output itself
 
@@ -522,6 +558,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "train": sub.add_parser("train", allow_abbrev=False, help="train one method, then evaluate it across NFE"),
         "sample": sub.add_parser("sample", allow_abbrev=False, help="draw samples from a checkpoint"),
         "evaluate": sub.add_parser("evaluate", allow_abbrev=False, help="sweep NFE budgets for checkpoints"),
+        "diagnose": sub.add_parser("diagnose", allow_abbrev=False,
+                                   help="per-noise-level errors and self-consistency of a checkpoint, plotted"),
     }
     add_dataclass_args(subs["demo"], Args, DEMO_DEFAULTS)
     subs["demo"].add_argument("--quick", action="store_true",
@@ -529,6 +567,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     add_dataclass_args(subs["train"], Args)
     add_dataclass_args(subs["sample"], SampleArgs)
     add_dataclass_args(subs["evaluate"], EvalArgs)
+    add_dataclass_args(subs["diagnose"], DiagnoseArgs)
     return p, subs
 
 
@@ -583,6 +622,8 @@ def _run(ns: argparse.Namespace, given: set[str]) -> int:
         return _train_and_eval(args, (args.method,), with_untrained=False, given=given)
     if ns.command == "sample":
         return _cmd_sample(dataclass_from_args(SampleArgs, ns))
+    if ns.command == "diagnose":
+        return _cmd_diagnose(dataclass_from_args(DiagnoseArgs, ns))
     return _cmd_evaluate(dataclass_from_args(EvalArgs, ns))
 
 

@@ -31,6 +31,7 @@ from tensordict import TensorDict
 from torch import nn
 from tqdm.auto import tqdm
 
+from .diagnostics import LevelStats
 from .errors import ConfigError, check_positive
 from .limits import check_limit
 from .networks import Denoiser, build_network
@@ -193,6 +194,7 @@ class Learner(ABC):
         self.data_hash = hasher() if callable(hasher) else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._writer = None  # TensorBoard SummaryWriter, made on first use
+        self.level_stats = LevelStats()  # per-level training curves, logged under "per_level"
 
     # ---- what a subclass defines ---------------------------------------------------------------------
     @abstractmethod
@@ -276,7 +278,11 @@ class Learner(ABC):
             while self.step < steps:
                 for hook in hooks:
                     hook(self.step, steps)
-                out = self.update(self.collect())
+                batch = self.collect()
+                out = self.update(batch)
+                if "index" in batch.keys():  # per-level curves (diffusion_rl.diagnostics): the start states' index
+                    index = batch["index"]
+                    self.level_stats.add(index[:, 0] if index.dim() > 1 else index, out)
                 for k, v in out.items():
                     if v.numel() == 1:
                         acc[k] = acc.get(k, 0.0) + float(v)
@@ -286,7 +292,8 @@ class Learner(ABC):
                 if self.step % cfg.log_every == 0 or self.step == steps:
                     rec = {"run_id": self.run_id, "seed": cfg.seed, "method": self.method, "step": self.step,
                            "images": self.images_seen, "lr": self._lr(), "seconds": time.perf_counter() - t0,
-                           **{k: v / n_acc for k, v in acc.items()}}  # averaged over the steps taken
+                           **{k: v / n_acc for k, v in acc.items()},  # averaged over the steps taken
+                           "per_level": self.level_stats.summary()}
                     acc, n_acc = {}, 0
                     bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
                     self._log(rec)  # before the checkpoint: a resume trims lines past the checkpoint's step
