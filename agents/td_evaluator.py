@@ -287,6 +287,8 @@ class TDEvaluator(Learner):
         target_halflife_images: the soft update's half-life in training images (tau = 0.5 ** (batch / half-life)).
         target_rampup: cap the half-life at this fraction of the images seen so far (EDM's EMA ramp-up): the lag
             stays that fraction of the run, and the target follows the online network closely early on.
+        shared_until: a coupling schedule (method.md §8): train with shared-noise coupling for this fraction of the
+            run's steps, then with the env's own coupling (None: the env's coupling throughout).
         hard_period: steps between hard copies (100).
         config, out_dir, device: as for `Learner`.
         critic_factory: builds a critic TensorDictModule from (denoiser, formulation, one_step, coupling); default
@@ -299,7 +301,7 @@ class TDEvaluator(Learner):
                  n_steps: int = 1, lmbda: float = 0.95, reweighting: str | None = None,
                  base_weight_lambda: float = 0.5, target_update: str = "soft", tau: float = 0.999,
                  hard_period: int = 100, target_halflife_images: float | None = None,
-                 target_rampup: float | None = None, config: TrainConfig | None = None, out_dir: str | Path | None = None,
+                 target_rampup: float | None = None, shared_until: float | None = None, config: TrainConfig | None = None, out_dir: str | Path | None = None,
                  device: str | torch.device = "auto",
                  critic_factory: Callable[..., TensorDictModule] | None = None) -> None:
         # ---- validate everything before any work -----------------------------------------------------------------
@@ -320,6 +322,11 @@ class TDEvaluator(Learner):
         check_choice("reweighting", reweighting, REWEIGHTINGS)
         base_weight_lambda = _check_lambda("base_weight_lambda", base_weight_lambda)
         check_choice("target_update", target_update, TARGET_UPDATES)
+        if shared_until is not None:
+            check_range("shared_until", shared_until, 0.0, 1.0)
+            if env.coupling == "shared":
+                raise ConfigError("shared_until switches from shared to the env's coupling; this env's coupling is "
+                                  "already 'shared' (use coupling='markov')")
         check_range("tau", tau, 0.0, 1.0)
         for name, v in (("target_halflife_images", target_halflife_images), ("target_rampup", target_rampup)):
             if v is not None:
@@ -347,6 +354,7 @@ class TDEvaluator(Learner):
         self.target_update, self.tau, self.hard_period = target_update, float(tau), int(hard_period)
         self.target_halflife_images = None if target_halflife_images is None else float(target_halflife_images)
         self.target_rampup = None if target_rampup is None else float(target_rampup)
+        self.shared_until, self.final_coupling = (None if shared_until is None else float(shared_until)), env.coupling
 
         # ---- critics: online over the denoiser, target over a frozen deep copy in eval mode ------------------------
         self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
@@ -389,6 +397,18 @@ class TDEvaluator(Learner):
         for b_t, b in self._buffer_pairs:  # updaters move parameters only
             b_t.copy_(b)
 
+    def before_step(self, total: int) -> None:
+        super().before_step(total)
+        if self.shared_until is not None:  # the coupling schedule: one coupling for the env, the critics and the loss
+            self.set_coupling("shared" if self.step < self.shared_until * total else self.final_coupling)
+
+    def set_coupling(self, coupling: str) -> None:
+        """Use `coupling` from the next batch on: in the env's transitions and rewards, both critics' values and the
+        loss's weights (they must agree, method.md §8)."""
+        self.env.coupling = self.loss_module.coupling = coupling
+        for critic in (self.critic, self.target_critic):
+            critic.module.coupling = coupling
+
     def current_tau(self) -> float:
         """The soft update's rate at this step: `tau`, or the decay of the half-life min(target_halflife_images,
         target_rampup * images seen) (method.md §5.4)."""
@@ -408,9 +428,10 @@ class TDEvaluator(Learner):
                 "tau": self.tau if self.target_update == "soft" and self.target_halflife_images is None
                 and self.target_rampup is None else None,
                 "target_halflife_images": self.target_halflife_images, "target_rampup": self.target_rampup,
+                "shared_until": self.shared_until,
                 "hard_period": self.hard_period if self.target_update == "hard" else None,
                 "stride": float(self.env.stride), "one_step": float(self.env.one_step),
-                "coupling": self.env.coupling}
+                "coupling": self.final_coupling}
 
     def load_state_dict(self, ckpt: dict, strict_config: bool = True, **kwargs) -> None:
         super().load_state_dict(ckpt, strict_config, **kwargs)

@@ -32,7 +32,7 @@ from .grid import ResultGrid, summarise
 
 # the settings every record carries as fields (issue: records must not rest on a variant label alone)
 SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "coupling",
-                  "reweighting", "base_lambda", "target_tau", "target_halflife_images", "target_rampup", "steps",
+                  "reweighting", "base_lambda", "target_tau", "target_halflife_images", "target_rampup", "shared_until", "steps",
                   "batch_size", "lr", "width", "seed", "device")
 
 
@@ -61,7 +61,8 @@ def run_settings(learner, args: Args) -> dict:
     for k in ("estimator", "stride", "one_step", "n_steps", "lmbda", "coupling", "reweighting"):
         s[k] = mc.get(k)
     if not mc:  # the baseline has no TD settings
-        s.update(base_lambda=None, target_tau=None, target_halflife_images=None, target_rampup=None)
+        s.update(base_lambda=None, target_tau=None, target_halflife_images=None, target_rampup=None,
+                 shared_until=None)
     elif args.target_halflife_images or args.target_rampup:
         s.update(target_tau=None)
     return s

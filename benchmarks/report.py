@@ -60,6 +60,8 @@ def describe(fields: dict) -> str:
         parts.append(f"{fields['coupling']} coupling")
     if fields.get("reweighting") and fields["reweighting"] != defaults["reweighting"]:
         parts.append("no reweighting" if fields["reweighting"] == "none" else f"{fields['reweighting']} weights")
+    if fields.get("shared_until"):
+        parts.append(f"shared coupling for the first {fields['shared_until']:.0%}")
     if fields.get("target_rampup"):
         parts.append(f"target ramp-up {fields['target_rampup']:g}")
     if fields.get("target_halflife_images"):

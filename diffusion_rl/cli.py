@@ -64,6 +64,8 @@ class Args:
                                "for CT)")
     base_lambda: float = opt(0.5, "TD: weight of the base loss (the paper's lambda)")
     coupling: str = opt("", "TD: markov | shared ('': the formulation's default, markov; shared for CT)")
+    shared_until: float = opt(0.0, "TD: coupling schedule: shared-noise coupling for this fraction of the steps, "
+                                   "then --coupling (0: off)")
     stride: str = opt("auto", "TD: MRP stride in index units > 0 (auto: the formulation's default, 3 for EDM)")
     one_step: str = opt("auto", "TD: one-step shift delta in index units > 0 (auto: the formulation's default, "
                                 "0.2 for EDM)")
@@ -246,7 +248,7 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
         learner = TDEvaluator(env, denoiser=denoiser, estimator=args.estimator,
                               n_steps=1 if args.estimator == "td0" else args.n_steps, lmbda=args.lmbda,
                               reweighting=args.reweighting or None, base_weight_lambda=args.base_lambda,
-                              **target, config=config, device=device)
+                              shared_until=args.shared_until or None, **target, config=config, device=device)
     learner.out_dir = Path(args.out) / learner.method  # each method and formulation in its own folder
     return learner
 
@@ -273,7 +275,7 @@ def load_denoiser(path: str | Path, device: str = "cpu", ema: bool = True):
 
 # ---- checks of a whole command, before any work -------------------------------------------------------------------
 TD_OPTIONS = ("estimator", "n_steps", "lmbda", "reweighting", "base_lambda", "coupling", "stride", "one_step",
-              "target_tau", "target_halflife_images", "target_rampup")
+              "target_tau", "target_halflife_images", "target_rampup", "shared_until")
 CT_BASELINE_OPTIONS = ("coupling", "stride", "one_step", "target_tau", "target_halflife_images", "target_rampup")
 
 
@@ -296,6 +298,7 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     check_dropout(args.dropout)
     check_range("target_tau", args.target_tau, 0.0, 1.0)
     check_range("lmbda", args.lmbda, 0.0, 1.0)
+    check_range("shared_until", args.shared_until, 0.0, 1.0)
     for name in ("target_halflife_images", "target_rampup"):
         v = getattr(args, name)
         if not (math.isfinite(v) and v >= 0):

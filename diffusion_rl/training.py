@@ -208,6 +208,13 @@ class Learner(ABC):
     def after_update(self) -> None:
         """Hook run after each optimizer step (target networks move here)."""
 
+    def before_step(self, total: int) -> None:
+        """Called by `train` before each step with the run's total steps: schedules that follow training progress.
+        Here, a curriculum (improved CT, method.md §10) sets the grid of the env's and the denoiser's formulation."""
+        for f in {id(f): f for f in (self.env.formulation, self.formulation)}.values():
+            if hasattr(f, "set_training_progress"):
+                f.set_training_progress(self.step, total)
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """Modules besides the denoiser and EMA that a checkpoint must hold."""
         return {}
@@ -272,12 +279,8 @@ class Learner(ABC):
         t0, acc, n_acc = time.perf_counter(), {}, 0
         last_save = t0
         try:
-            # a curriculum (improved CT, method.md §10) sets the grid of the env's and the denoiser's formulation
-            hooks = [f.set_training_progress for f in {id(f): f for f in (self.env.formulation, self.formulation)}
-                     .values() if hasattr(f, "set_training_progress")]
             while self.step < steps:
-                for hook in hooks:
-                    hook(self.step, steps)
+                self.before_step(steps)
                 batch = self.collect()
                 out = self.update(batch)
                 if "index" in batch.keys():  # per-level curves (diffusion_rl.diagnostics): the start states' index

@@ -364,3 +364,18 @@ def test_curriculum_grows_the_grid_and_a_resumed_run_matches(tmp_path):
         pass
     for a, b in zip(params(full.denoiser), params(resumed.denoiser)):
         torch.testing.assert_close(a, b)
+
+
+def test_coupling_schedule_switches_env_critics_and_loss_together():
+    """shared_until=0.5 of 8 steps: shared coupling for steps 0-3, the env's Markov coupling from step 4 on."""
+    ag = make(shared_until=0.5)
+    seen = []
+    step = ag.update
+    ag.update = lambda batch: (seen.append((ag.env.coupling, ag.loss_module.coupling, ag.critic.module.coupling,
+                                            ag.target_critic.module.coupling)), step(batch))[1]
+    for _ in ag.train(8, progress=False):
+        pass
+    assert [c[0] for c in seen] == ["shared"] * 4 + ["markov"] * 4 and all(len(set(c)) == 1 for c in seen)
+    assert ag.method_config()["coupling"] == "markov" and ag.method_config()["shared_until"] == 0.5
+    with pytest.raises(ConfigError, match="already 'shared'"):
+        make(coupling="shared", shared_until=0.5)
