@@ -357,7 +357,9 @@ class TDEvaluator(Learner):
         self.shared_until, self.final_coupling = (None if shared_until is None else float(shared_until)), env.coupling
 
         # ---- critics: online over the denoiser, target over a frozen deep copy in eval mode ------------------------
-        self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
+        self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)  # keeps the online precision
+        if self.config.compile:
+            self.target.set_speed(self.config.precision, True, self.config.channels_last)
         self.critic = critic_factory(self.denoiser, form, env.one_step, env.coupling)
         self.target_critic = critic_factory(self.target, form, env.one_step, env.coupling)
         for c in (self.critic, self.target_critic):

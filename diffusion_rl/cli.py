@@ -51,6 +51,9 @@ class Args:
     conditional: bool = opt(False, "class-conditional network (needs labels)")
     seed: int = opt(0, "seeds initialisation, the env (data order, levels, noise) and sampling")
     device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+    precision: str = opt("fp32", "training forwards of the network: fp32 | bf16 (CPU and recent GPUs) | fp16 (CUDA)")
+    compile: bool = opt(False, "torch.compile the network (online and target)")
+    channels_last: bool = opt(False, "channels_last memory format for image networks (faster convolutions on GPU)")
     out: str = opt("runs/train", "output folder: results.json and plots; each method's checkpoint.pt and "
                                  "metrics.jsonl in out/<method>-<formulation> (e.g. out/td-edm)")
     resume: bool = opt(False, "continue the run held in --out (it may change lr, checkpoint and logging settings)")
@@ -233,7 +236,8 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     config = TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_halflife_images=args.ema_halflife_images, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
-                         tensorboard=args.tensorboard)
+                         tensorboard=args.tensorboard, precision=args.precision, compile=args.compile,
+                         channels_last=args.channels_last)
     # one env per learner, seeded alike: the baseline and the TD agent draw the same x0 and levels at every step
     env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size], coupling=args.coupling or None,
                        stride=_auto_float("stride", args.stride), one_step=_auto_float("one_step", args.one_step),
@@ -294,7 +298,7 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     check_seed(args.seed)
     TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,  # checks the optimisation
                 ema_halflife_images=args.ema_halflife_images, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                checkpoint_seconds=args.checkpoint_seconds)
+                checkpoint_seconds=args.checkpoint_seconds, precision=args.precision)
     check_dropout(args.dropout)
     check_range("target_tau", args.target_tau, 0.0, 1.0)
     check_range("lmbda", args.lmbda, 0.0, 1.0)

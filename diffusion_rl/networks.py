@@ -6,13 +6,14 @@ preconditioning, D(x; level) = c_skip x + c_out F(c_in x, c_noise), so D always 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, check_positive
+from .errors import ConfigError, check_choice, check_positive
 from .formulations import Formulation, expand_as_image
 from .limits import check_limit
 
@@ -173,17 +174,39 @@ class MLP(nn.Module):
         return self.out(F.silu(h))
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
 class Denoiser(nn.Module):
     """x0-predicting denoiser D(x; level) = c_skip x + c_out F(c_in x, c_noise) (EDM preconditioning).
 
-    The raw network runs in its own dtype (float32); the skip connection and the output keep the dtype of x,
-    so float64 sampling stays float64 outside the network.
+    The raw network runs in its own dtype (float32), under autocast when `precision` is "bf16" or "fp16"; the
+    preconditioning, the skip connection and the output keep the dtype of x, so the TD maths stays float32 (and
+    float64 sampling float64) outside the network. `set_speed` picks the precision, torch.compile of the raw
+    network and channels_last; a deep copy keeps the precision, not the compiled graph (compile the copy itself).
     """
+
+    precision: str = "fp32"
 
     def __init__(self, net: nn.Module, formulation: Formulation) -> None:
         super().__init__()
         self.net = net
         self.formulation = formulation
+
+    def set_speed(self, precision: str = "fp32", compile: bool = False, channels_last: bool = False) -> "Denoiser":
+        """Autocast precision of the raw network ("fp32" | "bf16" | "fp16"), torch.compile of it, channels_last
+        memory format for image networks. The state dict is unchanged (checkpoints stay portable)."""
+        check_choice("precision", precision, tuple(PRECISIONS))
+        self.precision = precision
+        self.channels_last = bool(channels_last) and len(self.sample_shape) == 3
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if compile:
+            _COMPILED[self] = torch.compile(self.net)
+        else:
+            _COMPILED.pop(self, None)
+        return self
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -200,7 +223,13 @@ class Denoiser(nn.Module):
             level = level.expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = self.formulation.preconditioning(level)
         net_dtype = next(self.net.parameters()).dtype
-        out = self.net((expand_as_image(c_in, x) * x).to(net_dtype), c_noise.to(net_dtype), labels)
+        inp = (expand_as_image(c_in, x) * x).to(net_dtype)
+        if getattr(self, "channels_last", False):
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        net = _COMPILED.get(self, self.net)
+        amp = PRECISIONS[self.precision]
+        with torch.autocast(device_type=x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = net(inp, c_noise.to(net_dtype), labels)
         return expand_as_image(c_skip, x) * x + expand_as_image(c_out, x) * out.to(x.dtype)
 
 

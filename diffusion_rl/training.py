@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .diagnostics import LevelStats
-from .errors import ConfigError, check_positive
+from .errors import ConfigError, check_choice, check_positive
 from .limits import check_limit
 from .networks import Denoiser, build_network
 from .runs import remove_stale_temporaries
@@ -53,6 +53,16 @@ def halflife_decay(batch_size: int, halflife_images: float) -> float:
     """EMA decay per step for a half-life in training images (EDM): 0.5 ** (batch / half-life); 0 for a half-life
     of 0 (the average is the latest value)."""
     return 0.5 ** (batch_size / halflife_images) if halflife_images > 0 else 0.0
+
+
+def check_speed(config: "TrainConfig", device: torch.device) -> None:
+    """Refuse, before any work, precision settings the device cannot run; switch TF32 on for CUDA if asked."""
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision fp16 needs a CUDA device (got {device.type}); on CPU use bf16 or fp32")
+    if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision bf16 is not supported by this GPU; use fp16 or fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config.tf32)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,6 +102,10 @@ class TrainConfig:
     checkpoint_seconds: float = 300.0  # also checkpoint when this much wall-clock time has passed; 0 disables
     log_every: int = 25             # steps between JSONL metric records
     tensorboard: bool = False       # also write metrics as TensorBoard scalars to out_dir/tensorboard
+    precision: str = "fp32"         # autocast of the raw network's training forwards: fp32 | bf16 | fp16 (CUDA)
+    compile: bool = False           # torch.compile the raw network (online and target)
+    channels_last: bool = False     # channels_last memory format for image networks
+    tf32: bool = True               # TF32 matmuls and convolutions on CUDA in fp32
 
     def __post_init__(self) -> None:
         check_positive("batch_size", self.batch_size)
@@ -104,6 +118,7 @@ class TrainConfig:
         if self.lr > 1.0:
             raise ConfigError(f"lr must be in (0, 1], got {self.lr!r}")
         check_positive("log_every", self.log_every)
+        check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard=True needs the tensorboard package: pip install 'diffusion-rl[tensorboard]'")
 
@@ -143,7 +158,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 # train settings a resume may change without changing the run's identity
-RESUME_MAY_CHANGE: tuple[str, ...] = ("lr", "checkpoint_every", "checkpoint_seconds", "log_every", "tensorboard")
+RESUME_MAY_CHANGE: tuple[str, ...] = ("lr", "checkpoint_every", "checkpoint_seconds", "log_every", "tensorboard",
+                                      "precision", "compile", "channels_last", "tf32")
 
 
 class Learner(ABC):
@@ -185,7 +201,10 @@ class Learner(ABC):
         denoiser.check_shape(self.dataset.sample_shape)
         self.denoiser = denoiser.to(self.device)
         self.formulation = denoiser.formulation
-        self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
+        self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)  # evaluation: fp32, eager
+        check_speed(self.config, self.device)
+        self.denoiser.set_speed(self.config.precision, self.config.compile, self.config.channels_last)
+        self.scaler = torch.amp.GradScaler("cuda") if self.config.precision == "fp16" else None
         self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=self.config.lr)
         self.step = 0
         self.images_seen = 0
@@ -242,10 +261,18 @@ class Learner(ABC):
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is not None:  # fp16: scaled gradients, unscaled before clipping and the step
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self._update_ema(batch.batch_size[0])
         self.step += 1
         self.images_seen += batch.batch_size[0]
