@@ -56,7 +56,12 @@ def args_given(spec: str) -> list[str]:
 def run_settings(learner, args: Args) -> dict:
     """The run's full settings as record fields (the learner's resolved values where it has them)."""
     s = {k: getattr(args, k) for k in SETTING_FIELDS}
-    s.update(method=learner.method, device=str(learner.device), stride=None, one_step=None, coupling=None)
+    device = str(learner.device)
+    if learner.device.type == "cuda":  # name the card: timings and numerics depend on it
+        import torch
+
+        device += f" ({torch.cuda.get_device_name(learner.device)})"
+    s.update(method=learner.method, device=device, stride=None, one_step=None, coupling=None)
     mc = learner.method_config()
     for k in ("estimator", "stride", "one_step", "n_steps", "lmbda", "coupling", "reweighting"):
         s[k] = mc.get(k)

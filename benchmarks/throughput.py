@@ -1,0 +1,145 @@
+"""Throughput: training images/s of the baseline and the TD step (measured interleaved) and sampling images/s, for any
+network size, batch, precision, compile setting and device; JSON with the command and the device.
+
+    python -m benchmarks.throughput --data digits --batch-size 128 --precisions fp32,bf16 --compile off,on
+    python -m benchmarks.throughput --shape 3,32,32 --width 128 --depth 4 --batch-size 256 --device cuda \
+        --precisions fp32,bf16 --compile off,on --out benchmarks/results/gpu/throughput_cifar.json
+
+`--shape C,H,W` trains on uniform random images of that shape (throughput does not depend on the pixels), so a
+machine without data sets or a network can measure a CIFAR-sized model. For every (precision, compile) pair the
+baseline step (`update(collect())` of the EDM baseline) and the TD step (TD(0), paper defaults) are timed
+round-robin after a warm-up (compilation happens there), synchronising CUDA around each step; medians are reported.
+Sampling: one Heun pass at --nfe of the EMA network in the same precision and compile setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffusion_rl.cli import Args, add_dataclass_args, dataclass_from_args, make_learner, opt
+from diffusion_rl.data import Dataset, load_dataset
+from diffusion_rl.errors import ConfigError, check_choice
+from diffusion_rl.samplers import sample
+
+
+@dataclass
+class ThroughputArgs:
+    data: str = opt("digits", "data set (ignored when --shape is given)")
+    shape: str = opt("", "C,H,W: train on uniform random images of this shape instead of --data")
+    width: int = opt(32, "network width (base channels)")
+    depth: int = opt(1, "residual blocks per resolution")
+    batch_size: int = opt(128, "training batch")
+    precisions: str = opt("fp32", "comma-separated: fp32, bf16, fp16 (CUDA)")
+    compile: str = opt("off", "comma-separated: off, on")
+    repeats: int = opt(20, "timed steps of each method (interleaved)")
+    warmup: int = opt(3, "untimed steps of each method first (compilation happens here)")
+    sample_batch: int = opt(256, "samples per timed sampling pass")
+    nfe: int = opt(35, "NFE of the timed sampling pass (Heun)")
+    device: str = opt("auto", "auto | cpu | cuda")
+    out: str = opt("benchmarks/results/throughput.json", "the JSON written")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_images(shape: tuple[int, ...], n: int = 2048, seed: int = 0) -> Dataset:
+    """n uniform random images in [-1, 1] of `shape` (C, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    return Dataset(f"random{'x'.join(map(str, shape))}", torch.rand(n, *shape, generator=g) * 2 - 1, None, 0, "image")
+
+
+def measure(a: ThroughputArgs, dataset: Dataset, precision: str, compiled: bool) -> dict:
+    """Median step times of the baseline and TD (interleaved), and one timed sampling pass."""
+    base = Args(data=dataset.name, width=a.width, depth=a.depth, batch_size=a.batch_size, precision=precision,
+                compile=compiled, device=a.device, progress=False, warmup_steps=0)
+    learners = {m: make_learner(dataclasses.replace(base, method=m), dataset=dataset) for m in ("baseline", "td")}
+    for learner in learners.values():
+        learner.out_dir = None
+    device = learners["td"].device
+    times: dict[str, list[float]] = {m: [] for m in learners}
+    for i in range(a.warmup + a.repeats):
+        for m, learner in learners.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            learner.update(learner.collect())
+            _sync(device)
+            if i >= a.warmup:
+                times[m].append(time.perf_counter() - t0)
+    step = {m: statistics.median(t) for m, t in times.items()}
+    ema = learners["td"].ema.set_speed(precision if precision != "fp16" or device.type == "cuda" else "fp32",
+                                       compiled)
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (a.sample_batch, *dataset.sample_shape)
+    sample(ema, ema.formulation, shape, nfe=a.nfe, generator=g, device=device)  # warm-up (and compilation)
+    _sync(device)
+    t0 = time.perf_counter()
+    sample(ema, ema.formulation, shape, nfe=a.nfe, generator=g, device=device)
+    _sync(device)
+    sample_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in learners["td"].denoiser.parameters())
+    return {"precision": precision, "compile": compiled, "parameters": params,
+            "baseline_step_s": step["baseline"], "td_step_s": step["td"],
+            "baseline_img_s": a.batch_size / step["baseline"], "td_img_s": a.batch_size / step["td"],
+            "td_over_baseline": step["td"] / step["baseline"],
+            "sample_img_s": a.sample_batch / sample_s, "sample_nfe": a.nfe}
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dataclass_args(p, ThroughputArgs)
+    a = dataclass_from_args(ThroughputArgs, p.parse_args())
+    precisions = [x.strip() for x in a.precisions.split(",") if x.strip()]
+    compiles = [x.strip() for x in a.compile.split(",") if x.strip()]
+    for x in precisions:
+        check_choice("precision", x, ("fp32", "bf16", "fp16"))
+    for x in compiles:
+        check_choice("compile", x, ("off", "on"))
+    if a.shape:
+        try:
+            shape = tuple(int(v) for v in a.shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--shape {a.shape!r} must be C,H,W integers, e.g. 3,32,32") from None
+        if len(shape) != 3 or min(shape) < 1:
+            raise ConfigError(f"--shape {a.shape!r} must be three positive integers C,H,W")
+        dataset = synthetic_images(shape)
+    else:
+        dataset = load_dataset(a.data)
+    rows = []
+    for precision in precisions:
+        for c in compiles:
+            row = measure(a, dataset, precision, c == "on")
+            rows.append(row)
+            print(f"{precision:>4} compile {c:>3}: baseline {row['baseline_img_s']:8.0f} img/s, TD "
+                  f"{row['td_img_s']:8.0f} img/s (TD/baseline {row['td_over_baseline']:.2f}), sampling "
+                  f"{row['sample_img_s']:8.0f} img/s at NFE {a.nfe}", file=sys.stderr, flush=True)
+    dev = torch.device("cuda" if a.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'cpu'}, " \
+        f"{torch.get_num_threads()} threads)"
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.throughput", *sys.argv[1:]])
+    out.write_text(json.dumps({"benchmark": "throughput", "command": command, "device": device,
+                               "torch": torch.__version__, "data": dataset.name,
+                               "sample_shape": list(dataset.sample_shape), "settings": dataclasses.asdict(a),
+                               "results": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        sys.exit(f"throughput: error: {e}")

@@ -1,0 +1,39 @@
+"""What only a GPU can check (skipped without CUDA; benchmarks/gpu_check.sh runs them on a GPU machine)."""
+import pytest
+import torch
+
+from diffusion_rl.cli import Args, make_learner
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("method", ["baseline", "td"])
+def test_training_steps_on_cuda(method, precision):
+    learner = make_learner(Args(data="digits", method=method, precision=precision, device="cuda", progress=False))
+    learner.out_dir = None
+    assert learner.device.type == "cuda"
+    for _ in range(3):
+        out = learner.update(learner.collect())
+    assert torch.isfinite(out["loss"]) and learner.step == 3
+
+
+def test_compiled_td_step_on_cuda_matches_eager():
+    eager, compiled = (make_learner(Args(data="digits", method="td", compile=c, device="cuda", progress=False))
+                       for c in (False, True))
+    batch = eager.collect()
+    compiled.collect()
+    torch.testing.assert_close(compiled.update(batch)["loss"], eager.update(batch)["loss"], rtol=1e-3, atol=1e-5)
+
+
+def test_heun_sampling_on_cuda_matches_cpu_from_the_same_start():
+    from diffusion_rl.samplers import heun
+
+    learner = make_learner(Args(data="digits", method="baseline", device="cuda", progress=False))
+    for _ in range(5):
+        learner.update(learner.collect())
+    ema = learner.ema
+    x = ema.formulation.prior((16, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out_gpu, _ = heun(ema, ema.formulation, x.cuda(), 5)
+    out_cpu, _ = heun(ema.cpu(), ema.formulation, x, 5)
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-3, atol=1e-3)
