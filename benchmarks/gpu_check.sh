@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (at most ~8 minutes on one H100): CUDA tests, throughput of a CIFAR-sized UNet (fp32 vs bf16, compile
+# The GPU check (at most ~8 minutes on one H100): CUDA tests, throughput of the cifar10 preset's UNet (fp32 vs bf16, compile
 # off vs on, baseline vs TD), a short TD-vs-baseline training run on mnist5k with FID at a few NFE budgets.
 # Writes JSON under benchmarks/results/gpu/. Needs no network: data comes from installed packages, images for the
 # throughput run are random. Run from the repository root: bash benchmarks/gpu_check.sh
@@ -14,10 +14,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/devic
 start=$(date +%s)
 # 1. the tests that need CUDA (skipped elsewhere)
 timeout 120 python -m pytest -q tests/test_cuda.py 2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
-# 2. throughput: a CIFAR-sized UNet (3x32x32, 128 channels, 4 blocks per resolution) at batch 256
-timeout 240 python -m benchmarks.throughput --shape 3,32,32 --width 128 --depth 4 --batch-size 256 --device cuda \
+# 2. throughput: the cifar10 preset's UNet (51.5M parameters) on 3x32x32 images at batch 256
+timeout 240 python -m benchmarks.throughput --shape 3,32,32 --preset cifar10 --batch-size 256 --device cuda \
     --precisions fp32,bf16 --compile off,on --repeats 10 --warmup 3 --sample-batch 512 --nfe 35 \
-    --out "$OUT/throughput_cifar_unet.json"
+    --out "$OUT/throughput_cifar10_preset.json"
 # 3. a short training run on 28x28 digits (mnist5k), TD vs the baseline, FID at a few NFE budgets
 timeout 200 python -m benchmarks.compare --data mnist5k --variants baseline td --seeds 0 --steps 1500 \
     --nfe-grid 3,9,35 --n-samples 2000 --out "$OUT/mnist5k_td_vs_edm_gpu.json"

@@ -2,7 +2,7 @@
 network size, batch, precision, compile setting and device; JSON with the command and the device.
 
     python -m benchmarks.throughput --data digits --batch-size 128 --precisions fp32,bf16 --compile off,on
-    python -m benchmarks.throughput --shape 3,32,32 --width 128 --depth 4 --batch-size 256 --device cuda \
+    python -m benchmarks.throughput --shape 3,32,32 --preset cifar10 --batch-size 256 --device cuda \
         --precisions fp32,bf16 --compile off,on --out benchmarks/results/gpu/throughput_cifar.json
 
 `--shape C,H,W` trains on uniform random images of that shape (throughput does not depend on the pixels), so a
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_rl.cli import Args, add_dataclass_args, dataclass_from_args, make_learner, opt
+from diffusion_rl.cli import PRESETS, Args, add_dataclass_args, dataclass_from_args, make_learner, opt
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice
 from diffusion_rl.samplers import sample
@@ -35,6 +35,7 @@ from diffusion_rl.samplers import sample
 class ThroughputArgs:
     data: str = opt("digits", "data set (ignored when --shape is given)")
     shape: str = opt("", "C,H,W: train on uniform random images of this shape instead of --data")
+    preset: str = opt("", "network preset (cifar10: the DDPM++-class UNet); overrides --width and --depth")
     width: int = opt(32, "network width (base channels)")
     depth: int = opt(1, "residual blocks per resolution")
     batch_size: int = opt(128, "training batch")
@@ -63,6 +64,11 @@ def measure(a: ThroughputArgs, dataset: Dataset, precision: str, compiled: bool)
     """Median step times of the baseline and TD (interleaved), and one timed sampling pass."""
     base = Args(data=dataset.name, width=a.width, depth=a.depth, batch_size=a.batch_size, precision=precision,
                 compile=compiled, device=a.device, progress=False, warmup_steps=0)
+    if a.preset:  # the preset's network only: the batch, data and optimiser stay this benchmark's
+        net_keys = ("width", "depth", "channel_mult", "attention", "dropout", "skip_scale")
+        base = dataclasses.replace(base, **{k: v for k, v in PRESETS[check_choice("preset", a.preset,
+                                                                                   tuple(PRESETS))].items()
+                                            if k in net_keys})
     learners = {m: make_learner(dataclasses.replace(base, method=m), dataset=dataset) for m in ("baseline", "td")}
     for learner in learners.values():
         learner.out_dir = None

@@ -51,9 +51,31 @@ class _NoiseLabelEmbedding(nn.Module):
         return self.mlp(emb)
 
 
-class _ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float) -> None:
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map (PyTorch's fused SDPA), residual, output zeroed."""
+
+    def __init__(self, channels: int, head_dim: int = 64) -> None:
         super().__init__()
+        self.heads = max(channels // head_dim, 1)
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [b, heads, hw, c / heads]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, attention: bool = False,
+                 skip_scale: float = 1.0) -> None:
+        super().__init__()
+        self.attn = _SelfAttention(cout) if attention else None
+        self.skip_scale = skip_scale
         self.norm1 = nn.GroupNorm(math.gcd(8, cin), cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, cout)
@@ -66,7 +88,8 @@ class _ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.emb(emb)[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        h = (self.skip(x) + h) * self.skip_scale
+        return h if self.attn is None else self.attn(h)
 
 
 class UNet(nn.Module):
@@ -79,10 +102,14 @@ class UNet(nn.Module):
         depth: residual blocks per level.
         num_classes: > 0 adds a class embedding (class-conditional); 0 is unconditional.
         dropout: dropout rate inside residual blocks.
+        attn_resolutions: feature-map sides after whose residual blocks a self-attention layer follows (e.g. (16,)
+            for 32x32 data, as DDPM++); the middle blocks then attend too.
+        skip_scale: residual outputs are multiplied by it (1 / sqrt(2) in DDPM++).
     """
 
     def __init__(self, resolution: int, channels: int = 1, width: int = 32, depth: int = 1,
-                 channel_mult: Sequence[int] = (1, 2), num_classes: int = 0, dropout: float = 0.0) -> None:
+                 channel_mult: Sequence[int] = (1, 2), num_classes: int = 0, dropout: float = 0.0,
+                 attn_resolutions: Sequence[int] = (), skip_scale: float = 1.0) -> None:
         super().__init__()
         for what, v in (("resolution", resolution), ("channels", channels), ("width", width), ("depth", depth)):
             check_positive(what, v)
@@ -92,27 +119,37 @@ class UNet(nn.Module):
         if not 0 <= dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
+        sides = {resolution // 2 ** level for level in range(len(channel_mult))}
+        bad = [r for r in attn_resolutions if r not in sides]
+        if bad:
+            raise ConfigError(f"attention resolutions {bad} are not feature-map sides of this UNet; accepted: "
+                              f"{sorted(sides, reverse=True)}")
+        check_positive("skip_scale", skip_scale, integer=False)
         self.config = {"kind": "unet", "resolution": resolution, "channels": channels, "width": width,
                        "depth": depth, "channel_mult": list(channel_mult), "num_classes": num_classes,
-                       "dropout": dropout}
+                       "dropout": dropout, "attn_resolutions": list(attn_resolutions), "skip_scale": skip_scale}
         emb_dim = 4 * width
         self.embed = _NoiseLabelEmbedding(emb_dim, num_classes)
         self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
         self.down = nn.ModuleList()
         skips, c = [width], width
+        block = lambda cin, cout, level: _ResBlock(cin, cout, emb_dim, dropout,  # noqa: E731
+                                                   resolution // 2 ** level in attn_resolutions, skip_scale)
         for level, mult in enumerate(channel_mult):
             for _ in range(depth):
-                self.down.append(_ResBlock(c, width * mult, emb_dim, dropout))
+                self.down.append(block(c, width * mult, level))
                 c = width * mult
                 skips.append(c)
             if level < len(channel_mult) - 1:
                 self.down.append(nn.AvgPool2d(2))
                 skips.append(c)
-        self.mid = nn.ModuleList([_ResBlock(c, c, emb_dim, dropout), _ResBlock(c, c, emb_dim, dropout)])
+        mid_attn = bool(attn_resolutions)
+        self.mid = nn.ModuleList([_ResBlock(c, c, emb_dim, dropout, mid_attn, skip_scale),
+                                  _ResBlock(c, c, emb_dim, dropout, False, skip_scale)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(depth + 1):
-                self.up.append(_ResBlock(c + skips.pop(), width * mult, emb_dim, dropout))
+                self.up.append(block(c + skips.pop(), width * mult, level))
                 c = width * mult
             if level > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
@@ -250,7 +287,8 @@ def checked_size(factory: Callable[[], nn.Module]) -> nn.Module:
 
 
 def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int | None = None,
-                  depth: int = 1, dropout: float = 0.0, channel_mult: Sequence[int] | None = None) -> nn.Module:
+                  depth: int = 1, dropout: float = 0.0, channel_mult: Sequence[int] | None = None,
+                  attn_resolutions: Sequence[int] = (), skip_scale: float = 1.0) -> nn.Module:
     """A default raw network for samples of `sample_shape`: an MLP for vectors, a UNet for [C, H, W] images.
 
     width None picks the default (128 for the MLP, 32 for the UNet); any given width must be a positive integer.
@@ -273,7 +311,8 @@ def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int 
         while res % 2 ** (len(channel_mult) - 1):
             channel_mult = channel_mult[:-1]
     return checked_size(lambda: UNet(res, channels=c, width=width or 32, depth=depth, channel_mult=channel_mult,
-                                     num_classes=num_classes, dropout=dropout))
+                                     num_classes=num_classes, dropout=dropout, attn_resolutions=attn_resolutions,
+                                     skip_scale=skip_scale))
 
 
 def network_from_config(config: dict) -> nn.Module:

@@ -178,6 +178,7 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
     ("lr nan", ["train", *MOONS, "--lr", "nan"], 2, "lr must be a positive finite number"),
     ("dropout 1", ["train", *MOONS, "--dropout", "1"], 2, "dropout must be in [0, 1)"),
     ("tau 2", ["train", *MOONS, "--method", "td", "--target-tau", "2"], 2, "target_tau must be in [0.0, 1.0]"),
+    ("unknown preset", ["train", *MOONS, "--preset", "cifar9"], 2, "unknown preset 'cifar9'; accepted: cifar10"),
     ("fp16 on CPU", ["train", *MOONS, "--precision", "fp16", "--device", "cpu"], 2,
      "precision fp16 needs a CUDA device"),
     ("precision fp8", ["train", *MOONS, "--precision", "fp8"], 2, "unknown precision 'fp8'"),
