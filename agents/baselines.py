@@ -27,7 +27,7 @@ class DiffusionBaseline(Learner):
         self.method = f"{self.formulation.name}-baseline"
 
     def collect(self) -> TensorDictBase:
-        return self.env.reset_training(self.config.batch_size).to(self.device)
+        return self.env.reset_training(self.local_batch).to(self.device)
 
     def loss(self, batch: TensorDictBase) -> TensorDict:
         denoised = self.denoiser(batch["x"], batch["level"], self.labels_for_net(batch["label"]))

@@ -382,7 +382,7 @@ class TDEvaluator(Learner):
         """td0: the paper's pairs, env.sample_pairs(batch_size) [B]; nstep / td_lambda: chains from the same
         start states, env.sample_trajectories(n_steps, batch_size) [B, n_steps]. Data and noise come from the
         env's generators, which checkpoints carry, so a resumed run draws exactly what the uninterrupted one would."""
-        B = self.config.batch_size
+        B = self.local_batch  # this process's share of the global batch
         batch = (self.env.sample_trajectories(self.n_steps, B) if self.uses_trajectories
                  else self.env.sample_pairs(B))
         return batch.to(self.device)

@@ -257,8 +257,16 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     from .networks import Denoiser, build_network
     from .training import TrainConfig, resolve_device
 
+    from . import distributed
+
     method = check_choice("method", method or args.method, METHODS)
     device = resolve_device(args.device)
+    info = distributed.current()  # under torchrun: this rank's device, data streams and share of the batch
+    if info.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if args.batch_size % info.world_size:
+        raise ConfigError(f"batch_size {args.batch_size} does not divide over {info.world_size} processes; give a "
+                          f"multiple of {info.world_size}")
     dataset = dataset if dataset is not None else load_dataset(args.data, seed=args.seed)
     if args.conditional and dataset.labels is None:
         raise ConfigError(f"--conditional needs a labelled data set; {args.data!r} has no labels")
@@ -275,9 +283,10 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
                          tensorboard=args.tensorboard, precision=args.precision, compile=args.compile,
                          channels_last=args.channels_last)
     # one env per learner, seeded alike: the baseline and the TD agent draw the same x0 and levels at every step
-    env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size], coupling=args.coupling or None,
-                       stride=_auto_float("stride", args.stride), one_step=_auto_float("one_step", args.one_step),
-                       seed=args.seed, device=device)
+    env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size // info.world_size],
+                       coupling=args.coupling or None, stride=_auto_float("stride", args.stride),
+                       one_step=_auto_float("one_step", args.one_step),
+                       seed=distributed.rank_seed(args.seed, info.rank), device=device)
     target = dict(tau=args.target_tau, target_halflife_images=args.target_halflife_images or None,
                   target_rampup=args.target_rampup or None)
     if method == "baseline" and formulation.consistency:  # CT: the same pairs and target as TD-CT, no TD term
@@ -384,12 +393,37 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
 
 
 def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, given: set[str]) -> int:
+    from . import distributed
+
+    nfe_grid = validate_args(args, given, methods)
+    info = distributed.init_from_env(args.device)  # torchrun: join the process group (gloo on CPU, NCCL on CUDA)
+    if info.world_size > 1 and args.batch_size % info.world_size:
+        raise ConfigError(f"batch_size {args.batch_size} does not divide over {info.world_size} processes; give a "
+                          f"multiple of {info.world_size}")
+    try:
+        return _train_and_eval_on_rank(args, methods, with_untrained, given, nfe_grid, info)
+    finally:
+        if info.world_size > 1 and torch_distributed_ready():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def torch_distributed_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _train_and_eval_on_rank(args: Args, methods: tuple[str, ...], with_untrained: bool, given: set[str],
+                            nfe_grid: tuple[int, ...], info) -> int:
+    import contextlib
+
     from .data import load_dataset
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
     from .runs import RunFolder, check_writable_folder
     from .training import RESUME_MAY_CHANGE
 
-    nfe_grid = validate_args(args, given, methods)
     out = Path(args.out)
     existed = out.exists()
     check_writable_folder(out)
@@ -402,8 +436,16 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
         raise
     eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features)
     keep = tuple(k for k in RESUME_MAY_CHANGE if k in given)  # the rest keep the checkpoint's values
-    with RunFolder(out, resume=args.resume, overwrite=args.overwrite,
-                   subfolders=tuple(learner.method for learner in learners)):
+    with contextlib.ExitStack() as stack:
+        # under DDP rank 0 guards and writes the folder (an overwrite happens before the barrier); every rank reads
+        # a checkpoint it resumes from
+        if info.is_main:
+            stack.enter_context(RunFolder(out, resume=args.resume, overwrite=args.overwrite,
+                                          subfolders=tuple(learner.method for learner in learners)))
+        if info.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
         for learner in learners:  # every checkpoint is read and checked before any training
             if args.resume and (learner.out_dir / "checkpoint.pt").exists():
                 learner.resume(keep=keep)
@@ -413,7 +455,7 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
                 print(f"resuming {learner.method} at step {learner.step}", file=sys.stderr)
             elif args.resume:
                 print(f"{learner.method}: no checkpoint in {learner.out_dir}, starting it", file=sys.stderr)
-        evaluator = Evaluator(dataset, eval_cfg) if args.eval else None
+        evaluator = Evaluator(dataset, eval_cfg) if args.eval and info.is_main else None
         records, t_start = [], time.perf_counter()
         if with_untrained and evaluator is not None:
             records += evaluator.sweep(learners[0].ema, "untrained", 0, out, learners[0].device, args.progress)
@@ -422,8 +464,10 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
             last = {}
             for last in learner.train(args.steps, progress=args.progress):
                 pass
-            if last:
-                print(f"{learner.method}: {learner.step} steps, loss {last['loss']:.4f}, "
+            if not info.is_main:
+                pass
+            elif last:
+                print(f"{learner.method}: {learner.step} steps, loss {last['loss']:.4f} (rank 0's batch), "
                       f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
             else:
                 print(f"{learner.method}: already at step {learner.step}", file=sys.stderr)

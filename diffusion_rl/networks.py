@@ -213,6 +213,7 @@ class MLP(nn.Module):
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+_DDP: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
 class Denoiser(nn.Module):
@@ -240,9 +241,17 @@ class Denoiser(nn.Module):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if compile:
-            _COMPILED[self] = torch.compile(self.net)
+            _COMPILED[self] = torch.compile(_DDP.get(self, self.net))  # DDP first, then compile (PyTorch's order)
         else:
             _COMPILED.pop(self, None)
+        return self
+
+    def wrap_ddp(self, device_ids: list[int] | None = None) -> "Denoiser":
+        """Send this denoiser's raw-network forward through DistributedDataParallel (gradients averaged over ranks;
+        parameters broadcast from rank 0 now). Deep copies (target, EMA) stay plain. The state dict is unchanged."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        _DDP[self] = DistributedDataParallel(self.net, device_ids=device_ids)
         return self
 
     @property
@@ -263,7 +272,9 @@ class Denoiser(nn.Module):
         inp = (expand_as_image(c_in, x) * x).to(net_dtype)
         if getattr(self, "channels_last", False):
             inp = inp.contiguous(memory_format=torch.channels_last)
-        net = _COMPILED.get(self, self.net)
+        net = _COMPILED.get(self)
+        if net is None:
+            net = _DDP.get(self, self.net)
         amp = PRECISIONS[self.precision]
         with torch.autocast(device_type=x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = net(inp, c_noise.to(net_dtype), labels)

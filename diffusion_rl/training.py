@@ -31,6 +31,7 @@ from tensordict import TensorDict
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .diagnostics import LevelStats
 from .errors import ConfigError, check_choice, check_positive
 from .limits import check_limit
@@ -183,10 +184,15 @@ class Learner(ABC):
             if not hasattr(env, attr):
                 raise ConfigError(f"env must be a DiffusionMRP (missing {attr!r}), got {type(env).__name__}")
         self.config = config or TrainConfig()
+        self.dist = distributed.current()  # DDP (diffusion_rl/distributed.py): the global batch split over ranks
+        if self.config.batch_size % self.dist.world_size:
+            raise ConfigError(f"batch_size {self.config.batch_size} does not divide over {self.dist.world_size} "
+                              f"processes; give a multiple of {self.dist.world_size}")
+        self.local_batch = self.config.batch_size // self.dist.world_size
         env_batch = tuple(env.batch_size)
-        if env_batch not in ((), (self.config.batch_size,)):
-            raise ConfigError(f"the env's batch_size {env_batch} differs from the config's batch_size "
-                              f"{self.config.batch_size}; accepted: () or ({self.config.batch_size},)")
+        if env_batch not in ((), (self.local_batch,)):
+            raise ConfigError(f"the env's batch_size {env_batch} differs from this process's batch "
+                              f"{self.local_batch}; accepted: () or ({self.local_batch},)")
         if denoiser is None:
             torch.manual_seed(self.config.seed)  # the initialisation follows the seed
             ds = env.dataset
@@ -200,6 +206,8 @@ class Learner(ABC):
         self.dataset = env.dataset
         denoiser.check_shape(self.dataset.sample_shape)
         self.denoiser = denoiser.to(self.device)
+        if self.dist.world_size > 1:  # broadcast rank 0's parameters; gradients averaged over ranks
+            self.denoiser.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
         self.formulation = denoiser.formulation
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)  # evaluation: fp32, eager
         check_speed(self.config, self.device)
@@ -273,9 +281,10 @@ class Learner(ABC):
             self.scaler.update()
         else:
             self.optimizer.step()
-        self._update_ema(batch.batch_size[0])
+        images = batch.batch_size[0] * self.dist.world_size  # the global batch
+        self._update_ema(images)
         self.step += 1
-        self.images_seen += batch.batch_size[0]
+        self.images_seen += images
         self.after_update()
         out = out.detach()
         out.set("loss", loss.detach())
@@ -299,8 +308,9 @@ class Learner(ABC):
             raise ConfigError(f"steps={steps} is below the step {self.step} this run has reached; give steps >= "
                               f"{self.step} (the total, not the number still to train)")
         cfg = self.config
-        if self.out_dir is not None and self.out_dir.is_dir():
+        if self.out_dir is not None and self.out_dir.is_dir() and self.dist.is_main:
             remove_stale_temporaries(self.out_dir)
+        progress = progress and self.dist.is_main
         bar = tqdm(total=steps, initial=self.step, desc=self.method, disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, leave=False)
         t0, acc, n_acc = time.perf_counter(), {}, 0
@@ -328,6 +338,8 @@ class Learner(ABC):
                     bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
                     self._log(rec)  # before the checkpoint: a resume trims lines past the checkpoint's step
                 due = cfg.checkpoint_seconds and time.perf_counter() - last_save >= cfg.checkpoint_seconds
+                if self.dist.world_size > 1:  # saving is collective: every rank decides alike
+                    due = distributed.any_rank(bool(due))
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or due:
                     self.save()
                     last_save = time.perf_counter()
@@ -341,7 +353,7 @@ class Learner(ABC):
         self.save()
 
     def _log(self, rec: dict) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
@@ -364,11 +376,14 @@ class Learner(ABC):
                 "dataset": getattr(self.dataset, "name", "?"), "data_hash": self.data_hash,
                 "env_dtype": str(getattr(self.env, "dtype", "")),
                 "sample_shape": list(self.dataset.sample_shape),
-                "train": asdict(self.config), "method_config": self.method_config()}
+                "train": asdict(self.config), "method_config": self.method_config(),
+                **({"world_size": self.dist.world_size} if self.dist.world_size > 1 else {})}
 
     def state_dict(self) -> dict:
         # the env's pair of generators (data order, noise) is the only RNG state a run draws from besides torch's
         rng = {"torch": torch.get_rng_state(), "env": {k: g.get_state() for k, g in self.env.generators().items()}}
+        if self.dist.world_size > 1:  # every rank's data and noise streams, in rank order
+            rng["env_ranks"] = distributed.all_gather_objects(rng["env"])
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"model": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
@@ -378,12 +393,16 @@ class Learner(ABC):
                 "config": json.loads(json.dumps(self.full_config())), "rng": rng}
 
     def save(self, path: str | Path | None = None) -> Path | None:
-        """Write a checkpoint atomically (default out_dir/checkpoint.pt); returns its path."""
+        """Write a checkpoint atomically (default out_dir/checkpoint.pt); returns its path. Under DDP every rank must
+        call it (the ranks' generator states are gathered) and rank 0 writes."""
+        state = self.state_dict() if self.dist.world_size > 1 else None  # collective
         if path is None:
             if self.out_dir is None:
                 return None
             path = self.out_dir / "checkpoint.pt"
-        atomic_save(self.state_dict(), path)
+        if not self.dist.is_main:
+            return None
+        atomic_save(state or self.state_dict(), path)
         return Path(path)
 
     def load_state_dict(self, ckpt: dict, strict_config: bool = True,
@@ -393,6 +412,10 @@ class Learner(ABC):
         rate is warned about); the others take the checkpoint's."""
         mine = json.loads(json.dumps(self.full_config()))
         saved = ckpt["config"]
+        if saved.get("world_size", 1) != self.dist.world_size:  # each rank's data stream depends on the world size
+            raise ConfigError(f"the checkpoint was trained by {saved.get('world_size', 1)} process(es), this run has "
+                              f"{self.dist.world_size}; another world size changes the data streams: resume with "
+                              f"torchrun --nproc_per_node={saved.get('world_size', 1)} (or without torchrun for 1)")
         if strict_config and _identity(saved) != _identity(mine):
             no_hash = ({**_identity(saved), "data_hash": None}, {**_identity(mine), "data_hash": None})
             if no_hash[0] != no_hash[1]:
@@ -422,6 +445,8 @@ class Learner(ABC):
         self.step, self.images_seen = int(ckpt["step"]), int(ckpt.get("images_seen", 0))
         torch.set_rng_state(ckpt["rng"]["torch"])
         env_rng = ckpt["rng"].get("env")
+        if self.dist.world_size > 1:
+            env_rng = ckpt["rng"]["env_ranks"][self.dist.rank]
         if not isinstance(env_rng, dict) or set(env_rng) != set(self.env.generators()):
             raise ConfigError("the checkpoint holds no state of the env's generators (written by an older version, "
                               "whose learner drew its own data); it cannot be resumed exactly: start a new run")
@@ -445,7 +470,7 @@ class Learner(ABC):
     def _trim_log(self) -> None:
         """Drop metric records written after the checkpoint (a crashed run's tail), so the resumed log has no
         duplicate steps."""
-        log = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
+        log = self.out_dir / "metrics.jsonl" if self.out_dir is not None and self.dist.is_main else None
         if log is None or not log.exists():
             return
         keep, torn = [], 0
