@@ -467,7 +467,8 @@ def _train_and_eval_on_rank(args: Args, methods: tuple[str, ...], with_untrained
             if not info.is_main:
                 pass
             elif last:
-                print(f"{learner.method}: {learner.step} steps, loss {last['loss']:.4f} (rank 0's batch), "
+                whose = " (rank 0's batch)" if info.world_size > 1 else ""
+                print(f"{learner.method}: {learner.step} steps, loss {last['loss']:.4f}{whose}, "
                       f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
             else:
                 print(f"{learner.method}: already at step {learner.step}", file=sys.stderr)
