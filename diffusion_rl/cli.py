@@ -52,6 +52,7 @@ class Args:
                                 "1,2,2)")
     attention: str = opt("", "UNet feature-map sides with self-attention, e.g. 16 ('': none)")
     skip_scale: float = opt(1.0, "UNet residual outputs times this (DDPM++: 0.7071)")
+    hflip: bool = opt(False, "augment training images by random horizontal flips")
     preset: str = opt("", "network and optimisation recipe: cifar10 (EDM's DDPM++ CIFAR-10 recipe: width 128, "
                           "multipliers 2,2,2, 4 blocks, attention at 16, dropout 0.13, batch 512, lr 1e-3, EMA "
                           "half-life 0.5M images); options given explicitly win")
@@ -207,10 +208,10 @@ def check_seed(seed) -> int:
 
 
 PRESETS: dict[str, dict] = {
-    # EDM's DDPM++ recipe for CIFAR-10 (horizontal flips are not offered yet)
+    # EDM's DDPM++ recipe for CIFAR-10
     "cifar10": {"data": "cifar10", "width": 128, "depth": 4, "channel_mult": "2,2,2", "attention": "16",
                 "dropout": 0.13, "skip_scale": 0.7071, "batch_size": 512, "lr": 1e-3,
-                "ema_halflife_images": 500_000.0},
+                "ema_halflife_images": 500_000.0, "hflip": True},
 }
 
 
@@ -286,7 +287,7 @@ def make_learner(args: Args, method: str | None = None, dataset=None):
     env = DiffusionMRP(dataset, formulation, batch_size=[args.batch_size // info.world_size],
                        coupling=args.coupling or None, stride=_auto_float("stride", args.stride),
                        one_step=_auto_float("one_step", args.one_step),
-                       seed=distributed.rank_seed(args.seed, info.rank), device=device)
+                       seed=distributed.rank_seed(args.seed, info.rank), device=device, hflip=args.hflip)
     target = dict(tau=args.target_tau, target_halflife_images=args.target_halflife_images or None,
                   target_rampup=args.target_rampup or None)
     if method == "baseline" and formulation.consistency:  # CT: the same pairs and target as TD-CT, no TD term

@@ -377,7 +377,8 @@ class Learner(ABC):
                 "env_dtype": str(getattr(self.env, "dtype", "")),
                 "sample_shape": list(self.dataset.sample_shape),
                 "train": asdict(self.config), "method_config": self.method_config(),
-                **({"world_size": self.dist.world_size} if self.dist.world_size > 1 else {})}
+                **({"world_size": self.dist.world_size} if self.dist.world_size > 1 else {}),
+                **({"hflip": True} if getattr(self.env, "hflip", False) else {})}
 
     def state_dict(self) -> dict:
         # the env's pair of generators (data order, noise) is the only RNG state a run draws from besides torch's

@@ -101,6 +101,7 @@ class DiffusionMRP(EnvBase):
         device: where states live; the noise generator lives there too.
         seed: seed of the env's generators (None: drawn from torch's global RNG).
         dtype: float dtype of states and rewards (float32; float64 makes reward sums telescope to rounding error).
+        hflip: augment images by horizontal flips: each drawn x0 is mirrored with probability 1/2 (data generator).
     """
 
     batch_locked = False  # TorchRL idiom (pendulum tutorial): the batch may come from the reset tensordict
@@ -109,7 +110,7 @@ class DiffusionMRP(EnvBase):
                  batch_size: int | Sequence[int] = (), stride: float | None = None,
                  one_step: float | None = None, coupling: str | None = None, start: str = "max",
                  device: str | torch.device = "cpu", seed: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, hflip: bool = False) -> None:
         # --- validate everything cheap before loading data ---
         if coupling is not None:
             check_choice("coupling", coupling, COUPLINGS)
@@ -132,6 +133,9 @@ class DiffusionMRP(EnvBase):
         self.sample_shape = tuple(self.dataset.sample_shape)
         self.num_classes = int(getattr(self.dataset, "num_classes", 0) or 0)
         self.dtype = dtype
+        if hflip and len(self.sample_shape) != 3:
+            raise ConfigError(f"hflip mirrors images; samples of shape {self.sample_shape} are not images")
+        self.hflip = bool(hflip)
         self._make_spec()
         self.set_seed(seed)  # None: drawn from torch's global RNG
 
@@ -220,6 +224,9 @@ class DiffusionMRP(EnvBase):
     def _start(self, n: int, start: str) -> dict[str, Tensor]:
         """n fresh start states: x0 and labels (data generator), the start level, x ~ q(x | x0) (noise generator)."""
         x0, label = self.dataset.draw(n, self._data_generator)
+        if self.hflip:  # augmentation: mirror half the images, decided by the data generator
+            flip = torch.rand(n, generator=self._data_generator) < 0.5
+            x0 = torch.where(flip.reshape(n, 1, 1, 1), x0.flip(-1), x0)
         x0 = x0.to(device=self.device, dtype=self.dtype)
         label = (torch.zeros(n, dtype=torch.int64) if label is None else label.to(torch.int64).reshape(n))
         form, g = self.formulation, self._data_generator

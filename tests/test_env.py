@@ -461,3 +461,18 @@ def test_gymnasium_make_in_a_fresh_interpreter():
     assert "['index', 'label', 'level', 'x']" in fresh("envs:" + envs.ENV_ID)
     if hasattr(registration, "load_plugin_envs"):  # Gymnasium < 1.0 loads the pyproject entry point
         assert "['index', 'label', 'level', 'x']" in fresh(envs.ENV_ID)
+
+
+
+def test_hflip_mirrors_about_half_of_the_drawn_images():
+    from diffusion_rl.data import load_dataset
+
+    data = load_dataset("digits")
+    plain = DiffusionMRP(data, "edm", batch_size=[256], seed=3)
+    flipped = DiffusionMRP(data, "edm", batch_size=[256], seed=3, hflip=True)
+    a, b = plain.reset_training(256)["x0"], flipped.reset_training(256)["x0"]
+    mirrored = (b == a.flip(-1)).flatten(1).all(1) & ~(b == a).flatten(1).all(1)
+    same = (b == a).flatten(1).all(1)
+    assert bool((mirrored | same).all()) and 80 < int(mirrored.sum()) < 176
+    with pytest.raises(ConfigError, match="hflip mirrors images"):
+        DiffusionMRP("moons", "edm", hflip=True)
