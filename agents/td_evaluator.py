@@ -357,9 +357,8 @@ class TDEvaluator(Learner):
         self.shared_until, self.final_coupling = (None if shared_until is None else float(shared_until)), env.coupling
 
         # ---- critics: online over the denoiser, target over a frozen deep copy in eval mode ------------------------
-        self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)  # keeps the online precision
-        if self.config.compile:
-            self.target.set_speed(self.config.precision, True, self.config.channels_last)
+        self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
+        self.apply_speed()  # the target's forward in the online network's precision (and compiled alike)
         self.critic = critic_factory(self.denoiser, form, env.one_step, env.coupling)
         self.target_critic = critic_factory(self.target, form, env.one_step, env.coupling)
         for c in (self.critic, self.target_critic):
@@ -398,6 +397,11 @@ class TDEvaluator(Learner):
         self.target_updater.step()
         for b_t, b in self._buffer_pairs:  # updaters move parameters only
             b_t.copy_(b)
+
+    def apply_speed(self) -> None:
+        super().apply_speed()
+        if hasattr(self, "target"):  # the Learner calls this before the target exists
+            self.target.set_speed(self.config.precision, self.config.compile, self.config.channels_last)
 
     def before_step(self, total: int) -> None:
         super().before_step(total)

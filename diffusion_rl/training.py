@@ -210,9 +210,7 @@ class Learner(ABC):
             self.denoiser.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
         self.formulation = denoiser.formulation
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)  # evaluation: fp32, eager
-        check_speed(self.config, self.device)
-        self.denoiser.set_speed(self.config.precision, self.config.compile, self.config.channels_last)
-        self.scaler = torch.amp.GradScaler("cuda") if self.config.precision == "fp16" else None
+        self.apply_speed()
         self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=self.config.lr)
         self.step = 0
         self.images_seen = 0
@@ -234,6 +232,13 @@ class Learner(ABC):
 
     def after_update(self) -> None:
         """Hook run after each optimizer step (target networks move here)."""
+
+    def apply_speed(self) -> None:
+        """Apply the config's precision, compile and memory-format settings to the trained network(s); refused
+        settings raise ConfigError. Called at construction and after a resume (which may change them)."""
+        check_speed(self.config, self.device)
+        self.denoiser.set_speed(self.config.precision, self.config.compile, self.config.channels_last)
+        self.scaler = torch.amp.GradScaler("cuda") if self.config.precision == "fp16" else None
 
     def before_step(self, total: int) -> None:
         """Called by `train` before each step with the run's total steps: schedules that follow training progress.
@@ -455,6 +460,7 @@ class Learner(ABC):
             g.set_state(env_rng[k])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.apply_speed()  # the resumed config's precision and compile settings
 
     def resume(self, path: str | Path | None = None, keep: tuple[str, ...] = RESUME_MAY_CHANGE) -> "Learner":
         """Continue from a checkpoint (default out_dir/checkpoint.pt); the config must match. Of the settings a

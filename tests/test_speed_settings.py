@@ -50,3 +50,15 @@ def test_settings_the_device_cannot_run_are_refused_before_work():
         agent(precision="fp16")
     with pytest.raises(ConfigError, match="unknown precision .fp8.; accepted: fp32, bf16, fp16"):
         TrainConfig(precision="fp8")
+
+
+def test_a_resume_applies_the_precision_it_ends_up_with(tmp_path):
+    first = agent()
+    first.update(first.collect())
+    path = first.save(tmp_path / "ckpt.pt")
+    kept = agent(precision="bf16")
+    kept.resume(path, keep=("precision",))  # written on the command line: this run's value
+    assert kept.config.precision == kept.denoiser.precision == kept.target.precision == "bf16"
+    taken = agent(precision="bf16")
+    taken.resume(path, keep=())  # not written: the checkpoint's value
+    assert taken.config.precision == taken.denoiser.precision == taken.target.precision == "fp32"
