@@ -117,6 +117,30 @@ def wins_everywhere(summary: list[dict], metric: str = "fid", max_nfe: int = FEW
     return out
 
 
+def reach_controls(d: dict, metric: str = "fid") -> str:
+    """Markdown: each n-step(n) variant at stride k beside TD(0) at stride n k (the same reach, method.md §7), under
+    each solver; '' when the file has no such pair."""
+    runs = {split_label(r["variant"])[0]: r for recs in d["runs"].values() for r in recs}
+    td0 = {r["stride"]: v for v, r in runs.items() if r.get("estimator") == "td0"
+           and re.fullmatch(r"td(:stride=[\d.]+)?", v)}
+    pairs = [(v, td0[r["n_steps"] * r["stride"]]) for v, r in runs.items()
+             if r.get("estimator") == "nstep" and r["n_steps"] * r["stride"] in td0]
+    if not pairs:
+        return ""
+    rows = [s for s in d["summary"] if s["metric"] == metric]
+    nfes = sorted({s["nfe"] for s in rows})
+    cell = {(s["variant"], s["nfe"]): f"{fmt(s['mean'])} ± {fmt(s['std'])}" for s in rows}
+    lines = ["| solver | n-step variant | its control | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---" * (len(nfes) + 3) + "|"]
+    for solver in _solvers(d["summary"]):
+        suffix = "" if solver == "default" else f" @{solver}"
+        for v, ctrl in pairs:
+            vals = [f"{cell.get((v + suffix, n), '-')} vs {cell.get((ctrl + suffix, n), '-')}" for n in nfes]
+            lines.append(f"| {SOLVERS.get(solver, solver)} | {d['labels'][v]} | {d['labels'][ctrl]} | "
+                         + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def _solvers(summary: list[dict]) -> list[str]:
     return list(dict.fromkeys(split_label(s["variant"])[1] for s in summary))
 
@@ -207,6 +231,10 @@ def file_section(path: Path, plots: Path) -> str:
                    for v, r in per.items() if r["wins"]]
             out.append(f"- {SOLVERS.get(solver, solver)}: " + ("; ".join(win) if win else "**none**"))
         out.append("")
+    controls = reach_controls(d, metric)
+    if controls:
+        out += ["Multi-step estimators against their equal-reach control (n-step(n) at stride k vs TD(0) at stride "
+                "n k, mean ± std):", "", controls, ""]
     plots.mkdir(parents=True, exist_ok=True)
     png = plots / f"{path.stem}_{metric}_vs_nfe.png"
     plot_vs_nfe(d, png, metric)

@@ -2,7 +2,8 @@
 import pytest
 
 from benchmarks.compare import parse_variant, summarise
-from benchmarks.report import describe, markdown_table, render_block, update_readme, wins_everywhere
+from benchmarks.report import (describe, markdown_table, reach_controls, render_block, update_readme,
+                               wins_everywhere)
 from diffusion_rl.cli import Args
 from diffusion_rl.errors import ConfigError
 
@@ -59,3 +60,15 @@ def test_readme_blocks_are_regenerated_from_the_json():
     assert "stale" not in fresh and fresh.endswith("<!-- /report -->")
     assert render_block("digits_td_vs_edm.json", " nfe=3,35") in fresh
     assert "| EDM baseline | 77.1 ± 1.28 | 1.16 ± 0.23 |" in fresh
+
+
+def test_reach_controls_pair_each_nstep_variant_with_td0_at_n_times_the_stride():
+    rec = lambda v, est, n, k: {"variant": v, "estimator": est, "n_steps": n, "stride": k}  # noqa: E731
+    runs = {"a": [rec("td:estimator=nstep,n_steps=2,stride=2", "nstep", 2, 2.0)], "b": [rec("td:stride=4", "td0", 1, 4.0)],
+            "c": [rec("td:stride=2", "td0", 1, 2.0)]}
+    summary = _summary([("td:estimator=nstep,n_steps=2,stride=2", 3, 41.0), ("td:stride=4", 3, 42.0),
+                        ("td:stride=2", 3, 40.0)])
+    d = {"runs": runs, "summary": summary, "labels": {"td:estimator=nstep,n_steps=2,stride=2": "n-step(2) k=2",
+                                                      "td:stride=4": "TD(0) k=4", "td:stride=2": "TD(0) k=2"}}
+    table = reach_controls(d)
+    assert "| n-step(2) k=2 | TD(0) k=4 | 41.0 ± 0.00 vs 42.0 ± 0.00 |" in table and "k=2 | TD(0) k=2" not in table
