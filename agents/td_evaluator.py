@@ -23,7 +23,8 @@ formulation; nothing here assumes A = 1 - kappa.
 Target network: a deep copy of the denoiser, always in eval mode with requires_grad False, updated after every
 optimizer step by EMA (tau = 0.999, `SoftUpdate(eps=tau)`) or by a hard copy every `hard_period` steps
 (`HardUpdate`). The EMA's rate may instead follow a half-life in training images and/or a ramp-up (a half-life of
-a fixed fraction of the images seen so far), so that the target's lag fits the run's length (method.md §5.4). It is not the evaluation EMA (`Learner.ema`); both are kept and both are checkpointed.
+a fixed fraction of the images seen so far), so that the target's lag fits the run's length (method.md §5.4). It is
+not the evaluation EMA (`Learner.ema`); both are kept and both are checkpointed.
 """
 from __future__ import annotations
 
@@ -301,7 +302,8 @@ class TDEvaluator(Learner):
                  n_steps: int = 1, lmbda: float = 0.95, reweighting: str | None = None,
                  base_weight_lambda: float = 0.5, target_update: str = "soft", tau: float = 0.999,
                  hard_period: int = 100, target_halflife_images: float | None = None,
-                 target_rampup: float | None = None, shared_until: float | None = None, config: TrainConfig | None = None, out_dir: str | Path | None = None,
+                 target_rampup: float | None = None, shared_until: float | None = None,
+                 config: TrainConfig | None = None, out_dir: str | Path | None = None,
                  device: str | torch.device = "auto",
                  critic_factory: Callable[..., TensorDictModule] | None = None) -> None:
         # ---- validate everything before any work -----------------------------------------------------------------

@@ -32,8 +32,8 @@ from .grid import ResultGrid, summarise
 
 # the settings every record carries as fields (issue: records must not rest on a variant label alone)
 SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "coupling",
-                  "reweighting", "base_lambda", "target_tau", "target_halflife_images", "target_rampup", "shared_until", "steps",
-                  "batch_size", "lr", "width", "seed", "device")
+                  "reweighting", "base_lambda", "target_tau", "target_halflife_images", "target_rampup", "shared_until",
+                  "steps", "batch_size", "lr", "width", "seed", "device")
 
 
 def parse_variant(spec: str, base: Args) -> tuple[str, Args]:

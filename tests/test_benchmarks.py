@@ -64,8 +64,8 @@ def test_readme_blocks_are_regenerated_from_the_json():
 
 def test_reach_controls_pair_each_nstep_variant_with_td0_at_n_times_the_stride():
     rec = lambda v, est, n, k: {"variant": v, "estimator": est, "n_steps": n, "stride": k}  # noqa: E731
-    runs = {"a": [rec("td:estimator=nstep,n_steps=2,stride=2", "nstep", 2, 2.0)], "b": [rec("td:stride=4", "td0", 1, 4.0)],
-            "c": [rec("td:stride=2", "td0", 1, 2.0)]}
+    runs = {"a": [rec("td:estimator=nstep,n_steps=2,stride=2", "nstep", 2, 2.0)],
+            "b": [rec("td:stride=4", "td0", 1, 4.0)], "c": [rec("td:stride=2", "td0", 1, 2.0)]}
     summary = _summary([("td:estimator=nstep,n_steps=2,stride=2", 3, 41.0), ("td:stride=4", 3, 42.0),
                         ("td:stride=2", 3, 40.0)])
     d = {"runs": runs, "summary": summary, "labels": {"td:estimator=nstep,n_steps=2,stride=2": "n-step(2) k=2",
