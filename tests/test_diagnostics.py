@@ -14,7 +14,8 @@ from diffusion_rl.formulations import EDMFormulation
 
 def test_level_stats_bin_by_start_index_and_average_td_over_valid_samples():
     stats = LevelStats()
-    out = TensorDict({"sample_base": torch.tensor([1.0, 3.0, 5.0, 7.0]), "sample_td": torch.tensor([2.0, 0.0, 4.0, 0.0]),
+    out = TensorDict({"sample_base": torch.tensor([1.0, 3.0, 5.0, 7.0]),
+                      "sample_td": torch.tensor([2.0, 0.0, 4.0, 0.0]),
                       "valid": torch.tensor([True, False, True, False]), "loss_td": torch.tensor(1.0)}, [])
     stats.add(torch.tensor([2.1, 1.9, 5.0, 5.2]), out)
     s = stats.summary()
