@@ -5,5 +5,4 @@ from .functional import REWEIGHTINGS, combine_losses, split_objective, td_weight
 from .td_evaluator import TARGET_UPDATES, TDEvaluator, TDLoss
 
 __all__ = ["DiffusionBaseline", "ConsistencyBaseline", "TDEvaluator", "TDLoss", "ESTIMATORS", "REWEIGHTINGS",
-           "TARGET_UPDATES",
-           "make_estimator", "returns", "td_errors", "td_weight", "combine_losses", "split_objective"]
+           "TARGET_UPDATES", "make_estimator", "returns", "td_errors", "td_weight", "combine_losses", "split_objective"]
