@@ -74,7 +74,8 @@ class Args:
     reweighting: str = opt("", "TD: edm | pairwise | linear | none ('': the formulation's default, edm; pairwise "
                                "for CT)")
     base_lambda: float = opt(0.5, "TD: weight of the base loss (the paper's lambda)")
-    coupling: str = opt("", "TD: markov | shared ('': the formulation's default, markov; shared for CT)")
+    coupling: str = opt("", "TD: markov | shared | mixed:M (shared below grid index M, Markov from M on) ('': the "
+                            "formulation's default, markov; shared for CT)")
     shared_until: float = opt(0.0, "TD: coupling schedule: shared-noise coupling for this fraction of the steps, "
                                    "then --coupling (0: off)")
     stride: str = opt("auto", "TD: MRP stride in index units > 0 (auto: the formulation's default, 3 for EDM)")

@@ -16,7 +16,8 @@ Levels are noise levels: sigma for EDM/CT, the (possibly fractional) timestep t 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from .schedules import (
 __all__ = [
     "COUPLINGS",
     "Coupling",
+    "parse_coupling",
     "Formulation",
     "EDMFormulation",
     "VPFormulation",
@@ -46,8 +48,25 @@ __all__ = [
     "expand_as_image",
 ]
 
-Coupling = Literal["markov", "shared"]
+Coupling = str  # "markov", "shared", or "mixed:m" (method.md §8)
 COUPLINGS: tuple[str, ...] = ("markov", "shared")
+
+
+def parse_coupling(coupling: str) -> tuple[str, float | None]:
+    """"markov" | "shared" -> (name, None); "mixed:m" -> ("mixed", m): a per-level mixture, shared noise from the
+    states whose grid index is below m (the noisy part), Markov from the others (method.md §8). ConfigError
+    naming the accepted forms otherwise."""
+    if coupling in COUPLINGS:
+        return coupling, None
+    name, sep, m = str(coupling).partition(":")
+    try:
+        value = float(m) if name == "mixed" and sep else None
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise ConfigError(f"unknown coupling {coupling!r}; accepted: markov, shared, mixed:M (shared noise below "
+                          f"grid index M > 0, Markov from M on)")
+    return "mixed", value
 
 
 def expand_as_image(v: Tensor, x: Tensor) -> Tensor:
@@ -163,7 +182,22 @@ class Formulation(ABC):
         return self.base_weight(level).to(err) * err
 
     def check_coupling(self, coupling: str) -> None:
-        check_choice("coupling", coupling, COUPLINGS)
+        name, m = parse_coupling(coupling)
+        if name == "mixed" and m > self.steps - 1:
+            raise ConfigError(f"coupling {coupling!r}: the switch index {m:g} lies past the grid's last index "
+                              f"{self.steps - 1}; accepted: 0 < M <= {self.steps - 1}")
+
+    def mix_couplings(self, coupling: str, level_t: Tensor, fn: Callable[[str], Any]):
+        """For "mixed:m": fn("shared") where index(level_t) < m, else fn("markov"), per sample (tensors or tuples of
+        tensors); None for a plain coupling, which the caller then handles itself (method.md §8)."""
+        name, m = parse_coupling(coupling)
+        if name != "mixed":
+            return None
+        shared = torch.as_tensor(self.index(torch.as_tensor(level_t)) < m)
+        a, b = fn("shared"), fn("markov")
+        if isinstance(a, tuple):
+            return tuple(torch.where(shared.to(x.device), x, y) for x, y in zip(a, b))
+        return torch.where(shared.to(a.device), a, b)
 
     def config(self) -> dict:
         """Constructor arguments, for checkpoints and results records."""
@@ -214,6 +248,9 @@ class EDMFormulation(Formulation):
     def posterior(self, level_t, level_s, coupling="markov"):
         # method.md §3, §8: Markov kappa = (sigma_s/sigma_t)^2, shared kappa = sigma_s/sigma_t, A = 1 - kappa (VE).
         self.check_coupling(coupling)
+        mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior(level_t, level_s, c))
+        if mixed is not None:
+            return mixed
         ratio = level_s / level_t
         kappa = ratio.pow(2) if coupling == "markov" else ratio
         return 1 - kappa, kappa
@@ -221,6 +258,9 @@ class EDMFormulation(Formulation):
     def posterior_variance(self, level_t, level_s, coupling="markov"):
         # x_t = x_s + sqrt(st^2 - ss^2) n2 with x_s ~ N(x0, ss^2): Var = ss^2 (st^2 - ss^2) / st^2.
         self.check_coupling(coupling)
+        mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior_variance(level_t, level_s, c))
+        if mixed is not None:
+            return mixed
         if coupling == "shared":
             return torch.zeros_like(level_t)
         return (level_s.pow(2) * (1 - (level_s / level_t).pow(2))).clamp(min=0)
@@ -400,6 +440,9 @@ class VPFormulation(Formulation):
                            coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
         """The value's (A, kappa) in variance-exploding units (method.md §9): EDM's coefficients of sigma~."""
         self.check_coupling(coupling)
+        mixed = self.mix_couplings(coupling, level, lambda c: self.one_step_posterior(level, one_step, c))
+        if mixed is not None:
+            return mixed
         ratio = self.sigma_ve(self.shift(level, one_step)) / self.sigma_ve(level)
         kappa = ratio.pow(2) if coupling == "markov" else ratio
         return (1 - kappa).to(level.dtype), kappa.to(level.dtype)
@@ -423,6 +466,9 @@ class VPFormulation(Formulation):
 
     def posterior(self, level_t, level_s, coupling="markov"):
         self.check_coupling(coupling)
+        mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior(level_t, level_s, c))
+        if mixed is not None:
+            return mixed
         ab_t, ab_s = self.alpha_bar(level_t), self.alpha_bar(level_s)
         if coupling == "markov":
             # method.md §9 (derived): the DDPM posterior q(x_s | x_t, x0); here A + kappa != 1.
@@ -437,6 +483,9 @@ class VPFormulation(Formulation):
     def posterior_variance(self, level_t, level_s, coupling="markov"):
         # DDPM's beta-tilde between any s < t: (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s); 0 for shared noise.
         self.check_coupling(coupling)
+        mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior_variance(level_t, level_s, c))
+        if mixed is not None:
+            return mixed
         if coupling == "shared":
             return torch.zeros_like(torch.as_tensor(level_t, dtype=torch.float32))
         ab_t, ab_s = self.alpha_bar(level_t), self.alpha_bar(level_s)

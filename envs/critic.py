@@ -14,7 +14,7 @@ from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 
 from diffusion_rl.errors import ConfigError, check_choice, check_positive
-from diffusion_rl.formulations import COUPLINGS, Formulation, make_formulation
+from diffusion_rl.formulations import Formulation, make_formulation, parse_coupling
 from diffusion_rl.networks import Denoiser
 
 __all__ = ["ValueNet", "make_critic", "check_critic_keys", "CRITIC_IN_KEYS", "CRITIC_OUT_KEYS"]
@@ -41,7 +41,7 @@ class ValueNet(nn.Module):
                  one_step: float | None = None, coupling: str | None = None) -> None:
         super().__init__()
         if coupling is not None:
-            check_choice("coupling", coupling, COUPLINGS)
+            parse_coupling(coupling)  # markov | shared | mixed:M
         form = getattr(denoiser, "formulation", None) if formulation is None else make_formulation(formulation)
         if form is None:
             raise ConfigError("ValueNet needs a formulation: the denoiser has none and none was given")

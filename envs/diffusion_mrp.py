@@ -43,7 +43,7 @@ from torchrl.envs.utils import step_mdp
 
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice, check_positive
-from diffusion_rl.formulations import COUPLINGS, Formulation, make_formulation
+from diffusion_rl.formulations import Formulation, make_formulation, parse_coupling
 
 __all__ = ["DiffusionMRP", "check_stride_one_step", "single_action_policy", "STARTS", "OBSERVATION_KEYS",
            "STATE_KEYS"]
@@ -93,8 +93,9 @@ class DiffusionMRP(EnvBase):
         stride: k, index units per MRP step (None: the formulation's `default_stride`, 3 on EDM's 18-point grid).
         one_step: delta, index units of the one-step posterior mean that defines values and rewards (None: the
             formulation's `default_one_step`, 0.2 for EDM).
-        coupling: "markov" (the true reverse kernel) or "shared" (shared noise: x' deterministic given x, x0);
-            None picks the formulation's `default_coupling` (markov; shared for CT, method.md §10).
+        coupling: "markov" (the true reverse kernel), "shared" (shared noise: x' deterministic given x, x0) or
+            "mixed:M" (shared from states with grid index < M, Markov from the others; method.md §8); None picks
+            the formulation's `default_coupling` (markov; shared for CT, method.md §10).
         start: where `reset` starts episodes: "max" at index 0 (the noisiest level); "random" at a uniform index
             in [0, N-1-(stride+one_step)], so at least one TD-valid step is possible; "train" at the formulation's
             training levels (method.md §5.1), the start of every training batch. `reset(start=...)` overrides it.
@@ -113,12 +114,14 @@ class DiffusionMRP(EnvBase):
                  dtype: torch.dtype = torch.float32, hflip: bool = False) -> None:
         # --- validate everything cheap before loading data ---
         if coupling is not None:
-            check_choice("coupling", coupling, COUPLINGS)
+            parse_coupling(coupling)  # markov | shared | mixed:M, before any data loads
         check_choice("start", start, STARTS)
         batch_size = _as_batch_size(batch_size)
         if not isinstance(dataset, str) and not callable(getattr(dataset, "draw", None)):
             raise ConfigError(f"dataset must be a data set name or a Dataset, got {type(dataset).__name__}")
         form = make_formulation(formulation)
+        if coupling is not None:
+            form.check_coupling(coupling)  # a mixture's switch index must lie on the grid
         stride, one_step = check_stride_one_step(form.default_stride if stride is None else stride,
                                                  form.default_one_step if one_step is None else one_step, form.steps)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

@@ -476,3 +476,18 @@ def test_hflip_mirrors_about_half_of_the_drawn_images():
     assert bool((mirrored | same).all()) and 80 < int(mirrored.sum()) < 176
     with pytest.raises(ConfigError, match="hflip mirrors images"):
         DiffusionMRP("moons", "edm", hflip=True)
+
+
+def test_mixed_coupling_transitions_follow_each_start_states_coupling():
+    env = DiffusionMRP("moons", "edm", coupling="mixed:6", batch_size=[256], seed=0, start="random")
+    check_env_specs(env)
+    batch = env.sample_pairs(256)
+    x0, x, level, index = batch["x0"], batch["x"], batch["level"], batch["index"]
+    nxt = batch["next"]
+    shared_next = x0 + (nxt["level"] / level)[:, None] * (x - x0)  # shared noise: x' is determined by (x, x0)
+    noisy = index < 6
+    assert 0 < int(noisy.sum()) < 256
+    torch.testing.assert_close(nxt["x"][noisy], shared_next[noisy], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(nxt["x"][~noisy], shared_next[~noisy], atol=1e-3)
+    with pytest.raises(ConfigError, match="unknown coupling 'tied'"):
+        DiffusionMRP("moons", "edm", coupling="tied")

@@ -218,3 +218,21 @@ def test_ict_weight_is_the_inverse_gap_to_the_partner():
     grid = f.grid(torch.float64)
     w = f.base_weight(grid[:-1])
     torch.testing.assert_close(w, 1 / (grid[:-1] - grid[1:]))
+
+
+@pytest.mark.parametrize("name", ["edm", "vp"])
+def test_mixed_coupling_is_shared_below_the_switch_index_and_markov_above(name):
+    f = make_formulation(name)
+    idx = torch.linspace(0, f.steps - 1.5, 40, dtype=torch.float64)
+    lt = f.level(idx)
+    ls = f.level(idx + 1)
+    noisy = idx < 6
+    for fn in (lambda c: f.posterior(lt, ls, c), lambda c: (f.posterior_variance(lt, ls, c),),
+               lambda c: f.one_step_posterior(lt, 0.2, c)):
+        for m, s, k in zip(fn("mixed:6"), fn("shared"), fn("markov")):
+            torch.testing.assert_close(m[noisy], s[noisy], check_dtype=False)
+            torch.testing.assert_close(m[~noisy], k[~noisy], check_dtype=False)
+    with pytest.raises(ConfigError, match="accepted: markov, shared, mixed:M"):
+        f.posterior(lt, ls, "mixed:abc")
+    with pytest.raises(ConfigError, match="past the grid's last index"):
+        f.posterior(lt, ls, "mixed:40")
