@@ -378,7 +378,7 @@ class VPFormulation(Formulation):
     """
 
     name = "vp"
-    samplers = ("ddim", "ddpm")
+    samplers = ("ddim", "ddpm", "dpmpp_2m", "ipndm")
     SCHEDULES = ("linear", "cosine")
 
     def __init__(self, timesteps: int = 1000, schedule: str = "linear", steps: int = 18, rho: float = 7.0) -> None:

@@ -8,7 +8,7 @@ for an NFE budget, draws the start, and returns a `SampleResult`.
 - "heun", "euler": EDM's deterministic ODE samplers on the rho grid with sigma = 0 appended (method.md §11);
   Heun NFE = 2 steps - 1 (its last step, to sigma = 0, is Euler), Euler NFE = steps (method.md §12.8).
 - "dpmpp_2m" (DPM-Solver++(2M)) and "ipndm" (iPNDM): training-free multistep ODE solvers for few steps, on the
-  same grid; NFE = steps.
+  same grid; NFE = steps. VP runs them in its variance-exploding view (the rho grid of sigma~, method.md §9).
 - "ddim" (eta = 0) and "ddpm" (ancestral, the posterior of method.md §9) for the VP formulation.
 - "onestep" and "multistep" consistency sampling for CT.
 """
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .errors import ConfigError, check_choice, check_positive
 from .limits import check_limit
-from .formulations import CTFormulation, EDMFormulation, Formulation, VPFormulation
+from .formulations import CTFormulation, EDMFormulation, Formulation, VPFormulation, expand_as_image
 from .schedules import edm_sampling_sigmas
 
 __all__ = ["SampleResult", "SAMPLERS", "steps_for_nfe", "sample", "default_sampler", "sampler_for_nfe"]
@@ -70,8 +70,29 @@ def euler(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, l
     return x, steps
 
 
+def _ve_view(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int) -> tuple[DenoiseFn, Tensor, Tensor]:
+    """(denoiser, start, sigma grid) of the variance-exploding ODE a formulation's sampling follows.
+
+    EDM / CT: themselves, on the rho grid. VP: x~ = x / sqrt(abar(t)) = x0 + sigma~ eps follows EDM's ODE in
+    sigma~ = sqrt((1 - abar) / abar) (method.md §9), so the sigma-space solvers run on the rho grid of sigma~ between
+    sigma~(T) and sigma~(1), calling the VP denoiser at the timestep of each sigma~ on x~ sqrt(abar)."""
+    if not isinstance(formulation, VPFormulation):
+        return denoise, x, _edm_sigmas(formulation, steps, x.dtype).to(x.device)
+    f = formulation
+    sigmas = edm_sampling_sigmas(steps, f.sigma_ve_min, f.sigma_ve_max, f.rho, dtype=x.dtype).to(x.device)
+
+    def ve_denoise(x_ve: Tensor, sigma: Tensor, labels=None) -> Tensor:
+        t = f.timestep_of_sigma_ve(sigma)
+        scale = expand_as_image(f.alpha_bar(t).sqrt().to(x_ve.dtype), x_ve)
+        return denoise(x_ve * scale, t.to(x_ve.dtype), labels)
+
+    start = x / f.alpha_bar(torch.tensor(float(f.timesteps))).sqrt().to(x.dtype)
+    return ve_denoise, start, sigmas
+
+
 def dpmpp_2m(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
-    """DPM-Solver++(2M) (Lu et al. 2022): the data-prediction multistep solver of order 2, in sigma space.
+    """DPM-Solver++(2M) (Lu et al. 2022): the data-prediction multistep solver of order 2, in sigma space
+    (for VP, in the variance-exploding view of `_ve_view`).
 
     With lambda = -log sigma and h = lambda_next - lambda, the exact solution of the probability-flow ODE for a
     denoiser output D held fixed over the step is x_next = (sigma_next / sigma) x + (1 - sigma_next / sigma) D.
@@ -79,7 +100,7 @@ def dpmpp_2m(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int
     D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} with r = h_{i-1} / h_i. The last step, to sigma = 0, returns D_i.
     One evaluation per step: NFE = steps.
     """
-    sigmas = _edm_sigmas(formulation, steps, x.dtype).to(x.device)
+    denoise, x, sigmas = _ve_view(denoise, formulation, x, steps)
     d_prev, h_prev = None, None
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = denoise(x, _levels(x, s), labels)
@@ -104,8 +125,9 @@ def ipndm(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, l
     fixed coefficients of a uniform grid. One evaluation per step: NFE = steps.
 
     On the rho grid the fixed coefficients leave a global order of 2 (measured against the exact Gaussian ODE
-    solution in tests/test_samplers.py), with the smallest error of the samplers here at few steps."""
-    sigmas = _edm_sigmas(formulation, steps, x.dtype).to(x.device)
+    solution in tests/test_samplers.py), with the smallest error of the samplers here at few steps. VP runs in the
+    variance-exploding view of `_ve_view`."""
+    denoise, x, sigmas = _ve_view(denoise, formulation, x, steps)
     history: list[Tensor] = []
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         history.insert(0, (x - denoise(x, _levels(x, s), labels)) / s)

@@ -129,3 +129,27 @@ def test_consistency_multistep_renoises_to_levels_above_sigma_min():
 
     _, nfe = multistep(denoise, f, torch.randn(4, 2, dtype=torch.float64), 2)
     assert nfe == 2 and seen[0] == f.sigma_max and f.sigma_min * 100 < seen[1] < f.sigma_max / 10
+
+
+def vp_gaussian_denoiser(f):
+    """The exact VP denoiser of N(M, S^2) data: x~ = x / sqrt(abar) = x0 + sigma~ eps is EDM's problem in sigma~."""
+    def denoise(x, t, labels=None):
+        ab = expand_as_image(f.alpha_bar(t), x)
+        return gaussian_denoiser(x / ab.sqrt(), expand_as_image(((1 - f.alpha_bar(t)) / f.alpha_bar(t)).sqrt(), x))
+    return denoise
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ipndm"])
+def test_multistep_solvers_converge_at_order_two_on_vp(sampler):
+    """On VP the solvers run in the variance-exploding view: with the exact denoiser they reach the exact ODE solution
+    from x_T ~ N(0, 1) at t = T, x0 = M + (x_T / sqrt(abar_T) - M) S / sqrt(S^2 + sigma~(T)^2), at order 2."""
+    f = VPFormulation()
+    x_T = f.prior((200, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = exact_ode_solution(x_T / f.alpha_bar(torch.tensor(1000.0)).sqrt(), f.sigma_ve_max)
+    errs = []
+    for nfe in (16, 32, 64, 128):
+        res = sample(vp_gaussian_denoiser(f), f, (200, 1), sampler=sampler, nfe=nfe,
+                     generator=torch.Generator().manual_seed(0))
+        errs.append((res.x - exact).abs().max().item())
+    orders = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+    assert errs[-1] < 2e-3 and all(1.8 < p < 3.5 for p in orders), (errs, orders)  # order 2 or a bit better
