@@ -10,4 +10,5 @@ python -m benchmarks.compare --variants baseline td --seeds 0 1 2 --steps 1500 -
 python -m benchmarks.report benchmarks/results/digits_td_vs_edm_solvers.json \
     --plot benchmarks/results/digits_td_vs_edm_solvers_fid.png
 bash benchmarks/run_rest.sh
+bash benchmarks/run_sweeps.sh
 python -m benchmarks.speed --out benchmarks/results/speed.json

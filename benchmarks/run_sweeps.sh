@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The research grids of the stride/estimator/solver study (part of run_all.sh). Each is resumable and can be filled
+# by several workers at once: start the same command in two shells (or with WORKERS=2) and they share the grid.
+#   digits sweep:  ~3.5 h of one core per seed on a 2-core CPU; CT: ~25 min; target lag at 3x: ~1 h;
+#   TD-VP under DDIM and DPM-Solver++: ~25 min; mnist5k: ~5 h per seed on a 2-core CPU (a GPU is the place for it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORKERS=${WORKERS:-1}
+run() {  # the same command in $WORKERS processes: they share the grid file
+    for _ in $(seq 2 "$WORKERS"); do OMP_NUM_THREADS=1 python "$@" & sleep 10; done
+    python "$@"; wait
+}
+run -m benchmarks.compare --variants baseline td \
+  td:stride=1 td:stride=2 td:stride=4 td:stride=6 td:stride=9 \
+  td:estimator=nstep,n_steps=2,stride=2 td:estimator=nstep,n_steps=2 \
+  td:estimator=nstep,n_steps=3,stride=2 td:estimator=nstep,n_steps=3 \
+  td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.25 td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.5 \
+  td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.75 td:one_step=0.1 td:one_step=0.5 \
+  td:target_rampup=0.05 td:shared_until=0.5 td:coupling=mixed:6 \
+  --seeds 0 1 2 --steps 1500 --nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm \
+  --out benchmarks/results/digits_sweep.json
+run -m benchmarks.compare --variants baseline:formulation=ct td:formulation=ct \
+  baseline:formulation=ict,target_tau=0 td:formulation=ict,target_tau=0 \
+  --seeds 0 1 2 --steps 1500 --nfe-grid 1,2 --out benchmarks/results/digits_ct_vs_td_ct.json
+run -m benchmarks.compare --variants baseline td td:target_rampup=0.05 --seeds 0 1 2 --steps 4500 \
+  --nfe-grid 3,5,9,17,35 --out benchmarks/results/digits_target_lag_4500.json
+run -m benchmarks.compare --variants baseline:formulation=vp td:formulation=vp --seeds 0 1 2 --steps 1500 \
+  --nfe-grid 3,5,10,20,50 --samplers default,dpmpp_2m --out benchmarks/results/digits_vp_td_vs_ddpm_solvers.json
+if [ "${MNIST5K:-0}" = 1 ]; then
+  run -m benchmarks.compare --data mnist5k --variants baseline td td:stride=1 td:stride=6 \
+    td:estimator=nstep,n_steps=2 td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.5 \
+    --seeds 0 1 2 --steps 3000 --nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm \
+    --out benchmarks/results/mnist5k_sweep.json
+fi
+python -m benchmarks.report
