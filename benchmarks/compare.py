@@ -109,15 +109,15 @@ def main() -> None:
         for name in samplers:
             for nfe in nfe_grid:
                 sampler_for_nfe(make_formulation(args.formulation), nfe, None if name == "default" else name)
+    dataset = load_dataset(a.data)
+    for label, args in variants:  # every setting checked (the env's TD-valid rule too) before anything is written
+        validate_args(args, given=set(args_given(label)), methods=(args.method,))
+        make_learner(args, dataset=dataset)
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
     grid = ResultGrid(a.out, settings, command)  # refuses a file made with other settings, before any training
     done = grid.runs()
     if done:
         print(f"resuming {a.out}: {len(done)} finished runs kept", file=sys.stderr)
-    dataset = load_dataset(a.data)
-    for label, args in variants:  # every setting checked (the env's TD-valid rule too) before any training
-        validate_args(args, given=set(args_given(label)), methods=(args.method,))
-        make_learner(args, dataset=dataset)
     for seed in a.seeds:
         evaluators = {}
         for label, args in variants:

@@ -1,4 +1,6 @@
 """The benchmark scripts' pure parts: variant parsing (one caster with the CLI), summaries and report tables."""
+import json
+
 import pytest
 
 from benchmarks.compare import parse_variant, summarise
@@ -72,3 +74,43 @@ def test_reach_controls_pair_each_nstep_variant_with_td0_at_n_times_the_stride()
                                                       "td:stride=4": "TD(0) k=4", "td:stride=2": "TD(0) k=2"}}
     table = reach_controls(d)
     assert "| n-step(2) k=2 | TD(0) k=4 | 41.0 ± 0.00 vs 42.0 ± 0.00 |" in table and "k=2 | TD(0) k=2" not in table
+
+
+def test_result_grid_shares_work_and_survives_killed_workers(tmp_path):
+    import os
+    import subprocess
+
+    from benchmarks.grid import ResultGrid
+
+    path = tmp_path / "grid.json"
+    a, b = ResultGrid(path, {"steps": 10}, "cmd"), ResultGrid(path, {"steps": 10}, "cmd")
+    assert a.claim("td|seed=0") and a.claim("td|seed=0")  # a worker may re-claim its own key
+    (path.parent / "grid.json.claims" / "td|seed=1").write_text(str(os.getppid()))  # a live worker runs it
+    assert not b.claim("td|seed=1")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (path.parent / "grid.json.claims" / "td|seed=2").write_text(str(dead.pid))  # its worker was killed
+    assert b.claim("td|seed=2")
+    a.finish("td|seed=0", [{"variant": "td", "nfe": 3, "metric": "fid", "value": 1.0}])
+    b.finish("td|seed=2", [{"variant": "td", "nfe": 3, "metric": "fid", "value": 3.0}])  # merged, not overwritten
+    assert set(a.runs()) == {"td|seed=0", "td|seed=2"} and not a.claim("td|seed=0")
+    summary = {(s["variant"], s["metric"]): s for s in json.loads(path.read_text())["summary"]}
+    assert summary[("td", "fid")]["values"] == [1.0, 3.0]
+    with pytest.raises(ConfigError, match="was made with settings"):
+        ResultGrid(path, {"steps": 20}, "cmd")
+
+
+@pytest.mark.parametrize("variants,match", [
+    (["td:stride=40"], "exceeds N-1 = 17 index units"),
+    (["td:bogus=1"], "unknown option 'bogus'"),
+    (["baseline:stride=3"], "applies to --method td only"),
+])
+def test_compare_refuses_bad_grids_before_any_training(tmp_path, variants, match):
+    import subprocess
+    import sys
+
+    out = tmp_path / "grid.json"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--variants", "baseline", *variants,
+                          "--steps", "5", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and match in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written: no results, lock or claims
