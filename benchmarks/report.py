@@ -146,24 +146,71 @@ def _solvers(summary: list[dict]) -> list[str]:
 
 
 def plot_vs_nfe(d: dict, path: Path, metric: str = "fid") -> None:
-    """FID vs NFE, one panel per solver, one line per variant (mean ± std over seeds), log axes."""
+    """FID vs NFE, one panel per solver, one line per variant (mean ± std over seeds), log axes; the baseline in
+    thick black, up to 20 distinct colours and varying markers for the rest."""
     plt = _pyplot()
     summary = [s for s in d["summary"] if s["metric"] == metric]
     solvers = _solvers(summary)
-    fig, axes = plt.subplots(1, len(solvers), figsize=(5.5 * len(solvers), 4.5), squeeze=False, sharey=True)
+    bases = list(dict.fromkeys(split_label(s["variant"])[0] for s in summary))
+    colours = plt.get_cmap("tab20").colors
+    style = {b: (colours[i % 20], "osD^v<>ph*"[i % 10]) for i, b in enumerate(x for x in bases if not is_baseline(x))}
+    nfes = sorted({s["nfe"] for s in summary})
+    fig, axes = plt.subplots(1, len(solvers), figsize=(6 * len(solvers), 4.8), squeeze=False, sharey=True)
     for ax, solver in zip(axes[0], solvers):
         for v in dict.fromkeys(s["variant"] for s in summary if split_label(s["variant"])[1] == solver):
+            base = split_label(v)[0]
             pts = sorted((s["nfe"], s["mean"], s["std"]) for s in summary if s["variant"] == v)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        label=d["labels"].get(split_label(v)[0], v), lw=2.5 if is_baseline(v) else 1.2,
-                        color="black" if is_baseline(v) else None)
+            colour, marker = ("black", "o") if is_baseline(v) else style[base]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
+                        capsize=3, label=d["labels"].get(base, base), lw=2.5 if is_baseline(v) else 1.2,
+                        color=colour, ms=4)
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=SOLVERS.get(solver, solver))
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel(f"{metric.upper()} (mean ± std over seeds)")
     axes[0][-1].legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid") -> bool:
+    """Each variant's mean FID over the baseline's (same solver, same NFE), one panel per solver: blue cells (< 1) are
+    wins, red cells losses; the numbers are the ratios. False (nothing written) without a baseline."""
+    summary = [s for s in d["summary"] if s["metric"] == metric]
+    solvers = [sv for sv in _solvers(summary)
+               if any(is_baseline(s["variant"]) and split_label(s["variant"])[1] == sv for s in summary)]
+    if not solvers:
+        return False
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    mean = {(s["variant"], s["nfe"]): s["mean"] for s in summary}
+    nfes = sorted({s["nfe"] for s in summary})
+    bases = [b for b in dict.fromkeys(split_label(s["variant"])[0] for s in summary) if not is_baseline(b)]
+    ref = next(b for b in dict.fromkeys(split_label(s["variant"])[0] for s in summary) if is_baseline(b))
+    fig, axes = plt.subplots(1, len(solvers), figsize=(1.1 * len(nfes) * len(solvers) + 3, 0.32 * len(bases) + 1.6),
+                             squeeze=False, sharey=True)
+    for ax, solver in zip(axes[0], solvers):
+        suffix = "" if solver == "default" else f" @{solver}"
+        grid = np.array([[mean.get((b + suffix, n), np.nan) / mean.get((ref + suffix, n), np.nan) for n in nfes]
+                         for b in bases])
+        im = ax.imshow(grid, cmap="RdBu_r", norm=LogNorm(vmin=0.5, vmax=2.0), aspect="auto")
+        for i in range(len(bases)):
+            for j in range(len(nfes)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(nfes)), [f"NFE {n}" for n in nfes], fontsize=7)
+        ax.set_title(f"{SOLVERS.get(solver, solver)}: {metric.upper()} / baseline's", fontsize=9)
+    axes[0][0].set_yticks(range(len(bases)), [d["labels"].get(b, b) for b in bases], fontsize=7)
+    bar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    bar.set_ticks([0.5, 0.7, 1.0, 1.4, 2.0], labels=["0.5", "0.7", "1", "1.4", "2"])
+    bar.minorticks_off()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 def plot_vs_stride(d: dict, path: Path, metric: str = "fid") -> bool:
@@ -239,6 +286,9 @@ def file_section(path: Path, plots: Path) -> str:
     png = plots / f"{path.stem}_{metric}_vs_nfe.png"
     plot_vs_nfe(d, png, metric)
     out += [f"![{metric} vs NFE]({png.relative_to(ROOT / 'docs').as_posix()})", ""]
+    ratio_png = plots / f"{path.stem}_{metric}_over_baseline.png"
+    if plot_ratio_heatmap(d, ratio_png, metric):
+        out += [f"![{metric} over the baseline's]({ratio_png.relative_to(ROOT / 'docs').as_posix()})", ""]
     stride_png = plots / f"{path.stem}_{metric}_vs_stride.png"
     if plot_vs_stride(d, stride_png, metric):
         out += [f"![{metric} vs stride]({stride_png.relative_to(ROOT / 'docs').as_posix()})", ""]
