@@ -31,38 +31,39 @@ class LevelStats:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, dict[int, float]] = {k: {} for k in self.KEYS}
-        self.counts: dict[int, int] = {}
+        self.parts: list[tuple[Tensor, dict[str, Tensor]]] = []
 
     def add(self, index: Tensor, out) -> None:
-        """Accumulate one step: `index` [B] of the batch's start states, `out` the loss outputs ([B] entries)."""
-        idx = index.detach().reshape(-1).round().long().cpu()
-        bins, counts = idx.unique(return_counts=True)
-        for b, c in zip(bins.tolist(), counts.tolist()):
-            self.counts[b] = self.counts.get(b, 0) + c
-        for key in self.KEYS:
-            if key not in out.keys():
-                continue
-            v = out[key].detach().reshape(-1).float().cpu()
-            if v.numel() != idx.numel():
-                continue
-            sums = torch.zeros(int(idx.max()) + 1).index_add_(0, idx, v)
-            for b in bins.tolist():
-                self.sums[key][b] = self.sums[key].get(b, 0.0) + float(sums[b])
+        """Keep one step's start indices [B] and per-sample outputs ([B] entries of `out`), on their device: no
+        host sync or Python loop on the training step; the binning happens in `summary`, once per log line."""
+        idx = index.detach().reshape(-1).round().long()
+        vals = {k: out[k].detach().reshape(-1).float() for k in self.KEYS
+                if k in out.keys() and out[k].numel() == idx.numel()}
+        self.parts.append((idx, vals))
 
     def summary(self) -> dict[str, list]:
         """{"index", "count", "base", "td", "valid"} per bin (keys seen only), then resets. "td" is the mean weighted
         TD loss over the bin's TD-valid samples (None where it has none), "base" the mean base loss, "valid" the
         TD-valid fraction."""
-        bins = sorted(self.counts)
-        out: dict[str, list] = {"index": bins, "count": [self.counts[b] for b in bins]}
-        if self.sums["sample_base"]:
-            out["base"] = [self.sums["sample_base"].get(b, 0.0) / self.counts[b] for b in bins]
-        if self.sums["valid"]:
-            out["valid"] = [self.sums["valid"].get(b, 0.0) / self.counts[b] for b in bins]
-            if self.sums["sample_td"]:
-                out["td"] = [self.sums["sample_td"].get(b, 0.0) / self.sums["valid"][b]
-                             if self.sums["valid"].get(b, 0.0) > 0 else None for b in bins]
+        if not self.parts:
+            return {"index": [], "count": []}
+        idx = torch.cat([i for i, _ in self.parts]).cpu()
+        size = int(idx.max()) + 1
+        counts = torch.bincount(idx, minlength=size).double()
+        sums = {}
+        for key in self.KEYS:
+            if all(key in v for _, v in self.parts):
+                vals = torch.cat([v[key] for _, v in self.parts]).cpu().double()
+                sums[key] = torch.zeros(size, dtype=torch.float64).index_add_(0, idx, vals)
+        bins = counts.nonzero().reshape(-1).tolist()
+        out: dict[str, list] = {"index": bins, "count": [int(counts[b]) for b in bins]}
+        if "sample_base" in sums:
+            out["base"] = [float(sums["sample_base"][b] / counts[b]) for b in bins]
+        if "valid" in sums:
+            out["valid"] = [float(sums["valid"][b] / counts[b]) for b in bins]
+            if "sample_td" in sums:
+                out["td"] = [float(sums["sample_td"][b] / sums["valid"][b]) if sums["valid"][b] > 0 else None
+                             for b in bins]
         self.reset()
         return out
 
