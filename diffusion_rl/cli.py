@@ -441,6 +441,8 @@ def _train_and_eval_on_rank(args: Args, methods: tuple[str, ...], with_untrained
     eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features)
     keep = tuple(k for k in RESUME_MAY_CHANGE if k in given)  # the rest keep the checkpoint's values
     with contextlib.ExitStack() as stack:
+        for learner in learners:  # DDP wrappers go while the process group exists (see Learner.close)
+            stack.callback(learner.close)
         # under DDP rank 0 guards and writes the folder (an overwrite happens before the barrier); every rank reads
         # a checkpoint it resumes from
         if info.is_main:

@@ -254,6 +254,13 @@ class Denoiser(nn.Module):
         _DDP[self] = DistributedDataParallel(self.net, device_ids=device_ids)
         return self
 
+    def unwrap_ddp(self) -> "Denoiser":
+        """Drop the DDP wrapper (and a compiled graph built on it). Call it while the process group still exists:
+        a DDP wrapper freed after `destroy_process_group` can hang the process on exit."""
+        if _DDP.pop(self, None) is not None:
+            _COMPILED.pop(self, None)
+        return self
+
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.net.sample_shape)

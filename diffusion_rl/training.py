@@ -10,6 +10,7 @@ states, step and config; they are written atomically and loaded with `torch.load
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import json
 import math
@@ -246,6 +247,12 @@ class Learner(ABC):
         for f in {id(f): f for f in (self.env.formulation, self.formulation)}.values():
             if hasattr(f, "set_training_progress"):
                 f.set_training_progress(self.step, total)
+
+    def close(self) -> None:
+        """Release the DDP wrapper of the trained network; under DDP call it before `destroy_process_group` (a
+        wrapper freed after it can hang the process on exit). The learner stays usable on one process."""
+        self.denoiser.unwrap_ddp()
+        gc.collect()  # DDP's hooks form reference cycles: free it now, while the process group exists
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """Modules besides the denoiser and EMA that a checkpoint must hold."""

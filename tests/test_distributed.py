@@ -1,5 +1,7 @@
 """DDP on CPU (gloo): a 2-process run equals a 1-process run on the two ranks' concatenated draws."""
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -25,7 +27,8 @@ def _params(learner) -> dict[str, list[torch.Tensor]]:
 
 def _worker(rank: int, world: int, init_file: str, method: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         learner = make_learner(_args(method))
         assert learner.local_batch == BATCH // world and learner.dist.rank == rank
@@ -33,6 +36,7 @@ def _worker(rank: int, world: int, init_file: str, method: str, out: str) -> Non
             learner.update(learner.collect())
         if rank == 0:
             torch.save({**_params(learner), "images_seen": learner.images_seen}, out)
+        learner.close()  # release the DDP wrapper while the process group still exists
     finally:
         dist.destroy_process_group()
 
@@ -41,7 +45,14 @@ def _worker(rank: int, world: int, init_file: str, method: str, out: str) -> Non
 def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(method, tmp_path):
     out = tmp_path / "ddp.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), method, str(out)), nprocs=2, join=True)
+    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "init"), method, str(out)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180  # a hung rank fails the test instead of the whole suite
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process gloo run did not finish in 180 s")
     ddp = torch.load(out)
     assert ddp.pop("images_seen") == STEPS * BATCH  # the EMA and the target's half-life count global images
 
