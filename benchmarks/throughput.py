@@ -9,6 +9,9 @@ network size, batch, precision, compile setting and device; JSON with the comman
 machine without data sets or a network can measure a CIFAR-sized model. For every (precision, compile) pair the
 baseline step (`update(collect())` of the EDM baseline) and the TD step (TD(0), paper defaults) are timed
 round-robin after a warm-up (compilation happens there), synchronising CUDA around each step; medians are reported.
+Beside them, the target critic's no-grad forward at one batch's TD-valid partners, TD's one extra piece of work, is
+timed in the same round-robin: `td_over_baseline_floor` = (baseline + that forward) / baseline is the ratio TD would
+reach with no other overhead.
 Sampling: one Heun pass at --nfe of the EMA network in the same precision and compile setting.
 """
 from __future__ import annotations
@@ -60,6 +63,20 @@ def synthetic_images(shape: tuple[int, ...], n: int = 2048, seed: int = 0) -> Da
     return Dataset(f"random{'x'.join(map(str, shape))}", torch.rand(n, *shape, generator=g) * 2 - 1, None, 0, "image")
 
 
+def target_forward(td) -> tuple:
+    """A callable running the TD learner's target critic (no grad) on the TD-valid partner states of one batch,
+    as its loss does, and that batch's valid fraction."""
+    batch = td.collect()
+    valid = batch["valid"].reshape(-1).bool()
+    partners = batch["next"][valid].select(*td.target_critic.in_keys, strict=False)
+
+    def run() -> None:
+        with torch.no_grad():
+            td.target_critic(partners)
+
+    return run, float(valid.float().mean())
+
+
 def measure(a: ThroughputArgs, dataset: Dataset, precision: str, compiled: bool) -> dict:
     """Median step times of the baseline and TD (interleaved), and one timed sampling pass."""
     base = Args(data=dataset.name, width=a.width, depth=a.depth, batch_size=a.batch_size, precision=precision,
@@ -73,12 +90,14 @@ def measure(a: ThroughputArgs, dataset: Dataset, precision: str, compiled: bool)
     for learner in learners.values():
         learner.out_dir = None
     device = learners["td"].device
-    times: dict[str, list[float]] = {m: [] for m in learners}
+    steps = {m: (lambda learner=learner: learner.update(learner.collect())) for m, learner in learners.items()}
+    steps["target_forward"], valid_fraction = target_forward(learners["td"])
+    times: dict[str, list[float]] = {m: [] for m in steps}
     for i in range(a.warmup + a.repeats):
-        for m, learner in learners.items():
+        for m, fn in steps.items():
             _sync(device)
             t0 = time.perf_counter()
-            learner.update(learner.collect())
+            fn()
             _sync(device)
             if i >= a.warmup:
                 times[m].append(time.perf_counter() - t0)
@@ -98,6 +117,10 @@ def measure(a: ThroughputArgs, dataset: Dataset, precision: str, compiled: bool)
             "baseline_step_s": step["baseline"], "td_step_s": step["td"],
             "baseline_img_s": a.batch_size / step["baseline"], "td_img_s": a.batch_size / step["td"],
             "td_over_baseline": step["td"] / step["baseline"],
+            # TD's one extra piece of work is the target's no-grad forward at the TD-valid partners: with no other
+            # overhead, TD / baseline would be (baseline + that forward) / baseline
+            "target_forward_s": step["target_forward"], "valid_fraction": valid_fraction,
+            "td_over_baseline_floor": (step["baseline"] + step["target_forward"]) / step["baseline"],
             "sample_img_s": a.sample_batch / sample_s, "sample_nfe": a.nfe}
 
 
@@ -129,7 +152,8 @@ def main() -> None:
             row = measure(a, dataset, precision, c == "on")
             rows.append(row)
             print(f"{precision:>4} compile {c:>3}: baseline {row['baseline_img_s']:8.0f} img/s, TD "
-                  f"{row['td_img_s']:8.0f} img/s (TD/baseline {row['td_over_baseline']:.2f}), sampling "
+                  f"{row['td_img_s']:8.0f} img/s (TD/baseline {row['td_over_baseline']:.2f}, floor "
+                  f"{row['td_over_baseline_floor']:.2f}), sampling "
                   f"{row['sample_img_s']:8.0f} img/s at NFE {a.nfe}", file=sys.stderr, flush=True)
     dev = torch.device("cuda" if a.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'cpu'}, " \

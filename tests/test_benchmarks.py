@@ -114,3 +114,14 @@ def test_compare_refuses_bad_grids_before_any_training(tmp_path, variants, match
                           "--steps", "5", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and match in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing written: no results, lock or claims
+
+
+def test_throughput_times_both_steps_and_the_target_forward_that_bounds_their_ratio():
+    from benchmarks.throughput import ThroughputArgs, measure, synthetic_images
+
+    a = ThroughputArgs(width=8, batch_size=16, repeats=2, warmup=1, sample_batch=4, nfe=3, device="cpu")
+    row = measure(a, synthetic_images((1, 8, 8), n=64), "fp32", False)
+    assert row["td_over_baseline"] == pytest.approx(row["td_step_s"] / row["baseline_step_s"])
+    assert 0 < row["valid_fraction"] <= 1 and row["target_forward_s"] > 0
+    assert row["td_over_baseline_floor"] == pytest.approx(1 + row["target_forward_s"] / row["baseline_step_s"])
+    assert row["sample_nfe"] == 3 and row["sample_img_s"] > 0
