@@ -136,9 +136,23 @@ def reach_controls(d: dict, metric: str = "fid") -> str:
         suffix = "" if solver == "default" else f" @{solver}"
         for v, ctrl in pairs:
             vals = [f"{cell.get((v + suffix, n), '-')} vs {cell.get((ctrl + suffix, n), '-')}" for n in nfes]
-            lines.append(f"| {SOLVERS.get(solver, solver)} | {d['labels'][v]} | {d['labels'][ctrl]} | "
+            lines.append(f"| {solver_name(d, solver)} | {d['labels'][v]} | {d['labels'][ctrl]} | "
                          + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def solver_name(d: dict, solver: str) -> str:
+    """A table's name for `solver`; "default" is named by the samplers its records used (Heun/Euler for EDM, DDIM
+    for VP, the one-step / multistep sampler for CT)."""
+    if solver != "default":
+        return SOLVERS.get(solver, solver)
+    used = {r.get("sampler") for recs in d.get("runs", {}).values() for r in recs
+            if split_label(r.get("variant", ""))[1] == "default"} - {None}
+    if not used or used <= {"heun", "euler"}:
+        return SOLVERS["default"]
+    if used <= {"onestep", "multistep"}:
+        return "one step (NFE 1), multistep CT sampling (NFE >= 2)"
+    return ", ".join(SOLVERS.get(u, u) for u in sorted(used))
 
 
 def _solvers(summary: list[dict]) -> list[str]:
@@ -164,7 +178,7 @@ def plot_vs_nfe(d: dict, path: Path, metric: str = "fid") -> None:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
                         capsize=3, label=d["labels"].get(base, base), lw=2.5 if is_baseline(v) else 1.2,
                         color=colour, ms=4)
-        ax.set(xscale="log", yscale="log", xlabel="NFE", title=SOLVERS.get(solver, solver))
+        ax.set(xscale="log", yscale="log", xlabel="NFE", title=solver_name(d, solver))
         ax.set_xticks(nfes, [str(n) for n in nfes])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
@@ -203,7 +217,7 @@ def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid") -> bool:
                 if np.isfinite(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(nfes)), [f"NFE {n}" for n in nfes], fontsize=7)
-        ax.set_title(f"{SOLVERS.get(solver, solver)}: {metric.upper()} / baseline's", fontsize=9)
+        ax.set_title(f"{solver_name(d, solver)}: {metric.upper()} / baseline's", fontsize=9)
     axes[0][0].set_yticks(range(len(bases)), [d["labels"].get(b, b) for b in bases], fontsize=7)
     bar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     bar.set_ticks([0.5, 0.7, 1.0, 1.4, 2.0], labels=["0.5", "0.7", "1", "1.4", "2"])
@@ -235,10 +249,39 @@ def plot_vs_stride(d: dict, path: Path, metric: str = "fid") -> bool:
             base = [s for s in summary if s["variant"] == "baseline" + suffix and s["nfe"] == nfe]
             if base:
                 ax.axhline(base[0]["mean"], ls="--", lw=1, color=line[0].get_color())
-        ax.set(yscale="log", xlabel="TD(0) stride k (index units)", title=SOLVERS.get(solver, solver))
+        ax.set(yscale="log", xlabel="TD(0) stride k (index units)", title=solver_name(d, solver))
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel(f"{metric.upper()} (dashed: the baseline)")
     axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_vs_steps(d: dict, path: Path, metric: str = "fid") -> bool:
+    """FID vs training steps (a budget curve: is the baseline near its plateau?), one line per NFE and method, for
+    files whose variants differ in `steps` (at least three budgets). False (nothing written) otherwise."""
+    runs = {split_label(r["variant"])[0]: r for recs in d["runs"].values() for r in recs}
+    if len({r["steps"] for r in runs.values()}) < 3:
+        return False
+    plt = _pyplot()
+    summary = [s for s in d["summary"] if s["metric"] == metric and split_label(s["variant"])[1] == "default"]
+    family = {v: re.sub(r"(?<=[:,])steps=\d+,?|:steps=\d+$", "", v).rstrip(":,") for v in runs}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for fam in dict.fromkeys(family.values()):
+        for nfe in sorted({s["nfe"] for s in summary}):
+            pts = sorted((runs[v]["steps"], s["mean"], s["std"]) for v in runs if family[v] == fam
+                         for s in summary if s["variant"] == v and s["nfe"] == nfe)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        label=f"{fam}, NFE {nfe}")
+    ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel=f"{metric.upper()} (mean ± std over seeds)",
+           title=solver_name(d, "default"))
+    steps = sorted({r["steps"] for r in runs.values()})
+    ax.set_xticks(steps, [str(x) for x in steps])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -267,7 +310,7 @@ def file_section(path: Path, plots: Path) -> str:
            f"seeds {', '.join(map(str, seeds))}; {len(d['runs'])} runs. {metric.upper()}, mean ± std over seeds.", ""]
     for solver in _solvers(d["summary"]):
         variants = [v for v in dict.fromkeys(s["variant"] for s in d["summary"]) if split_label(v)[1] == solver]
-        out += [f"**{SOLVERS.get(solver, solver)}**", "", markdown_table(d["summary"], metric, None, d["labels"],
+        out += [f"**{solver_name(d, solver)}**", "", markdown_table(d["summary"], metric, None, d["labels"],
                                                                          variants), ""]
     verdict = wins_everywhere(d["summary"], metric)
     if verdict:
@@ -276,7 +319,7 @@ def file_section(path: Path, plots: Path) -> str:
         for solver, per in verdict.items():
             win = [d["labels"].get(v, v) + (" (beyond the spread)" if r["beyond_spread"] else "")
                    for v, r in per.items() if r["wins"]]
-            out.append(f"- {SOLVERS.get(solver, solver)}: " + ("; ".join(win) if win else "**none**"))
+            out.append(f"- {solver_name(d, solver)}: " + ("; ".join(win) if win else "**none**"))
         out.append("")
     controls = reach_controls(d, metric)
     if controls:
@@ -292,6 +335,9 @@ def file_section(path: Path, plots: Path) -> str:
     stride_png = plots / f"{path.stem}_{metric}_vs_stride.png"
     if plot_vs_stride(d, stride_png, metric):
         out += [f"![{metric} vs stride]({stride_png.relative_to(ROOT / 'docs').as_posix()})", ""]
+    steps_png = plots / f"{path.stem}_{metric}_vs_steps.png"
+    if plot_vs_steps(d, steps_png, metric):
+        out += [f"![{metric} vs training steps]({steps_png.relative_to(ROOT / 'docs').as_posix()})", ""]
     return "\n".join(out)
 
 

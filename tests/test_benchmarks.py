@@ -125,3 +125,16 @@ def test_throughput_times_both_steps_and_the_target_forward_that_bounds_their_ra
     assert 0 < row["valid_fraction"] <= 1 and row["target_forward_s"] > 0
     assert row["td_over_baseline_floor"] == pytest.approx(1 + row["target_forward_s"] / row["baseline_step_s"])
     assert row["sample_nfe"] == 3 and row["sample_img_s"] > 0
+
+
+def test_budget_curve_needs_three_budgets_and_the_default_solver_is_named_by_its_records(tmp_path):
+    from benchmarks.report import plot_vs_steps, solver_name
+
+    runs = {f"baseline:steps={n}|seed=0": [{"variant": f"baseline:steps={n}", "steps": n, "sampler": "ddim"}]
+            for n in (100, 200, 400)}
+    summary = _summary([(f"baseline:steps={n}", 35, 10.0 / n) for n in (100, 200, 400)])
+    d = {"runs": runs, "summary": summary, "labels": {}}
+    assert plot_vs_steps(d, tmp_path / "a.png") and (tmp_path / "a.png").stat().st_size > 0
+    assert solver_name(d, "default") == "DDIM" and solver_name(d, "dpmpp_2m") == "DPM-Solver++(2M)"
+    del d["runs"]["baseline:steps=400|seed=0"]
+    assert not plot_vs_steps(d, tmp_path / "b.png") and not (tmp_path / "b.png").exists()
