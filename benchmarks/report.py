@@ -5,9 +5,11 @@
 
 Every table is mean ± std over seeds of a JSON written by `benchmarks.compare`. The README holds blocks
 
-    <!-- report FILE.json [nfe=3,5,9] [variants=baseline,td] -->
+    <!-- report FILE.json [nfe=3,5,9] [variants=baseline;td:stride=2,n_steps=2;td+@dpmpp_2m] -->
     ...table...
     <!-- /report -->
+
+(variants are separated by ';', since a variant holds commas; '+' stands for a space)
 
 whose tables this script regenerates from FILE.json; tests/test_readme.py checks that every block equals what the
 JSON gives, so no number in the README can drift from its JSON.
@@ -351,12 +353,15 @@ def results_page(files: list[Path], plots: Path) -> str:
 
 
 def render_block(spec: str, options: str) -> str:
-    """The table of one README block: `spec` the JSON file, options 'nfe=3,5 variants=baseline,td'."""
+    """The table of one README block: `spec` the JSON file, options 'nfe=3,5 variants=baseline;td+@ipndm'."""
     opts = dict(o.split("=", 1) for o in options.split())
     d = load(spec)
     nfes = [int(n) for n in opts["nfe"].split(",")] if "nfe" in opts else None
-    variants = [v.replace("+", " ") for v in opts["variants"].split(",")] if "variants" in opts else None
+    variants = [v.replace("+", " ") for v in opts["variants"].split(";")] if "variants" in opts else None
     metric = opts.get("metric", "fid")
+    unknown = [v for v in variants or () if v not in {s["variant"] for s in d["summary"]}]
+    if unknown:
+        raise ValueError(f"README block for {spec} names variants {unknown} that the file does not hold")
     return markdown_table(d["summary"], metric, nfes, d["labels"], variants) + "\n"
 
 
