@@ -88,6 +88,9 @@ class Args:
     nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated (even budgets use Euler)")
     n_samples: int = opt(1000, "evaluation samples per NFE")
     features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
+    inception_weights: str = opt("", "the FID Inception-v3 weights file (a state dict: torch-fidelity's or "
+                                     "pytorch-fid's) for --features inception ('': $DIFFUSION_RL_INCEPTION_WEIGHTS "
+                                     "or torch hub's checkpoints folder)")
     eval: bool = opt(True, "run the evaluation sweep after training (--no-eval skips it)")
     progress: bool = opt(True, "progress bars")
     tensorboard: bool = opt(False, "also log TensorBoard scalars (pip install 'diffusion-rl[tensorboard]')")
@@ -118,6 +121,9 @@ class EvalArgs:
                            "formulation's default)")
     n_samples: int = opt(1000, "evaluation samples per NFE")
     features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
+    inception_weights: str = opt("", "the FID Inception-v3 weights file (a state dict: torch-fidelity's or "
+                                     "pytorch-fid's) for --features inception ('': $DIFFUSION_RL_INCEPTION_WEIGHTS "
+                                     "or torch hub's checkpoints folder)")
     seed: int = opt(0, "sampling seed")
     out: str = opt("runs/eval", "output folder: results.json and plots")
     device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
@@ -364,7 +370,8 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     if not (math.isfinite(args.base_lambda) and args.base_lambda >= 0):
         raise ConfigError(f"base_lambda must be a finite number >= 0, got {args.base_lambda!r}")
     if not args.eval:
-        stray = [f"--{k.replace('_', '-')}" for k in ("n_samples", "nfe_grid", "features") if k in given]
+        stray = [f"--{k.replace('_', '-')}" for k in ("n_samples", "nfe_grid", "features", "inception_weights")
+                 if k in given]
         if stray:
             raise ConfigError(f"{', '.join(stray)} set the evaluation, which --no-eval skips")
     for name in ("steps", "batch_size", "width", "depth", "n_samples", "log_every"):
@@ -372,6 +379,9 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
             check_positive(name, getattr(args, name))
     check_limit("steps", args.steps, "steps")
     check_limit("n_samples", args.n_samples, "samples")
+    from .evaluation import check_features
+
+    check_features(args.features, args.inception_weights or None)
     if args.n_samples < 2:
         raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {args.n_samples}")
     nfe_grid = _parse_nfe_grid(args.nfe_grid)
@@ -438,7 +448,8 @@ def _train_and_eval_on_rank(args: Args, methods: tuple[str, ...], with_untrained
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused command leaves nothing behind
         raise
-    eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features)
+    eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features,
+                          inception_weights=args.inception_weights or None)
     keep = tuple(k for k in RESUME_MAY_CHANGE if k in given)  # the rest keep the checkpoint's values
     with contextlib.ExitStack() as stack:
         for learner in learners:  # DDP wrappers go while the process group exists (see Learner.close)
@@ -595,6 +606,9 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     check_seed(a.seed)
     check_positive("n_samples", a.n_samples)
     check_limit("n_samples", a.n_samples, "samples")
+    from .evaluation import check_features
+
+    check_features(a.features, a.inception_weights or None)
     check_writable_folder(a.out)
     from .runs import RunFolder
 
@@ -626,8 +640,8 @@ def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
                               f"hash {now} now vs {saved} saved; FID against it would score the wrong reference")
         for nfe in nfe_grid:  # a sampler named on the command line is never swapped for another
             sampler_for_nfe(denoiser.formulation, nfe, a.sampler or None)
-    cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=a.seed,
-                     features=a.features, sampler=a.sampler or None)
+    cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=a.seed, features=a.features,
+                     inception_weights=a.inception_weights or None, sampler=a.sampler or None)
     evaluator = Evaluator(dataset, cfg)
     records = []
     for denoiser, ccfg in loaded:

@@ -41,6 +41,7 @@ class EvalConfig:
     sampler: str | None = None                  # None: the family's main sampler, Euler where Heun can't reach
     seed: int = 0                               # seeds sampling noise and labels
     features: str = "classifier"                # FID features: "classifier" (trained here) or "inception"
+    inception_weights: str | None = None        # the FID Inception-v3 state dict (None: look in the usual places)
     batch_size: int = 500                       # samples per sampling batch
     float64: bool = True                        # sample in float64 (the release's protocol)
     grid_size: int = 64                         # images in each sample grid PNG
@@ -50,9 +51,20 @@ class EvalConfig:
         self.nfe_grid = tuple(int(check_positive("nfe", n)) for n in self.nfe_grid)
         check_positive("n_samples", self.n_samples)
         check_positive("batch_size", self.batch_size)
-        check_choice("features", self.features, FEATURES)
+        check_features(self.features, self.inception_weights)
         if self.n_samples < 2:
             raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {self.n_samples}")
+
+
+def check_features(features: str, inception_weights: str | None = None) -> None:
+    """The FID feature settings: a known feature net, and a weights file only with (and existing for) inception."""
+    check_choice("features", features, FEATURES)
+    if inception_weights and features != "inception":
+        raise ConfigError(f"inception_weights {inception_weights!r} is only used with features 'inception', got "
+                          f"features {features!r}")
+    if inception_weights and not Path(inception_weights).is_file():
+        raise ConfigError(f"Inception weights file {inception_weights!r} does not exist; accepted: a state dict of "
+                          f"the FID Inception-v3 on disk")
 
 
 def _command_line() -> str:
@@ -80,11 +92,16 @@ class Evaluator:
         from .metrics import ImageFID, get_feature_net, inception_feature_net
 
         if self.config.features == "inception":
-            net = inception_feature_net()
+            net = inception_feature_net(self.config.inception_weights)  # ConfigError for a bad file
             if net is None:
-                raise ConfigError("features 'inception' need torch-fidelity and its Inception-v3 weights installed "
-                                  "(pip install 'diffusion-rl[inception]'); accepted here: classifier")
-            self.feature_info = {"feature_net": "inception-v3 pool3 (2048-d)", "feature_net_accuracy": None}
+                raise ConfigError("features 'inception' need the FID Inception-v3 weights on disk (nothing is "
+                                  "downloaded): give --inception-weights FILE or $DIFFUSION_RL_INCEPTION_WEIGHTS, or "
+                                  "put torch-fidelity's or pytorch-fid's file in torch hub's checkpoints folder; "
+                                  "accepted without them: features classifier")
+            if torch.cuda.is_available():  # 299 x 299 features for FID-50k belong on the GPU
+                net = net.cuda()
+            self.feature_info = {"feature_net": "inception-v3 (FID, 2015-12-05) pool3 (2048-d)",
+                                 "feature_net_accuracy": None}
         else:
             net = get_feature_net(self.dataset, cache_dir=self.config.cache_dir)
             self.feature_info = {

@@ -95,7 +95,7 @@ def _check_labeled_images(dataset: Dataset) -> None:
                           " (use sliced_wasserstein2 / energy_distance for points)")
     if dataset.labels is None or dataset.num_classes < 2:
         raise ConfigError(f"data set {dataset.name!r} has no class labels, so no FID feature net can be trained; "
-                          "use --features inception (needs torch-fidelity: pip install 'diffusion-rl[inception]')")
+                          "use --features inception with --inception-weights FILE (the FID Inception-v3 weights)")
 
 
 def train_feature_net(dataset: Dataset, seed: int = 0, verbose: bool = False, holdout: float = 0.15,
@@ -203,48 +203,17 @@ def _default_cache() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# InceptionV3 (torch-fidelity weights through torchmetrics), only when everything is already on disk.
-
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# InceptionV3: the FID network of diffusion_rl/inception.py, only when its weights file is already on disk.
 
 
-class _InceptionFeatures(nn.Module):
-    """Adapts torchmetrics' InceptionV3 to the FeatureNet interface: float [-1, 1] gray/RGB in, [B, 2048] out."""
+def inception_feature_net(weights: str | None = None) -> nn.Module | None:
+    """The FID Inception-v3's 2048-d pool features of images in [-1, 1], with the weights in `weights`, or found by
+    `inception.find_inception_weights` (None when no file is on disk; nothing is downloaded). A file that is
+    missing, unreadable or does not match raises ConfigError."""
+    from .inception import find_inception_weights, load_inception
 
-    def __init__(self, inception: nn.Module) -> None:
-        super().__init__()
-        self.inception = inception
-        self.num_features = 2048
-        self.accuracy = float("nan")
-        self.batch_size = 64  # 299x299 activations are large
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return self.inception(imgs)
-
-
-def _inception_weights_path() -> str | None:
-    candidates = [os.environ.get("DIFFUSION_RL_INCEPTION_WEIGHTS"),
-                  os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE)]
-    return next((p for p in candidates if p and os.path.isfile(p)), None)
-
-
-def inception_feature_net() -> nn.Module | None:
-    """InceptionV3 pool features (2048) taking images in [-1, 1], or None when torch-fidelity or its weights file
-    (torch hub checkpoints dir, or $DIFFUSION_RL_INCEPTION_WEIGHTS) is not available locally. Never downloads."""
-    weights = _inception_weights_path()
-    if weights is None:
-        return None
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                 feature_extractor_weights_path=weights)
-    except Exception:  # torch-fidelity missing or weights unreadable
-        return None
-    return _InceptionFeatures(net).eval()
+    path = find_inception_weights(weights)
+    return None if path is None else load_inception(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -61,6 +61,10 @@ def _case_setup(name: str, tmp: Path, trained: Path) -> list[str]:
     """Build what a case needs on disk; returns its argv."""
     out = str(tmp / "out")
     ckpt = str(trained / "moons" / "edm-baseline" / "checkpoint.pt")
+    if name == "inception_mismatch":  # a real state dict, of another network: refused before any training
+        torch.save(torch.load(ckpt, weights_only=True)["ema"], tmp / "notinception.pth")
+        return ["train", "--data", "digits", "--steps", "2", "--features", "inception", "--inception-weights",
+                str(tmp / "notinception.pth"), "--out", out]
     if name == "out_is_a_file":
         (tmp / "out").write_text("not a folder")
         return ["train", *MOONS, "--out", out]
@@ -194,6 +198,11 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
     ("sample over a file", "sample_existing", 2, "exists; pass --overwrite"),
     ("sample seed overflow", "sample_seed_overflow", 2, "seed must be an integer"),
     ("evaluate into a run", "evaluate_into_run", 2, "already holds a run"),
+    ("inception weights missing", ["train", *MOONS, "--features", "inception", "--inception-weights", "/nonexistent.pth"],
+     2, "Inception weights file '/nonexistent.pth' does not exist"),
+    ("inception weights without inception", ["train", *MOONS, "--inception-weights", "/nonexistent.pth"], 2,
+     "is only used with features 'inception'"),
+    ("mismatched inception weights", "inception_mismatch", 2, "does not match the FID Inception-v3 (missing:"),
 ]
 
 
