@@ -5,6 +5,7 @@ Every loader returns a `Dataset` whose images are float32 [N, C, H, W] in [-1, 1
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -63,6 +64,12 @@ class Dataset:
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample, x.shape[1:]."""
         return tuple(self.x.shape[1:])
+
+    def on(self, device: torch.device | str) -> "Dataset":
+        """A copy whose x and labels live on `device` (draws from it gather there; indices still come from the
+        CPU generator, so the batches are the same)."""
+        return dataclasses.replace(self, x=self.x.to(device),
+                                   labels=None if self.labels is None else self.labels.to(device))
 
     def content_hash(self) -> str:
         """First 16 hex digits of sha256 over the shape, the bytes of x and of the labels (not the name).

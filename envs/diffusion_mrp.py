@@ -139,8 +139,19 @@ class DiffusionMRP(EnvBase):
         if hflip and len(self.sample_shape) != 3:
             raise ConfigError(f"hflip mirrors images; samples of shape {self.sample_shape} are not images")
         self.hflip = bool(hflip)
+        self._source = self._data_source()
         self._make_spec()
         self.set_seed(seed)  # None: drawn from torch's global RNG
+
+    def _data_source(self):
+        """Where batches are gathered: on a CUDA device, a copy of the data set there when it takes at most a quarter
+        of the device's memory (no host-to-device copy of images per step, which a DataLoader with workers and pinned
+        memory would otherwise hide); else the data set itself. The draws are the same either way."""
+        x = getattr(self.dataset, "x", None)
+        if self.device.type != "cuda" or not isinstance(x, torch.Tensor) or not hasattr(self.dataset, "on"):
+            return self.dataset
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return self.dataset.on(self.device) if x.numel() * x.element_size() <= total // 4 else self.dataset
 
     # ---- specs -------------------------------------------------------------------------------------------------
     def _make_spec(self) -> None:
@@ -226,9 +237,9 @@ class DiffusionMRP(EnvBase):
 
     def _start(self, n: int, start: str) -> dict[str, Tensor]:
         """n fresh start states: x0 and labels (data generator), the start level, x ~ q(x | x0) (noise generator)."""
-        x0, label = self.dataset.draw(n, self._data_generator)
+        x0, label = self._source.draw(n, self._data_generator)
         if self.hflip:  # augmentation: mirror half the images, decided by the data generator
-            flip = torch.rand(n, generator=self._data_generator) < 0.5
+            flip = (torch.rand(n, generator=self._data_generator) < 0.5).to(x0.device)
             x0 = torch.where(flip.reshape(n, 1, 1, 1), x0.flip(-1), x0)
         x0 = x0.to(device=self.device, dtype=self.dtype)
         label = (torch.zeros(n, dtype=torch.int64) if label is None else label.to(torch.int64).reshape(n))

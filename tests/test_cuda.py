@@ -37,3 +37,13 @@ def test_heun_sampling_on_cuda_matches_cpu_from_the_same_start():
     out_gpu, _ = heun(ema, ema.formulation, x.cuda(), 5)
     out_cpu, _ = heun(ema.cpu(), ema.formulation, x, 5)
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_env_gathers_on_the_device_and_draws_what_the_cpu_env_draws():
+    from envs import DiffusionMRP
+
+    envs = {d: DiffusionMRP("digits", batch_size=[16], seed=3, device=d, hflip=True) for d in ("cpu", "cuda")}
+    assert envs["cuda"]._source.x.device.type == "cuda" and envs["cpu"]._source is envs["cpu"].dataset
+    a, b = (envs[d].reset_training(16) for d in ("cpu", "cuda"))
+    torch.testing.assert_close(b["x0"].cpu(), a["x0"])  # same indices and flips from the CPU data generator
+    torch.testing.assert_close(b["level"].cpu(), a["level"])
