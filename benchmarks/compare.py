@@ -53,6 +53,23 @@ def args_given(spec: str) -> list[str]:
     return [item.partition("=")[0] for item in filter(None, spec.partition(":")[2].split(","))]
 
 
+def code_version() -> str | None:
+    """The git commit of this checkout (with '+dirty' when tracked files differ from it), or None outside git: each
+    record names the code that made it, so a grid filled across commits says so."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def run_settings(learner, args: Args) -> dict:
     """The run's full settings as record fields (the learner's resolved values where it has them)."""
     s = {k: getattr(args, k) for k in SETTING_FIELDS}
@@ -136,13 +153,14 @@ def main() -> None:
                 pass
             train_s = time.perf_counter() - ts
             fields = run_settings(learner, args)
+            version = code_version()
             recs = []
             for name, evaluator in evaluators.items():
                 sweep = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device,
                                         progress=False)
                 for r in sweep:
                     r.update(fields, variant=label if name == "default" else f"{label} @{name}",
-                             train_seconds=round(train_s, 1))
+                             train_seconds=round(train_s, 1), code=version)
                 recs += sweep
             grid.finish(key, recs)
             print(f"seed {seed} {label}: trained {train_s:.0f} s; " + ", ".join(

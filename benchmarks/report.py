@@ -310,6 +310,8 @@ def file_section(path: Path, plots: Path) -> str:
            f"Data {first.get('data')}, {first.get('steps')} training steps of {first.get('batch_size')} images, "
            f"width {first.get('width')}, device {first.get('device')}; {first.get('n_samples')} samples per NFE; "
            f"seeds {', '.join(map(str, seeds))}; {len(d['runs'])} runs. {metric.upper()}, mean ± std over seeds.", ""]
+    if d.get("superseded_by"):  # kept for the record; a newer file holds the current code's numbers
+        out[2:2] = [f"**Superseded by {d['superseded_by']}**: {d.get('superseded_note', '')}", ""]
     for solver in _solvers(d["summary"]):
         variants = [v for v in dict.fromkeys(s["variant"] for s in d["summary"]) if split_label(v)[1] == solver]
         out += [f"**{solver_name(d, solver)}**", "", markdown_table(d["summary"], metric, None, d["labels"],
