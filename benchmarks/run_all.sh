@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Re-run every benchmark whose JSON is committed under benchmarks/results/ (about 1 hour on an idle 2-core machine).
+# Re-run every benchmark whose JSON is committed under benchmarks/results/ (about a day on an idle 2-core machine,
+# most of it the digits sweep of run_sweeps.sh; the GPU check is benchmarks/gpu_check.sh).
 # Each grid is resumable: an interrupted command picks up where it stopped; delete a JSON to run its grid afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,3 +13,5 @@ python -m benchmarks.report benchmarks/results/digits_td_vs_edm_solvers.json \
 bash benchmarks/run_rest.sh
 bash benchmarks/run_sweeps.sh
 python -m benchmarks.speed --out benchmarks/results/speed.json
+python -m benchmarks.throughput --data digits --batch-size 128 --precisions fp32,bf16 --compile off --repeats 20 \
+    --warmup 3 --sample-batch 500 --nfe 35 --out benchmarks/results/throughput_cpu_digits.json

@@ -2,7 +2,8 @@
 # The research grids of the stride/estimator/solver study (part of run_all.sh). Each is resumable and can be filled
 # by several workers at once: start the same command in two shells (or with WORKERS=2) and they share the grid.
 #   digits sweep:  ~3.5 h of one core per seed on a 2-core CPU; CT: ~25 min; target lag at 3x: ~1 h;
-#   TD-VP under DDIM and DPM-Solver++: ~25 min; mnist5k: ~5 h per seed on a 2-core CPU (a GPU is the place for it).
+#   TD-VP under DDIM and DPM-Solver++: ~25 min; the baseline's budget curve: ~1 h;
+#   mnist5k: ~5 h per seed on a 2-core CPU (a GPU is the place for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKERS=${WORKERS:-1}
@@ -26,6 +27,8 @@ run -m benchmarks.compare --variants baseline td td:target_rampup=0.05 --seeds 0
   --nfe-grid 3,5,9,17,35 --out benchmarks/results/digits_target_lag_4500.json
 run -m benchmarks.compare --variants baseline:formulation=vp td:formulation=vp --seeds 0 1 2 --steps 1500 \
   --nfe-grid 3,5,10,20,50 --samplers default,dpmpp_2m --out benchmarks/results/digits_vp_td_vs_ddpm_solvers.json
+run -m benchmarks.compare --variants baseline:steps=375 baseline:steps=750 baseline:steps=1500 baseline:steps=3000 \
+  baseline:steps=6000 --seeds 0 1 2 --steps 1500 --nfe-grid 9,35 --out benchmarks/results/digits_baseline_plateau.json
 if [ "${MNIST5K:-0}" = 1 ]; then
   run -m benchmarks.compare --data mnist5k --variants baseline td td:stride=1 td:stride=6 \
     td:estimator=nstep,n_steps=2 td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.5 \
