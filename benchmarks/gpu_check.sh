@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (at most ~8 minutes on one H100): CUDA tests, throughput of the cifar10 preset's UNet (fp32 vs bf16, compile
-# off vs on, baseline vs TD), a short TD-vs-baseline training run on mnist5k with FID at a few NFE budgets.
+# off vs on, baseline vs TD), a short TD-vs-baseline training run on mnist5k (28x28) with FID at a few NFE budgets, the
+# Inception FID pipeline's time at six NFE budgets (scaled to FID-50k), and 1 GPU vs DDP where there are two or more.
 # Writes JSON under benchmarks/results/gpu/. Needs no network: data comes from installed packages, images for the
 # throughput run are random. Run from the repository root: bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -13,13 +14,29 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 start=$(date +%s)
 # 1. the tests that need CUDA (skipped elsewhere)
-timeout 120 python -m pytest -q tests/test_cuda.py 2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
+timeout 60 python -m pytest -q tests/test_cuda.py 2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
 # 2. throughput: the cifar10 preset's UNet (51.5M parameters) on 3x32x32 images at batch 256
-timeout 240 python -m benchmarks.throughput --shape 3,32,32 --preset cifar10 --batch-size 256 --device cuda \
+timeout 180 python -m benchmarks.throughput --shape 3,32,32 --preset cifar10 --batch-size 256 --device cuda \
     --precisions fp32,bf16 --compile off,on --repeats 10 --warmup 3 --sample-batch 512 --nfe 35 \
     --out "$OUT/throughput_cifar10_preset.json"
 # 3. a short training run on 28x28 digits (mnist5k), TD vs the baseline, FID at a few NFE budgets
-timeout 200 python -m benchmarks.compare --data mnist5k --variants baseline td --seeds 0 --steps 1500 \
+timeout 140 python -m benchmarks.compare --data mnist5k --variants baseline td --seeds 0 --steps 1500 \
     --nfe-grid 3,9,35 --n-samples 2000 --out "$OUT/mnist5k_td_vs_edm_gpu.json"
-# 4. 1 GPU vs DDP: multi-process training is not built yet (issue 8, item 1); nothing to compare
+# 4. the Inception FID pipeline (random weights, untrained cifar10-preset network): 2,000 samples at six budgets,
+#    scaled to FID-50k (issue 8's target: 20 minutes)
+timeout 90 python -m benchmarks.fid_speed --preset cifar10 --n-samples 2000 --nfe-grid 3,5,9,17,35,79 \
+    --precision bf16 --device cuda --out "$OUT/fid_speed_cifar10_preset.json"
+# 5. 1 GPU vs DDP on every GPU: the same 200 TD steps of the cifar10 preset on random 3x32x32 images
+n_gpu=$(nvidia-smi --list-gpus | wc -l)
+if [ "$n_gpu" -ge 2 ]; then
+    for n in 1 "$n_gpu"; do
+        t0=$(date +%s)
+        timeout 120 torchrun --nproc_per_node="$n" -m diffusion_rl train --data mnist5k --preset cifar10 \
+            --method td --steps 200 --batch-size 512 --precision bf16 --no-eval --no-progress \
+            --out "$OUT/ddp_run_$n" --overwrite > "$OUT/ddp_$n.log" 2>&1
+        echo "{\"gpus\": $n, \"rc\": $?, \"seconds\": $(( $(date +%s) - t0 ))}" >> "$OUT/ddp_vs_1gpu.jsonl"
+    done
+else
+    echo "one GPU: no DDP comparison" | tee "$OUT/ddp_vs_1gpu.txt"
+fi
 echo "gpu_check finished in $(( $(date +%s) - start )) s" | tee "$OUT/elapsed.txt"

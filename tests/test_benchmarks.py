@@ -138,3 +138,11 @@ def test_budget_curve_needs_three_budgets_and_the_default_solver_is_named_by_its
     assert solver_name(d, "default") == "DDIM" and solver_name(d, "dpmpp_2m") == "DPM-Solver++(2M)"
     del d["runs"]["baseline:steps=400|seed=0"]
     assert not plot_vs_steps(d, tmp_path / "b.png") and not (tmp_path / "b.png").exists()
+
+
+def test_fid_speed_times_the_whole_inception_pipeline():
+    from benchmarks.fid_speed import FIDSpeedArgs, run
+
+    row = run(FIDSpeedArgs(shape="1,8,8", preset="", width=8, n_samples=2, nfe_grid="3", device="cpu"))
+    assert set(row["sample_and_features_s"]) == {3} and row["reference_features_s"] > 0
+    assert row["fid50k_total_s_scaled"] == pytest.approx(row["total_s"] * 25000)
