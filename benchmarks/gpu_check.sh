@@ -26,14 +26,14 @@ timeout 140 python -m benchmarks.compare --data mnist5k --variants baseline td -
 #    scaled to FID-50k (issue 8's target: 20 minutes)
 timeout 90 python -m benchmarks.fid_speed --preset cifar10 --n-samples 2000 --nfe-grid 3,5,9,17,35,79 \
     --precision bf16 --device cuda --out "$OUT/fid_speed_cifar10_preset.json"
-# 5. 1 GPU vs DDP on every GPU: the same 200 TD steps of the cifar10 preset on random 3x32x32 images
+# 5. 1 GPU vs DDP on every GPU: the same 200 TD steps on mnist5k at batch 512 (runs written outside the repository)
 n_gpu=$(nvidia-smi --list-gpus | wc -l)
 if [ "$n_gpu" -ge 2 ]; then
     for n in 1 "$n_gpu"; do
         t0=$(date +%s)
-        timeout 120 torchrun --nproc_per_node="$n" -m diffusion_rl train --data mnist5k --preset cifar10 \
+        timeout 120 torchrun --nproc_per_node="$n" -m diffusion_rl train --data mnist5k --width 64 \
             --method td --steps 200 --batch-size 512 --precision bf16 --no-eval --no-progress \
-            --out "$OUT/ddp_run_$n" --overwrite > "$OUT/ddp_$n.log" 2>&1
+            --out "/tmp/gpu_check_ddp_$n" --overwrite > "$OUT/ddp_$n.log" 2>&1
         echo "{\"gpus\": $n, \"rc\": $?, \"seconds\": $(( $(date +%s) - t0 ))}" >> "$OUT/ddp_vs_1gpu.jsonl"
     done
 else
