@@ -54,8 +54,8 @@ def args_given(spec: str) -> list[str]:
 
 
 def code_version() -> str | None:
-    """The git commit of this checkout (with '+dirty' when tracked files differ from it), or None outside git: each
-    record names the code that made it, so a grid filled across commits says so."""
+    """The git commit of this checkout (with '+dirty' when tracked files other than benchmarks/results/ differ from
+    it), or None outside git: each record names the code that made it, so a grid filled across commits says so."""
     import subprocess
     from pathlib import Path
 
@@ -63,7 +63,8 @@ def code_version() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/compare.json", help="the JSON written after every run")
     a = p.parse_args()
     base = Args(data=a.data, steps=a.steps, n_samples=a.n_samples, nfe_grid=a.nfe_grid, progress=False)
+    version = code_version()  # once, before any work: the code this command runs
     variants = [parse_variant(v, base) for v in a.variants]  # every variant validated before any work
     nfe_grid = tuple(int(n) for n in a.nfe_grid.split(","))
     samplers = [x.strip() for x in a.samplers.split(",") if x.strip()]
@@ -153,7 +155,6 @@ def main() -> None:
                 pass
             train_s = time.perf_counter() - ts
             fields = run_settings(learner, args)
-            version = code_version()
             recs = []
             for name, evaluator in evaluators.items():
                 sweep = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device,

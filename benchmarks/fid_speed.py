@@ -58,7 +58,7 @@ def run(a: FIDSpeedArgs) -> dict:
         torch.save(InceptionV3FID().state_dict(), weights)
         t0 = time.perf_counter()
         ev = Evaluator(data, EvalConfig(nfe_grid=nfes, n_samples=a.n_samples, features="inception",
-                                        inception_weights=str(weights), batch_size=a.batch_size))
+                                        inception_weights=str(weights), batch_size=a.batch_size, device=a.device))
         reference_s = time.perf_counter() - t0
     per_nfe = {}
     for nfe in nfes:

@@ -78,9 +78,13 @@ def load(path: str | Path) -> dict:
         path = RESULTS / path
     d = json.loads(path.read_text())
     labels = {}
+    file_steps = d.get("settings", {}).get("steps")
     for recs in d.get("runs", {}).values():
         for r in recs:
-            labels.setdefault(split_label(r["variant"])[0], describe(r))
+            label = describe(r)
+            if file_steps is not None and r.get("steps") not in (None, file_steps):  # a budget set by the variant
+                label += f", {r['steps']} steps"
+            labels.setdefault(split_label(r["variant"])[0], label)
     d["labels"] = labels
     return d
 
@@ -206,6 +210,8 @@ def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid") -> bool:
     mean = {(s["variant"], s["nfe"]): s["mean"] for s in summary}
     nfes = sorted({s["nfe"] for s in summary})
     bases = [b for b in dict.fromkeys(split_label(s["variant"])[0] for s in summary) if not is_baseline(b)]
+    if not bases:  # a file of baselines only (a budget curve): nothing to set against the baseline
+        return False
     ref = next(b for b in dict.fromkeys(split_label(s["variant"])[0] for s in summary) if is_baseline(b))
     fig, axes = plt.subplots(1, len(solvers), figsize=(1.1 * len(nfes) * len(solvers) + 3, 0.32 * len(bases) + 1.6),
                              squeeze=False, sharey=True)
@@ -304,10 +310,12 @@ def file_section(path: Path, plots: Path) -> str:
     d = load(path)
     metric = "fid" if any(s["metric"] == "fid" for s in d["summary"]) else "sw2"
     first = next(iter(d["runs"].values()))[0]
+    budgets = sorted({r.get("steps") for recs in d["runs"].values() for r in recs} - {None})
     seeds = sorted({int(k.rpartition("seed=")[2]) for k in d["runs"]})
     out = [f"## {path.name}", "",
            f"`{d['command']}`", "",
-           f"Data {first.get('data')}, {first.get('steps')} training steps of {first.get('batch_size')} images, "
+           f"Data {first.get('data')}, {' / '.join(map(str, budgets)) or '?'} training steps of "
+           f"{first.get('batch_size')} images, "
            f"width {first.get('width')}, device {first.get('device')}; {first.get('n_samples')} samples per NFE; "
            f"seeds {', '.join(map(str, seeds))}; {len(d['runs'])} runs. {metric.upper()}, mean ± std over seeds.", ""]
     if d.get("superseded_by"):  # kept for the record; a newer file holds the current code's numbers

@@ -381,7 +381,7 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     check_limit("n_samples", args.n_samples, "samples")
     from .evaluation import check_features
 
-    check_features(args.features, args.inception_weights or None)
+    check_features(args.features, args.inception_weights or None, load=args.eval)
     if args.n_samples < 2:
         raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {args.n_samples}")
     nfe_grid = _parse_nfe_grid(args.nfe_grid)
@@ -441,15 +441,19 @@ def _train_and_eval_on_rank(args: Args, methods: tuple[str, ...], with_untrained
     out = Path(args.out)
     existed = out.exists()
     check_writable_folder(out)
+    learners = []
     try:
         dataset = load_dataset(args.data, seed=args.seed)
-        learners = [make_learner(args, m, dataset) for m in methods]  # validates every setting before any work
+        for m in methods:  # validates every setting before any work
+            learners.append(make_learner(args, m, dataset))
     except BaseException:
+        for learner in learners:  # DDP wrappers go while the process group exists (see Learner.close)
+            learner.close()
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused command leaves nothing behind
         raise
     eval_cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=args.n_samples, seed=args.seed, features=args.features,
-                          inception_weights=args.inception_weights or None)
+                          inception_weights=args.inception_weights or None, device=args.device)
     keep = tuple(k for k in RESUME_MAY_CHANGE if k in given)  # the rest keep the checkpoint's values
     with contextlib.ExitStack() as stack:
         for learner in learners:  # DDP wrappers go while the process group exists (see Learner.close)
@@ -608,7 +612,7 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     check_limit("n_samples", a.n_samples, "samples")
     from .evaluation import check_features
 
-    check_features(a.features, a.inception_weights or None)
+    check_features(a.features, a.inception_weights or None, load=True)
     check_writable_folder(a.out)
     from .runs import RunFolder
 
@@ -641,7 +645,7 @@ def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
         for nfe in nfe_grid:  # a sampler named on the command line is never swapped for another
             sampler_for_nfe(denoiser.formulation, nfe, a.sampler or None)
     cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=a.seed, features=a.features,
-                     inception_weights=a.inception_weights or None, sampler=a.sampler or None)
+                     inception_weights=a.inception_weights or None, sampler=a.sampler or None, device=a.device)
     evaluator = Evaluator(dataset, cfg)
     records = []
     for denoiser, ccfg in loaded:

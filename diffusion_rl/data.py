@@ -67,9 +67,19 @@ class Dataset:
 
     def on(self, device: torch.device | str) -> "Dataset":
         """A copy whose x and labels live on `device` (draws from it gather there; indices still come from the
-        CPU generator, so the batches are the same)."""
-        return dataclasses.replace(self, x=self.x.to(device),
-                                   labels=None if self.labels is None else self.labels.to(device))
+        CPU generator, so the batches are the same). Made once per device and content: every env on the device
+        shares it."""
+        key = (str(torch.device(device)), id(self.x), self.x._version)
+        copies = self.__dict__.setdefault("_copies", {})
+        if key not in copies:
+            copies.clear()  # an edited x makes older copies stale
+            copies[key] = dataclasses.replace(self, x=self.x.to(device),
+                                              labels=None if self.labels is None else self.labels.to(device))
+        return copies[key]
+
+    def nbytes(self) -> int:
+        """Bytes of x and labels."""
+        return sum(t.numel() * t.element_size() for t in (self.x, self.labels) if t is not None)
 
     def content_hash(self) -> str:
         """First 16 hex digits of sha256 over the shape, the bytes of x and of the labels (not the name).

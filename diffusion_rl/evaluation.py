@@ -42,6 +42,7 @@ class EvalConfig:
     seed: int = 0                               # seeds sampling noise and labels
     features: str = "classifier"                # FID features: "classifier" (trained here) or "inception"
     inception_weights: str | None = None        # the FID Inception-v3 state dict (None: look in the usual places)
+    device: str = "auto"                        # where the Inception features are computed (auto: CUDA if any)
     batch_size: int = 500                       # samples per sampling batch
     float64: bool = True                        # sample in float64 (the release's protocol)
     grid_size: int = 64                         # images in each sample grid PNG
@@ -56,8 +57,15 @@ class EvalConfig:
             raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {self.n_samples}")
 
 
-def check_features(features: str, inception_weights: str | None = None) -> None:
-    """The FID feature settings: a known feature net, and a weights file only with (and existing for) inception."""
+NO_INCEPTION = ("features 'inception' need the FID Inception-v3 weights on disk (nothing is downloaded): give "
+                "--inception-weights FILE or $DIFFUSION_RL_INCEPTION_WEIGHTS, or put torch-fidelity's or pytorch-fid's "
+                "file in torch hub's checkpoints folder; accepted without them: features classifier")
+
+
+def check_features(features: str, inception_weights: str | None = None, load: bool = False) -> None:
+    """The FID feature settings: a known feature net, and a weights file only with (and existing for) inception.
+    With `load`, the Inception weights are found and read in full (a command checks them before it touches its
+    output folder or trains: a mismatched file must not cost a run)."""
     check_choice("features", features, FEATURES)
     if inception_weights and features != "inception":
         raise ConfigError(f"inception_weights {inception_weights!r} is only used with features 'inception', got "
@@ -65,6 +73,13 @@ def check_features(features: str, inception_weights: str | None = None) -> None:
     if inception_weights and not Path(inception_weights).is_file():
         raise ConfigError(f"Inception weights file {inception_weights!r} does not exist; accepted: a state dict of "
                           f"the FID Inception-v3 on disk")
+    if load and features == "inception":
+        from .inception import find_inception_weights, load_inception
+
+        path = find_inception_weights(inception_weights)
+        if path is None:
+            raise ConfigError(NO_INCEPTION)
+        load_inception(path)  # ConfigError for an unreadable or mismatched file
 
 
 def _command_line() -> str:
@@ -94,12 +109,10 @@ class Evaluator:
         if self.config.features == "inception":
             net = inception_feature_net(self.config.inception_weights)  # ConfigError for a bad file
             if net is None:
-                raise ConfigError("features 'inception' need the FID Inception-v3 weights on disk (nothing is "
-                                  "downloaded): give --inception-weights FILE or $DIFFUSION_RL_INCEPTION_WEIGHTS, or "
-                                  "put torch-fidelity's or pytorch-fid's file in torch hub's checkpoints folder; "
-                                  "accepted without them: features classifier")
-            if torch.cuda.is_available():  # 299 x 299 features for FID-50k belong on the GPU
-                net = net.cuda()
+                raise ConfigError(NO_INCEPTION)
+            from .training import resolve_device
+
+            net = net.to(resolve_device(self.config.device))  # 299 x 299 features for FID-50k belong on the GPU
             self.feature_info = {"feature_net": "inception-v3 (FID, 2015-12-05) pool3 (2048-d)",
                                  "feature_net_accuracy": None}
         else:

@@ -6,11 +6,12 @@ weights torch-fidelity (`weights-inception-2015-12-05-6726825d.pth`) and pytorch
 network without torchvision, so a cluster with only the weights file on disk can compute standard FID. Its
 differences from ImageNet's Inception-v3 are the graph's: average pools that do not count padding, and a max pool
 in the last block's pooling branch. Inputs are images in [-1, 1] (gray is repeated to RGB), quantised to 8 bits as
-a saved PNG would be, resized bilinearly to 299 x 299 and scaled by (x - 128) / 128.
+a saved PNG would be, resized to 299 x 299 by TF1's bilinear resize (source = target index x in / out, no half-pixel
+offset, as the graph and torch-fidelity do; torch's own bilinear resize shifts the image by half an input pixel) and
+scaled by (x - 128) / 128. Without the real weights here, equality with torch-fidelity's features is not checked.
 
-The resize is torch's bilinear interpolation, not TF1's: features (and FIDs) match the reference implementations
-closely but not bit for bit. No weights are downloaded; `load_inception` reads a file and refuses one whose layers
-do not match (ImageNet heads such as `AuxLogits` are ignored).
+No weights are downloaded; `load_inception` reads a file and refuses one whose layers do not match (ImageNet heads
+such as `AuxLogits` are ignored).
 """
 from __future__ import annotations
 
@@ -138,6 +139,20 @@ class InceptionE(nn.Module):
                           self.branch_pool(pool)], 1)
 
 
+def resize_bilinear_tf1(x: Tensor, size: int) -> Tensor:
+    """TF1's `resize_bilinear` (align_corners=False, no half-pixel centres) of [B, C, H, W] to size x size: output
+    index i reads input position i * in / out, interpolating linearly between its floor and the next pixel (the last
+    pixel repeats at the edge)."""
+    for dim in (2, 3):
+        n = x.shape[dim]
+        src = torch.arange(size, device=x.device, dtype=torch.float64) * (n / size)
+        lo = src.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        w = (src - lo).to(x.dtype).reshape([size if d == dim else 1 for d in range(x.dim())])
+        x = x.index_select(dim, lo) * (1 - w) + x.index_select(dim, hi) * w
+    return x
+
+
 class InceptionV3FID(nn.Module):
     """The FID Inception-v3 up to its 2048-d pool features (`fc`, the 1008-way head, is kept only so that the
     weights files load as they are). Feature-net interface: images [B, 1 or 3, H, W] in [-1, 1] -> [B, 2048]."""
@@ -168,12 +183,11 @@ class InceptionV3FID(nn.Module):
 
     @staticmethod
     def preprocess(x: Tensor) -> Tensor:
-        """[-1, 1] gray/RGB at any size -> the graph's input: 8-bit levels, 299 x 299 bilinear, (x - 128) / 128."""
+        """[-1, 1] gray/RGB at any size -> the graph's input: 8-bit levels, 299 x 299 (TF1 bilinear), (x - 128) / 128."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = ((x.clamp(-1, 1) + 1) * 127.5).round()
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return (x - 128) / 128
+        return (resize_bilinear_tf1(x, 299) - 128) / 128
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.preprocess(x.float())

@@ -144,14 +144,14 @@ class DiffusionMRP(EnvBase):
         self.set_seed(seed)  # None: drawn from torch's global RNG
 
     def _data_source(self):
-        """Where batches are gathered: on a CUDA device, a copy of the data set there when it takes at most a quarter
-        of the device's memory (no host-to-device copy of images per step, which a DataLoader with workers and pinned
-        memory would otherwise hide); else the data set itself. The draws are the same either way."""
-        x = getattr(self.dataset, "x", None)
-        if self.device.type != "cuda" or not isinstance(x, torch.Tensor) or not hasattr(self.dataset, "on"):
+        """Where batches are gathered: on a CUDA device, a copy of the data set there (shared by every env on it) when
+        it takes at most a quarter of the device's free memory (no host-to-device copy of images per step, which a
+        DataLoader with workers and pinned memory would otherwise hide); else the data set itself. The draws are the
+        same either way."""
+        if self.device.type != "cuda" or not hasattr(self.dataset, "on"):
             return self.dataset
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        return self.dataset.on(self.device) if x.numel() * x.element_size() <= total // 4 else self.dataset
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.dataset.on(self.device) if self.dataset.nbytes() <= free // 4 else self.dataset
 
     # ---- specs -------------------------------------------------------------------------------------------------
     def _make_spec(self) -> None:

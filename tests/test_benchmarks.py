@@ -146,3 +146,21 @@ def test_fid_speed_times_the_whole_inception_pipeline():
     row = run(FIDSpeedArgs(shape="1,8,8", preset="", width=8, n_samples=2, nfe_grid="3", device="cpu"))
     assert set(row["sample_and_features_s"]) == {3} and row["reference_features_s"] > 0
     assert row["fid50k_total_s_scaled"] == pytest.approx(row["total_s"] * 25000)
+
+
+def test_a_budget_curve_file_renders_with_its_budgets_in_the_labels(tmp_path, monkeypatch):
+    from benchmarks import report
+
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    rec = lambda n, s, v: {"variant": f"baseline:steps={n}", "method": "edm-baseline", "steps": n, "seed": s,  # noqa
+                           "nfe": 35, "metric": "fid", "value": v, "sampler": "heun", "data": "digits"}
+    runs = {f"baseline:steps={n}|seed={s}": [rec(n, s, 10.0 / n + s)] for n in (100, 200, 400) for s in (0, 1)}
+    d = {"command": "compare ...", "settings": {"steps": 200}, "runs": runs,
+         "summary": summarise([r for recs in runs.values() for r in recs])}
+    path = tmp_path / "plateau.json"
+    path.write_text(json.dumps(d))
+    text = report.file_section(path, tmp_path / "docs" / "plots")
+    assert "100 / 200 / 400 training steps" in text
+    assert "| EDM baseline, 100 steps |" in text and "| EDM baseline |" in text  # 200 is the file's own budget
+    assert (tmp_path / "docs" / "plots" / "plateau_fid_vs_steps.png").exists()
+    assert not (tmp_path / "docs" / "plots" / "plateau_fid_over_baseline.png").exists()  # no TD rows to compare

@@ -64,3 +64,13 @@ def test_bad_weights_files_are_refused_naming_the_file_and_the_layers(tmp_path, 
         load_inception(tmp_path / "cut.pth")
     with pytest.raises(ConfigError, match="only used with features 'inception'"):
         EvalConfig(inception_weights=str(weights[0]))
+
+
+def test_tf1_resize_reads_input_position_i_times_in_over_out_without_half_pixel_offset():
+    from diffusion_rl.inception import resize_bilinear_tf1
+
+    x = torch.tensor([0.0, 10.0, 20.0, 30.0]).reshape(1, 1, 1, 4).expand(1, 1, 4, 4)
+    out = resize_bilinear_tf1(x, 8)  # positions 0, 0.5, 1, ..., 3.5 (the last clamps to pixel 3)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 5, 10, 15, 20, 25, 30, 30]))
+    torch.testing.assert_close(out, out[:, :, :1].expand_as(out))  # constant along the other axis
+    torch.testing.assert_close(resize_bilinear_tf1(x, 4), x)  # same size: unchanged

@@ -61,10 +61,10 @@ def _case_setup(name: str, tmp: Path, trained: Path) -> list[str]:
     """Build what a case needs on disk; returns its argv."""
     out = str(tmp / "out")
     ckpt = str(trained / "moons" / "edm-baseline" / "checkpoint.pt")
-    if name == "inception_mismatch":  # a real state dict, of another network: refused before any training
+    if name == "inception_mismatch":  # a state dict of another network, over a finished run: refused, run kept
         torch.save(torch.load(ckpt, weights_only=True)["ema"], tmp / "notinception.pth")
-        return ["train", "--data", "digits", "--steps", "2", "--features", "inception", "--inception-weights",
-                str(tmp / "notinception.pth"), "--out", out]
+        return ["train", *MOONS, "--features", "inception", "--inception-weights", str(tmp / "notinception.pth"),
+                "--out", str(trained / "moons"), "--overwrite"]
     if name == "out_is_a_file":
         (tmp / "out").write_text("not a folder")
         return ["train", *MOONS, "--out", out]
