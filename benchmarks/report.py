@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +306,17 @@ def _pyplot():
     return plt
 
 
+def expected_runs(command: str) -> int | None:
+    """Variants x seeds of a compare command line (None when it does not name both)."""
+    tokens, lists, key = shlex.split(command), {}, None
+    for t in tokens:
+        if t.startswith("--"):
+            key = t
+        elif key in ("--variants", "--seeds"):
+            lists.setdefault(key, []).append(t)
+    return len(lists["--variants"]) * len(lists["--seeds"]) if len(lists) == 2 else None
+
+
 def file_section(path: Path, plots: Path) -> str:
     """docs/results.md's section for one compare JSON: provenance, one table per solver, verdicts, plots."""
     d = load(path)
@@ -318,6 +330,10 @@ def file_section(path: Path, plots: Path) -> str:
            f"{first.get('batch_size')} images, "
            f"width {first.get('width')}, device {first.get('device')}; {first.get('n_samples')} samples per NFE; "
            f"seeds {', '.join(map(str, seeds))}; {len(d['runs'])} runs. {metric.upper()}, mean ± std over seeds.", ""]
+    expected = expected_runs(d["command"])
+    if expected and len(d["runs"]) < expected:  # a grid still being filled: say so, never pass it off as whole
+        out[2:2] = [f"**Partial grid: {len(d['runs'])} of {expected} runs finished**; the same command resumes it.",
+                    ""]
     if d.get("superseded_by"):  # kept for the record; a newer file holds the current code's numbers
         out[2:2] = [f"**Superseded by {d['superseded_by']}**: {d.get('superseded_note', '')}", ""]
     for solver in _solvers(d["summary"]):
