@@ -79,13 +79,11 @@ def load(path: str | Path) -> dict:
         path = RESULTS / path
     d = json.loads(path.read_text())
     labels = {}
-    file_steps = d.get("settings", {}).get("steps")
-    for recs in d.get("runs", {}).values():
-        for r in recs:
-            label = describe(r)
-            if file_steps is not None and r.get("steps") not in (None, file_steps):  # a budget set by the variant
-                label += f", {r['steps']} steps"
-            labels.setdefault(split_label(r["variant"])[0], label)
+    records = [r for recs in d.get("runs", {}).values() for r in recs]
+    budgets = {r.get("steps") for r in records} - {None}
+    for r in records:  # where variants set their own budgets, every label names its budget
+        label = describe(r) + (f", {r['steps']} steps" if len(budgets) > 1 else "")
+        labels.setdefault(split_label(r["variant"])[0], label)
     d["labels"] = labels
     return d
 

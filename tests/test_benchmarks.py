@@ -163,6 +163,6 @@ def test_a_budget_curve_file_renders_with_its_budgets_in_the_labels(tmp_path, mo
     text = report.file_section(path, tmp_path / "docs" / "plots")
     assert "100 / 200 / 400 training steps" in text
     assert "**Partial grid: 6 of 9 runs finished**" in text  # seed 2 is missing
-    assert "| EDM baseline, 100 steps |" in text and "| EDM baseline |" in text  # 200 is the file's own budget
+    assert "| EDM baseline, 100 steps |" in text and "| EDM baseline, 200 steps |" in text
     assert (tmp_path / "docs" / "plots" / "plateau_fid_vs_steps.png").exists()
     assert not (tmp_path / "docs" / "plots" / "plateau_fid_over_baseline.png").exists()  # no TD rows to compare
