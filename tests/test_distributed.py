@@ -88,3 +88,38 @@ def test_bad_distributed_settings_are_refused_before_work(monkeypatch):
             distributed.init_from_env("cpu", backend="nccl")
         with pytest.raises(ConfigError, match="device cuda requested but CUDA is not available"):
             distributed.init_from_env("cuda")
+
+
+DYING_RANK = """
+import sys
+import diffusion_rl.training as T
+from diffusion_rl.cli import main
+
+update = T.Learner.update
+def dying_update(self, batch):
+    if self.dist.rank == 1 and self.step == 6:
+        raise RuntimeError("rank 1 dies")
+    return update(self, batch)
+T.Learner.update = dying_update
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_dies_stops_the_torchrun_job_and_the_last_checkpoint_stays(tmp_path):
+    import subprocess
+    import sys
+
+    from diffusion_rl.training import load_checkpoint
+
+    script = tmp_path / "dying_rank.py"
+    script.write_text(DYING_RANK)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), "train", "--data",
+           "moons", "--batch-size", "16", "--steps", "50", "--checkpoint-every", "2", "--no-eval", "--no-progress",
+           "--out", str(out)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "rank 1 dies" in proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 120  # torchrun stops the surviving rank; nothing waits for a collective timeout
+    ckpt = load_checkpoint(out / "edm-baseline" / "checkpoint.pt")  # rank 0's last good checkpoint, intact
+    assert ckpt["step"] == 6 and ckpt["config"]["world_size"] == 2
