@@ -51,7 +51,8 @@ def run(a: FIDSpeedArgs) -> dict:
     data = synthetic_images(shape, n=a.n_samples)
     net = {k: v for k, v in PRESETS[a.preset].items() if k in ("width", "depth", "channel_mult", "attention",
                                                                "dropout", "skip_scale")} if a.preset else {}
-    learner = make_learner(Args(data=data.name, width=a.width, device=a.device, progress=False, **net), dataset=data)
+    learner = make_learner(Args(data=data.name, device=a.device, progress=False, **{"width": a.width, **net}),
+                           dataset=data)
     ema = learner.ema.set_speed(a.precision)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "random_inception.pth"

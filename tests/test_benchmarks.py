@@ -143,9 +143,10 @@ def test_budget_curve_needs_three_budgets_and_the_default_solver_is_named_by_its
 def test_fid_speed_times_the_whole_inception_pipeline():
     from benchmarks.fid_speed import FIDSpeedArgs, run
 
-    row = run(FIDSpeedArgs(shape="1,8,8", preset="", width=8, n_samples=2, nfe_grid="3", device="cpu"))
+    row = run(FIDSpeedArgs(shape="3,32,32", preset="cifar10", n_samples=2, nfe_grid="3", device="cpu"))  # gpu_check's
     assert set(row["sample_and_features_s"]) == {3} and row["reference_features_s"] > 0
     assert row["fid50k_total_s_scaled"] == pytest.approx(row["total_s"] * 25000)
+    assert row["parameters"] > 50e6  # the cifar10 preset's network, not --width
 
 
 def test_a_budget_curve_file_renders_with_its_budgets_in_the_labels(tmp_path, monkeypatch):
