@@ -35,6 +35,13 @@ def fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
 
 
+def cell_text(s: dict) -> str:
+    """'mean ± std' over seeds; one seed has no spread: 'value (1 seed)'."""
+    if s.get("n_seeds", 2) == 1:
+        return f"{fmt(s['mean'])} (1 seed)"
+    return f"{fmt(s['mean'])} ± {fmt(s['std'])}"
+
+
 def split_label(variant: str) -> tuple[str, str]:
     """'td:stride=2 @dpmpp_2m' -> ('td:stride=2', 'dpmpp_2m'); no '@' means the family's default solver."""
     base, _, solver = variant.partition(" @")
@@ -95,7 +102,7 @@ def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | N
     nfes = nfes or sorted({s["nfe"] for s in rows})
     lines = ["| variant | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
     for v in variants or dict.fromkeys(s["variant"] for s in rows):
-        cell = {s["nfe"]: f"{fmt(s['mean'])} ± {fmt(s['std'])}" for s in rows if s["variant"] == v}
+        cell = {s["nfe"]: cell_text(s) for s in rows if s["variant"] == v}
         base, solver = split_label(v)
         name = (labels or {}).get(base, base) + ("" if solver == "default" else f", {SOLVERS.get(solver, solver)}")
         lines.append(f"| {name} | " + " | ".join(cell.get(n, "-") for n in nfes) + " |")
@@ -117,8 +124,9 @@ def wins_everywhere(summary: list[dict], metric: str = "fid", max_nfe: int = FEW
         nfes = sorted(n for (u, n) in rows if u == v)
         diffs = [(rows[(ref, n)]["mean"] - rows[(v, n)]["mean"], rows[(ref, n)]["std"] + rows[(v, n)]["std"])
                  for n in nfes if (ref, n) in rows]
-        out.setdefault(solver, {})[base] = {"wins": all(d > 0 for d, _ in diffs),
-                                            "beyond_spread": all(d > s for d, s in diffs), "nfes": nfes}
+        spread = min(rows[(u, n)].get("n_seeds", 2) for u in (ref, v) for n in nfes if (u, n) in rows) >= 2
+        out.setdefault(solver, {})[base] = {"wins": all(d > 0 for d, _ in diffs), "nfes": nfes,
+                                            "beyond_spread": spread and all(d > s for d, s in diffs)}
     return out
 
 
@@ -134,7 +142,7 @@ def reach_controls(d: dict, metric: str = "fid") -> str:
         return ""
     rows = [s for s in d["summary"] if s["metric"] == metric]
     nfes = sorted({s["nfe"] for s in rows})
-    cell = {(s["variant"], s["nfe"]): f"{fmt(s['mean'])} ± {fmt(s['std'])}" for s in rows}
+    cell = {(s["variant"], s["nfe"]): cell_text(s) for s in rows}
     lines = ["| solver | n-step variant | its control | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
              "|---" * (len(nfes) + 3) + "|"]
     for solver in _solvers(d["summary"]):

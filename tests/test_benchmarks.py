@@ -167,3 +167,12 @@ def test_a_budget_curve_file_renders_with_its_budgets_in_the_labels(tmp_path, mo
     assert "| EDM baseline, 100 steps |" in text and "| EDM baseline, 200 steps |" in text
     assert (tmp_path / "docs" / "plots" / "plateau_fid_vs_steps.png").exists()
     assert not (tmp_path / "docs" / "plots" / "plateau_fid_over_baseline.png").exists()  # no TD rows to compare
+
+
+def test_one_seed_has_no_spread_to_show_or_to_win_beyond():
+    from benchmarks.report import cell_text
+
+    one = _summary([("baseline", 3, 50.0), ("td", 3, 30.0)])
+    assert cell_text(one[0]) == "50.0 (1 seed)"
+    verdict = wins_everywhere(one)["default"]["td"]
+    assert verdict["wins"] and not verdict["beyond_spread"]  # a std of 0 over one seed is no spread
