@@ -73,7 +73,7 @@ def test_reach_controls_pair_each_nstep_variant_with_td0_at_n_times_the_stride()
     d = {"runs": runs, "summary": summary, "labels": {"td:estimator=nstep,n_steps=2,stride=2": "n-step(2) k=2",
                                                       "td:stride=4": "TD(0) k=4", "td:stride=2": "TD(0) k=2"}}
     table = reach_controls(d)
-    assert "| n-step(2) k=2 | TD(0) k=4 | 41.0 ± 0.00 vs 42.0 ± 0.00 |" in table and "k=2 | TD(0) k=2" not in table
+    assert "| n-step(2) k=2 | TD(0) k=4 | 41.0 (1 seed) vs 42.0 (1 seed) |" in table and "k=2 | TD(0) k=2" not in table
 
 
 def test_result_grid_shares_work_and_survives_killed_workers(tmp_path):
