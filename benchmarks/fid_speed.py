@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from diffusion_rl.cli import PRESETS, Args, add_dataclass_args, dataclass_from_args, make_learner, opt
+from diffusion_rl.cli import Args, add_dataclass_args, dataclass_from_args, make_learner, opt
 from diffusion_rl.errors import ConfigError, check_choice
 from diffusion_rl.evaluation import EvalConfig, Evaluator
 from diffusion_rl.inception import InceptionV3FID
 
-from .throughput import synthetic_images
+from .throughput import device_label, preset_network, synthetic_images
 
 
 @dataclass
@@ -49,10 +49,8 @@ def run(a: FIDSpeedArgs) -> dict:
     shape = tuple(int(v) for v in a.shape.split(","))
     nfes = tuple(int(v) for v in a.nfe_grid.split(","))
     data = synthetic_images(shape, n=a.n_samples)
-    net = {k: v for k, v in PRESETS[a.preset].items() if k in ("width", "depth", "channel_mult", "attention",
-                                                               "dropout", "skip_scale")} if a.preset else {}
-    learner = make_learner(Args(data=data.name, device=a.device, progress=False, **{"width": a.width, **net}),
-                           dataset=data)
+    net = {"width": a.width, **preset_network(a.preset)}
+    learner = make_learner(Args(data=data.name, device=a.device, progress=False, **net), dataset=data)
     ema = learner.ema.set_speed(a.precision)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "random_inception.pth"
@@ -79,11 +77,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_dataclass_args(p, FIDSpeedArgs)
     a = dataclass_from_args(FIDSpeedArgs, p.parse_args())
-    if a.preset:
-        check_choice("preset", a.preset, tuple(PRESETS))
     row = run(a)
-    dev = torch.device("cuda" if a.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device = device_label(a.device)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.fid_speed", *sys.argv[1:]])

@@ -63,6 +63,22 @@ def synthetic_images(shape: tuple[int, ...], n: int = 2048, seed: int = 0) -> Da
     return Dataset(f"random{'x'.join(map(str, shape))}", torch.rand(n, *shape, generator=g) * 2 - 1, None, 0, "image")
 
 
+def preset_network(preset: str) -> dict:
+    """The network settings of a preset (its batch, data and optimiser stay the benchmark's); {} for ''."""
+    if not preset:
+        return {}
+    net_keys = ("width", "depth", "channel_mult", "attention", "dropout", "skip_scale")
+    return {k: v for k, v in PRESETS[check_choice("preset", preset, tuple(PRESETS))].items() if k in net_keys}
+
+
+def device_label(device: str) -> str:
+    """The JSON's device: the CUDA card's name, or the CPU and its thread count."""
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+
+
 def target_forward(td) -> tuple:
     """A callable running the TD learner's target critic (no grad) on the TD-valid partner states of one batch,
     as its loss does, and that batch's valid fraction."""
@@ -81,11 +97,7 @@ def measure(a: ThroughputArgs, dataset: Dataset, precision: str, compiled: bool)
     """Median step times of the baseline and TD (interleaved), and one timed sampling pass."""
     base = Args(data=dataset.name, width=a.width, depth=a.depth, batch_size=a.batch_size, precision=precision,
                 compile=compiled, device=a.device, progress=False, warmup_steps=0)
-    if a.preset:  # the preset's network only: the batch, data and optimiser stay this benchmark's
-        net_keys = ("width", "depth", "channel_mult", "attention", "dropout", "skip_scale")
-        base = dataclasses.replace(base, **{k: v for k, v in PRESETS[check_choice("preset", a.preset,
-                                                                                   tuple(PRESETS))].items()
-                                            if k in net_keys})
+    base = dataclasses.replace(base, **preset_network(a.preset))
     learners = {m: make_learner(dataclasses.replace(base, method=m), dataset=dataset) for m in ("baseline", "td")}
     for learner in learners.values():
         learner.out_dir = None
@@ -155,9 +167,7 @@ def main() -> None:
                   f"{row['td_img_s']:8.0f} img/s (TD/baseline {row['td_over_baseline']:.2f}, floor "
                   f"{row['td_over_baseline_floor']:.2f}), sampling "
                   f"{row['sample_img_s']:8.0f} img/s at NFE {a.nfe}", file=sys.stderr, flush=True)
-    dev = torch.device("cuda" if a.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads)"
+    device = device_label(a.device)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.throughput", *sys.argv[1:]])
