@@ -74,12 +74,18 @@ def check_features(features: str, inception_weights: str | None = None, load: bo
         raise ConfigError(f"Inception weights file {inception_weights!r} does not exist; accepted: a state dict of "
                           f"the FID Inception-v3 on disk")
     if load and features == "inception":
-        from .inception import find_inception_weights, load_inception
+        require_inception(inception_weights)
 
-        path = find_inception_weights(inception_weights)
-        if path is None:
-            raise ConfigError(NO_INCEPTION)
-        load_inception(path)  # ConfigError for an unreadable or mismatched file
+
+def require_inception(weights: str | None = None):
+    """The FID Inception-v3 with its weights (`weights`, else found on disk); ConfigError when there are none, or
+    the file is unreadable or does not match."""
+    from .metrics import inception_feature_net
+
+    net = inception_feature_net(weights)
+    if net is None:
+        raise ConfigError(NO_INCEPTION)
+    return net
 
 
 def _command_line() -> str:
@@ -104,12 +110,10 @@ class Evaluator:
         self.feature_info["data_hash"] = hasher() if callable(hasher) else None  # every record names its data
 
     def _setup_image_metrics(self) -> None:
-        from .metrics import ImageFID, get_feature_net, inception_feature_net
+        from .metrics import ImageFID, get_feature_net
 
         if self.config.features == "inception":
-            net = inception_feature_net(self.config.inception_weights)  # ConfigError for a bad file
-            if net is None:
-                raise ConfigError(NO_INCEPTION)
+            net = require_inception(self.config.inception_weights)
             from .training import resolve_device
 
             net = net.to(resolve_device(self.config.device))  # 299 x 299 features for FID-50k belong on the GPU
