@@ -14,6 +14,10 @@ the pairs already there (it refuses a file made with other settings). Every reco
 `--samplers default,dpmpp_2m,ipndm` scores every trained model under each solver (same samples' seed, same
 budgets): rows are labelled `variant @solver` ("default" is the family's Heun, Euler at even NFE), so a table shows
 whether TD's few-step gain survives a stronger solver.
+
+`--order seed` (default) runs every variant at one seed before the next seed, so an unfinished grid compares all
+variants on the same seeds; `--order variant` runs every seed of a variant before the next variant, so an unfinished
+grid has its first variants (the baseline and TD(0) first) at all seeds. Both fill the same file.
 """
 from __future__ import annotations
 
@@ -112,6 +116,8 @@ def main() -> None:
     p.add_argument("--samplers", default="default",
                    help="comma-separated solvers to score every model with (default: the family's own)")
     p.add_argument("--out", default="benchmarks/results/compare.json", help="the JSON written after every run")
+    p.add_argument("--order", choices=("seed", "variant"), default="seed",
+                   help="run the grid seed by seed (default) or variant by variant (all seeds of one first)")
     a = p.parse_args()
     base = Args(data=a.data, steps=a.steps, n_samples=a.n_samples, nfe_grid=a.nfe_grid, progress=False)
     version = code_version()  # once, before any work: the code this command runs
@@ -137,36 +143,39 @@ def main() -> None:
     done = grid.runs()
     if done:
         print(f"resuming {a.out}: {len(done)} finished runs kept", file=sys.stderr)
-    for seed in a.seeds:
-        evaluators = {}
-        for label, args in variants:
-            key = f"{label}|seed={seed}"
-            if not grid.claim(key):  # finished, or another worker runs it
-                continue
-            evaluators = evaluators or {
+    pairs = [(seed, v) for seed in a.seeds for v in variants]
+    if a.order == "variant":
+        pairs = [(seed, v) for v in variants for seed in a.seeds]
+    evaluators: dict[int, dict] = {}  # per seed: the evaluation protocol (its sample noise follows the seed)
+    for seed, (label, args) in pairs:
+        key = f"{label}|seed={seed}"
+        if not grid.claim(key):  # finished, or another worker runs it
+            continue
+        if seed not in evaluators:
+            evaluators = {seed: {
                 name: Evaluator(dataset, EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=seed,
                                                     sampler=None if name == "default" else name))
-                for name in samplers}
-            args = dataclasses.replace(args, seed=seed)
-            learner = make_learner(args, dataset=dataset)
-            learner.out_dir = None
-            ts = time.perf_counter()
-            for _ in learner.train(args.steps, progress=False):
-                pass
-            train_s = time.perf_counter() - ts
-            fields = run_settings(learner, args)
-            recs = []
-            for name, evaluator in evaluators.items():
-                sweep = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device,
-                                        progress=False)
-                for r in sweep:
-                    r.update(fields, variant=label if name == "default" else f"{label} @{name}",
-                             train_seconds=round(train_s, 1), code=version)
-                recs += sweep
-            grid.finish(key, recs)
-            print(f"seed {seed} {label}: trained {train_s:.0f} s; " + ", ".join(
-                f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
-                file=sys.stderr, flush=True)
+                for name in samplers}}
+        args = dataclasses.replace(args, seed=seed)
+        learner = make_learner(args, dataset=dataset)
+        learner.out_dir = None
+        ts = time.perf_counter()
+        for _ in learner.train(args.steps, progress=False):
+            pass
+        train_s = time.perf_counter() - ts
+        fields = run_settings(learner, args)
+        recs = []
+        for name, evaluator in evaluators[seed].items():
+            sweep = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device,
+                                    progress=False)
+            for r in sweep:
+                r.update(fields, variant=label if name == "default" else f"{label} @{name}",
+                         train_seconds=round(train_s, 1), code=version)
+            recs += sweep
+        grid.finish(key, recs)
+        print(f"seed {seed} {label}: trained {train_s:.0f} s; " + ", ".join(
+            f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
+            file=sys.stderr, flush=True)
     runs = grid.runs()
     records = [r for rs in runs.values() for r in rs]
     metric = "fid" if dataset.kind == "image" else "sw2"

@@ -3,7 +3,8 @@
 # by several workers at once: start the same command in two shells (or with WORKERS=2) and they share the grid.
 #   digits sweep:  ~3.5 h of one core per seed on a 2-core CPU; CT: ~25 min; target lag at 3x: ~1 h;
 #   TD-VP under DDIM and DPM-Solver++: ~25 min; the baseline's budget curve: ~1 h;
-#   mnist5k: ~5 h per seed on a 2-core CPU (a GPU is the place for it).
+#   mnist5k: ~5 h per seed on a 2-core CPU (a GPU is the place for it); run variant by variant, so an unfinished
+#   grid has the baseline and TD(0) at all three seeds first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKERS=${WORKERS:-1}
@@ -32,7 +33,7 @@ run -m benchmarks.compare --variants baseline:steps=375 baseline:steps=750 basel
 if [ "${MNIST5K:-0}" = 1 ]; then
   run -m benchmarks.compare --data mnist5k --variants baseline td td:stride=1 td:stride=6 \
     td:estimator=nstep,n_steps=2 td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.5 \
-    --seeds 0 1 2 --steps 3000 --nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm \
+    --seeds 0 1 2 --steps 3000 --nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm --order variant \
     --out benchmarks/results/mnist5k_sweep.json
 fi
 python -m benchmarks.report
