@@ -18,14 +18,19 @@ whether TD's few-step gain survives a stronger solver.
 `--order seed` (default) runs every variant at one seed before the next seed, so an unfinished grid compares all
 variants on the same seeds; `--order variant` runs every seed of a variant before the next variant, so an unfinished
 grid has its first variants (the baseline and TD(0) first) at all seeds. Both fill the same file.
+
+`--sample-grids DIR` also saves, for every run, a PNG of the first 64 evaluation samples per solver and NFE, as
+DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples that were scored).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from diffusion_rl.cli import Args, cast_field, make_learner, validate_args
 from diffusion_rl.data import load_dataset
@@ -57,11 +62,15 @@ def args_given(spec: str) -> list[str]:
     return [item.partition("=")[0] for item in filter(None, spec.partition(":")[2].split(","))]
 
 
+def safe_name(label: str) -> str:
+    """A variant label as a folder name ('td:stride=6,n_steps=2' -> 'td_stride=6_n_steps=2')."""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label)
+
+
 def code_version() -> str | None:
     """The git commit of this checkout (with '+dirty' when tracked files other than benchmarks/results/ differ from
     it), or None outside git: each record names the code that made it, so a grid filled across commits says so."""
     import subprocess
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     try:
@@ -116,6 +125,8 @@ def main() -> None:
     p.add_argument("--samplers", default="default",
                    help="comma-separated solvers to score every model with (default: the family's own)")
     p.add_argument("--out", default="benchmarks/results/compare.json", help="the JSON written after every run")
+    p.add_argument("--sample-grids", default=None, metavar="DIR",
+                   help="also save each run's evaluation samples as PNG grids under DIR (per variant, seed, solver)")
     p.add_argument("--order", choices=("seed", "variant"), default="seed",
                    help="run the grid seed by seed (default) or variant by variant (all seeds of one first)")
     a = p.parse_args()
@@ -166,7 +177,8 @@ def main() -> None:
         fields = run_settings(learner, args)
         recs = []
         for name, evaluator in evaluators[seed].items():
-            sweep = evaluator.sweep(learner.ema, learner.method, learner.step, None, learner.device,
+            shown = None if a.sample_grids is None else Path(a.sample_grids) / safe_name(label) / f"seed{seed}" / name
+            sweep = evaluator.sweep(learner.ema, learner.method, learner.step, shown, learner.device,
                                     progress=False)
             for r in sweep:
                 r.update(fields, variant=label if name == "default" else f"{label} @{name}",
