@@ -31,6 +31,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TypeVar
 
 from diffusion_rl.cli import Args, cast_field, make_learner, validate_args
 from diffusion_rl.data import load_dataset
@@ -38,6 +39,8 @@ from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
 
 from .grid import ResultGrid, summarise
+
+T = TypeVar("T")
 
 # the settings every record carries as fields (issue: records must not rest on a variant label alone)
 SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "coupling",
@@ -60,6 +63,13 @@ def parse_variant(spec: str, base: Args) -> tuple[str, Args]:
 def args_given(spec: str) -> list[str]:
     """The option names a variant sets ('td:stride=6,n_steps=2' -> ['stride', 'n_steps'])."""
     return [item.partition("=")[0] for item in filter(None, spec.partition(":")[2].split(","))]
+
+
+def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int, T]]:
+    """The (seed, variant) runs of a grid: seed by seed ('seed') or every seed of a variant first ('variant')."""
+    if order == "variant":
+        return [(seed, v) for v in variants for seed in seeds]
+    return [(seed, v) for seed in seeds for v in variants]
 
 
 def safe_name(label: str) -> str:
@@ -154,11 +164,8 @@ def main() -> None:
     done = grid.runs()
     if done:
         print(f"resuming {a.out}: {len(done)} finished runs kept", file=sys.stderr)
-    pairs = [(seed, v) for seed in a.seeds for v in variants]
-    if a.order == "variant":
-        pairs = [(seed, v) for v in variants for seed in a.seeds]
     evaluators: dict[int, dict] = {}  # per seed: the evaluation protocol (its sample noise follows the seed)
-    for seed, (label, args) in pairs:
+    for seed, (label, args) in run_order(a.seeds, variants, a.order):
         key = f"{label}|seed={seed}"
         if not grid.claim(key):  # finished, or another worker runs it
             continue

@@ -34,6 +34,7 @@ if [ "${MNIST5K:-0}" = 1 ]; then
   run -m benchmarks.compare --data mnist5k --variants baseline td td:stride=1 td:stride=6 \
     td:estimator=nstep,n_steps=2 td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.5 \
     --seeds 0 1 2 --steps 3000 --nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm --order variant \
+    --sample-grids benchmarks/results/samples/mnist5k_sweep \
     --out benchmarks/results/mnist5k_sweep.json
 fi
 python -m benchmarks.report

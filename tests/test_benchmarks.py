@@ -176,3 +176,42 @@ def test_one_seed_has_no_spread_to_show_or_to_win_beyond():
     assert cell_text(one[0]) == "50.0 (1 seed)"
     verdict = wins_everywhere(one)["default"]["td"]
     assert verdict["wins"] and not verdict["beyond_spread"]  # a std of 0 over one seed is no spread
+
+
+def test_grid_order_and_sample_folders():
+    from benchmarks.compare import run_order, safe_name
+
+    assert run_order([0, 1], ["a", "b"], "seed") == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    assert run_order([0, 1], ["a", "b"], "variant") == [(0, "a"), (1, "a"), (0, "b"), (1, "b")]
+    assert safe_name("td:estimator=td_lambda,n_steps=3,lmbda=0.5") == "td_estimator=td_lambda_n_steps=3_lmbda=0.5"
+
+
+def test_gaussian_blur_keeps_mass_and_constants_and_spreads_by_sigma():
+    import torch
+
+    from benchmarks.metric_check import gaussian_blur
+
+    flat = torch.full((2, 3, 9, 9), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 1.0), flat)  # a constant image is unchanged (edges replicated)
+    delta = torch.zeros(1, 1, 41, 41, dtype=torch.float64)
+    delta[..., 20, 20] = 1.0
+    out = gaussian_blur(delta, 2.0)[0, 0]
+    assert out.sum().item() == pytest.approx(1.0)
+    var_rows = (out.sum(1) * (torch.arange(41) - 20.0) ** 2).sum().item()
+    assert var_rows == pytest.approx(4.0, rel=0.02)  # the spread of a point is sigma^2 (truncated at 3 sigma)
+
+
+def test_metric_calibration_renders_as_a_table_in_the_report_and_the_readme(tmp_path):
+    from benchmarks.report import calibration_table, load
+
+    rec = [{"data": d, "corruption": c, "seed": s, "n_samples": 10, "fid": v + s, "kid": 0.0}
+           for d in ("digits", "mnist5k") for c, v in (("real images", 1.0), ("blur sigma 1 px", 30.0))
+           for s in (0, 1)]
+    summary = [{"data": d, "corruption": c, "metric": "fid", "n_seeds": 2, "mean": v + 0.5, "std": 0.7071}
+               for d in ("digits", "mnist5k") for c, v in (("real images", 1.0), ("blur sigma 1 px", 30.0))]
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"command": "cmd", "kind": "metric_calibration", "summary": summary, "records": rec}))
+    table = calibration_table(load(path))
+    assert table.splitlines()[0] == "| real images scored as samples | digits | mnist5k |"
+    assert "| blur sigma 1 px | 30.5 ± 0.71 | 30.5 ± 0.71 |" in table
+    assert render_block(str(path), "") == table + "\n"
