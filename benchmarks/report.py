@@ -312,6 +312,45 @@ def _pyplot():
     return plt
 
 
+def command_option(command: str, option: str) -> str | None:
+    """The value of `option` ('--sample-grids') in a command line, or None."""
+    tokens = shlex.split(command)
+    return next((tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == option), None)
+
+
+def plot_sample_montage(d: dict, path: Path, seed: int, nfes: tuple[int, ...] = (3, 5, 9)) -> bool:
+    """The sample grids that `compare --sample-grids` saved for one seed, tiled: one row per variant and solver, one
+    column per NFE in `nfes` (False, nothing written, when the file saved none for that seed)."""
+    folder = command_option(d["command"], "--sample-grids")
+    if folder is None or not (ROOT / folder).is_dir():
+        return False
+    from benchmarks.compare import safe_name
+
+    rows = []
+    for base in dict.fromkeys(split_label(s["variant"])[0] for s in d["summary"]):
+        for solver in _solvers(d["summary"]):
+            pngs = [next((ROOT / folder / safe_name(base) / f"seed{seed}" / solver / "samples").glob(
+                f"*_nfe{n:03d}.png"), None) for n in nfes]
+            if any(pngs):
+                rows.append(pngs)
+    keep = [j for j in range(len(nfes)) if any(r[j] for r in rows)]  # budgets the grid evaluated
+    if not rows:
+        return False
+    rows = [[r[j] for j in keep] for r in rows]
+    nfes = tuple(nfes[j] for j in keep)
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), len(nfes), figsize=(3 * len(nfes), 3 * len(rows)), squeeze=False)
+    for row, pngs in zip(axes, rows):
+        for ax, png in zip(row, pngs):
+            if png is not None:
+                ax.imshow(plt.imread(png))
+            ax.axis("off")
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def expected_runs(command: str) -> int | None:
     """Variants x seeds of a compare command line (None when it does not name both)."""
     tokens, lists, key = shlex.split(command), {}, None
@@ -372,6 +411,11 @@ def file_section(path: Path, plots: Path) -> str:
     steps_png = plots / f"{path.stem}_{metric}_vs_steps.png"
     if plot_vs_steps(d, steps_png, metric):
         out += [f"![{metric} vs training steps]({steps_png.relative_to(ROOT / 'docs').as_posix()})", ""]
+    for seed in seeds:
+        png = plots / f"{path.stem}_samples_seed{seed}.png"
+        if plot_sample_montage(d, png, seed):
+            out += [f"Samples of seed {seed} (the first 64 of those scored; rows: variant and solver; columns: NFE):",
+                    "", f"![samples, seed {seed}]({png.relative_to(ROOT / 'docs').as_posix()})", ""]
     return "\n".join(out)
 
 

@@ -215,3 +215,21 @@ def test_metric_calibration_renders_as_a_table_in_the_report_and_the_readme(tmp_
     assert table.splitlines()[0] == "| real images scored as samples | digits | mnist5k |"
     assert "| blur sigma 1 px | 30.5 ± 0.71 | 30.5 ± 0.71 |" in table
     assert render_block(str(path), "") == table + "\n"
+
+
+def test_sample_montage_tiles_the_saved_grids_of_one_seed(tmp_path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from benchmarks.report import plot_sample_montage
+
+    for variant, solver, nfe in [("baseline", "default", 3), ("td_stride=6", "default", 3), ("td_stride=6", "ipndm", 5)]:
+        folder = tmp_path / "sg" / variant / "seed1" / solver / "samples"
+        folder.mkdir(parents=True)
+        plt.imsave(folder / f"m_nfe{nfe:03d}.png", np.zeros((8, 8)))
+    summary = [{"variant": v, "nfe": 3, "metric": "fid"} for v in ("baseline", "td:stride=6", "td:stride=6 @ipndm")]
+    d = {"command": f"compare --sample-grids {tmp_path / 'sg'} --out x.json", "summary": summary}
+    assert plot_sample_montage(d, tmp_path / "m.png", seed=1)
+    assert plt.imread(tmp_path / "m.png").shape[:2] == (900, 600)  # 3 rows (variant, solver) x 2 NFE columns
+    assert not plot_sample_montage(d, tmp_path / "none.png", seed=0) and not (tmp_path / "none.png").exists()
+    assert not plot_sample_montage({**d, "command": "compare --out x.json"}, tmp_path / "none.png", seed=1)
