@@ -333,9 +333,9 @@ def plot_sample_montage(d: dict, path: Path, seed: int, nfes: tuple[int, ...] = 
                 f"*_nfe{n:03d}.png"), None) for n in nfes]
             if any(pngs):
                 rows.append(pngs)
-    keep = [j for j in range(len(nfes)) if any(r[j] for r in rows)]  # budgets the grid evaluated
     if not rows:
         return False
+    keep = [j for j in range(len(nfes)) if any(r[j] for r in rows)]  # the budgets the grid evaluated
     rows = [[r[j] for j in keep] for r in rows]
     nfes = tuple(nfes[j] for j in keep)
     plt = _pyplot()
