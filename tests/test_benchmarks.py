@@ -230,6 +230,6 @@ def test_sample_montage_tiles_the_saved_grids_of_one_seed(tmp_path):
     summary = [{"variant": v, "nfe": 3, "metric": "fid"} for v in ("baseline", "td:stride=6", "td:stride=6 @ipndm")]
     d = {"command": f"compare --sample-grids {tmp_path / 'sg'} --out x.json", "summary": summary}
     assert plot_sample_montage(d, tmp_path / "m.png", seed=1)
-    assert plt.imread(tmp_path / "m.png").shape[:2] == (900, 600)  # 3 rows (variant, solver) x 2 NFE columns
+    assert plt.imread(tmp_path / "m.png").shape[:2] == (630, 420)  # 3 rows (variant, solver) x 2 NFE columns
     assert not plot_sample_montage(d, tmp_path / "none.png", seed=0) and not (tmp_path / "none.png").exists()
     assert not plot_sample_montage({**d, "command": "compare --out x.json"}, tmp_path / "none.png", seed=1)
