@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote
 
 from diffusion_rl.cli import Args, cast_field, make_learner, validate_args
 from diffusion_rl.data import load_dataset
@@ -73,8 +73,9 @@ def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int
 
 
 def safe_name(label: str) -> str:
-    """A variant label as a folder name ('td:stride=6,n_steps=2' -> 'td_stride=6_n_steps=2')."""
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label)
+    """A variant label as a folder name, one to one ('td:stride=6,n_steps=2' -> 'td@stride=6+n_steps=2'; other
+    characters than letters, digits, '_.-~=' are %-escaped)."""
+    return quote(label.replace("%", "%25").replace("@", "%40").replace("+", "%2B").replace(":", "@").replace(",", "+"), safe="@+=%")
 
 
 def code_version() -> str | None:
@@ -159,21 +160,23 @@ def main() -> None:
     for label, args in variants:  # every setting checked (the env's TD-valid rule too) before anything is written
         validate_args(args, given=set(args_given(label)), methods=(args.method,))
         make_learner(args, dataset=dataset)
+    if a.sample_grids is not None and Path(a.sample_grids).exists() and not Path(a.sample_grids).is_dir():
+        raise ConfigError(f"--sample-grids {a.sample_grids!r} is a file, not a folder")
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
     grid = ResultGrid(a.out, settings, command)  # refuses a file made with other settings, before any training
     done = grid.runs()
     if done:
         print(f"resuming {a.out}: {len(done)} finished runs kept", file=sys.stderr)
-    evaluators: dict[int, dict] = {}  # per seed: the evaluation protocol (its sample noise follows the seed)
+    evaluators: dict[int, dict] = {}  # seed -> solver -> its Evaluator (the samples' noise follows the seed)
     for seed, (label, args) in run_order(a.seeds, variants, a.order):
         key = f"{label}|seed={seed}"
         if not grid.claim(key):  # finished, or another worker runs it
             continue
         if seed not in evaluators:
-            evaluators = {seed: {
+            evaluators[seed] = {
                 name: Evaluator(dataset, EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=seed,
                                                     sampler=None if name == "default" else name))
-                for name in samplers}}
+                for name in samplers}
         args = dataclasses.replace(args, seed=seed)
         learner = make_learner(args, dataset=dataset)
         learner.out_dir = None

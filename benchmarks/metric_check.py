@@ -4,10 +4,11 @@
 
 The FIDs in the result tables use a classifier trained on each data set, not Inception, so their scale is the
 library's own. To read them, this scores sets of real training images with the evaluation protocol of
-`benchmarks.compare` (the same `Evaluator`, n_samples and reference, the whole training set): unchanged (the floor:
-what a model that samples training images uniformly would score), blurred (Gaussian, sigma in pixels), with added Gaussian noise (std in the [-1, 1] data units,
-clamped), and with half the classes missing (mode dropping). Each seed draws other images (and noise). Written as
-JSON with its command; `benchmarks.report` renders it into docs/results.md and the README.
+`benchmarks.compare` (the same `Evaluator`, n_samples and reference, the whole training set): unchanged (what a
+model that samples training images uniformly would score), blurred (Gaussian, sigma in pixels), with added Gaussian
+noise (std in the [-1, 1] data units, clamped), and with half the classes missing (mode dropping). Each seed draws
+other images (and noise). Written as JSON with its command; `benchmarks.report` renders it into docs/results.md and
+the README.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-# name -> (images of the whole set, generator, n) -> n corrupted real images
+# name -> (data set, generator, n) -> n corrupted real images
 Corruption = Callable[[Dataset, torch.Generator, int], Tensor]
 
 
@@ -61,6 +62,29 @@ def corruptions() -> dict[str, Corruption]:
     return out
 
 
+def score_corruptions(ds: Dataset, seeds: list[int], n_samples: int) -> list[dict]:
+    """One record per (corruption, seed): FID, KID and the protocol's fields, scored by compare's Evaluator."""
+    evaluator = Evaluator(ds, EvalConfig(n_samples=n_samples))
+    records = []
+    for name, corrupt in corruptions().items():
+        for seed in seeds:
+            scores = evaluator.score(corrupt(ds, torch.Generator().manual_seed(seed), n_samples))
+            records.append({"data": ds.name, "corruption": name, "seed": seed, "n_samples": n_samples,
+                            **{k: round(v, 4) for k, v in scores.items()}, **evaluator.feature_info})
+            print(f"{ds.name} {name} seed {seed}: FID {scores['fid']:.2f}", file=sys.stderr, flush=True)
+    return records
+
+
+def summarise_calibration(records: list[dict]) -> list[dict]:
+    """Mean and std over seeds of FID and KID per (data set, corruption), in the records' order."""
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for r in records:
+        for metric in ("fid", "kid"):
+            groups.setdefault((r["data"], r["corruption"], metric), []).append(r[metric])
+    return [{"data": d, "corruption": c, "metric": m, "n_seeds": len(v), "mean": statistics.fmean(v),
+             "std": statistics.stdev(v) if len(v) > 1 else 0.0} for (d, c, m), v in groups.items()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", nargs="+", default=["digits", "mnist5k"], help="image data sets with class labels")
@@ -68,33 +92,20 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=1000, help="images per scored set (compare's default)")
     p.add_argument("--out", default="benchmarks/results/metric_calibration.json", help="the JSON written")
     a = p.parse_args()
+    if a.n_samples < 2:
+        raise ConfigError(f"--n-samples {a.n_samples} must be >= 2 (FID needs two images)")
+    if len(set(a.seeds)) < len(a.seeds):
+        raise ConfigError(f"--seeds {a.seeds} repeats a seed; each seed must be given once")
     sets = [load_dataset(name) for name in a.data]  # every data set checked before any scoring
     for ds in sets:
         if ds.kind != "image" or ds.labels is None:
             raise ConfigError(f"--data {ds.name!r} is not an image data set with class labels")
-    if a.n_samples < 2:
-        raise ConfigError(f"--n-samples {a.n_samples} must be >= 2 (FID needs two images)")
-    records = []
-    for ds in sets:
-        evaluator = Evaluator(ds, EvalConfig(n_samples=a.n_samples))
-        for name, corrupt in corruptions().items():
-            for seed in a.seeds:
-                scores = evaluator.score(corrupt(ds, torch.Generator().manual_seed(seed), a.n_samples))
-                records.append({"data": ds.name, "corruption": name, "seed": seed, "n_samples": a.n_samples,
-                                **{k: round(v, 4) for k, v in scores.items()}, **evaluator.feature_info})
-                print(f"{ds.name} {name} seed {seed}: FID {scores['fid']:.2f}", file=sys.stderr, flush=True)
-    summary = []
-    for ds in sets:
-        for name in corruptions():
-            for metric in ("fid", "kid"):
-                vals = [r[metric] for r in records if r["data"] == ds.name and r["corruption"] == name]
-                summary.append({"data": ds.name, "corruption": name, "metric": metric, "n_seeds": len(vals),
-                                "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0})
+    records = [r for ds in sets for r in score_corruptions(ds, a.seeds, a.n_samples)]
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.metric_check", *sys.argv[1:]])
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "kind": "metric_calibration", "summary": summary,
-                               "records": records}, indent=1))
+    out.write_text(json.dumps({"command": command, "kind": "metric_calibration",
+                               "summary": summarise_calibration(records), "records": records}, indent=1))
     print(f"wrote {out}")
 
 

@@ -313,18 +313,24 @@ def _pyplot():
 
 
 def command_option(command: str, option: str) -> str | None:
-    """The value of `option` ('--sample-grids') in a command line, or None."""
+    """The value of `option` ('--sample-grids') in a command line ('--opt VALUE' or '--opt=VALUE'), or None."""
     tokens = shlex.split(command)
-    return next((tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == option), None)
+    for i, t in enumerate(tokens):
+        if t == option and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if t.startswith(option + "="):
+            return t[len(option) + 1:]
+    return None
 
 
-def plot_sample_montage(d: dict, path: Path, seed: int, nfes: tuple[int, ...] = (3, 5, 9), variants: int = 2) -> bool:
-    """The sample grids that `compare --sample-grids` saved for one seed, tiled: one row per solver of each of the
-    first `variants` variants (the baseline and TD(0) in a compare grid), one column per NFE in `nfes` (False,
-    nothing written, when the file saved none for that seed)."""
+def sample_grid_rows(d: dict, seed: int, nfes: tuple[int, ...] = (3, 5, 9),
+                     variants: int = 2) -> tuple[list[tuple[str, list[Path | None]]], tuple[int, ...]]:
+    """The PNGs that `compare --sample-grids` saved for one seed: one row (label, PNG per NFE) per solver of each of
+    the file's first `variants` variants (the baseline and TD(0) in a compare grid) that has any, and the NFE columns
+    that any row has."""
     folder = command_option(d["command"], "--sample-grids")
     if folder is None or not (ROOT / folder).is_dir():
-        return False
+        return [], ()
     from benchmarks.compare import safe_name
 
     rows = []
@@ -333,23 +339,24 @@ def plot_sample_montage(d: dict, path: Path, seed: int, nfes: tuple[int, ...] = 
             pngs = [next((ROOT / folder / safe_name(base) / f"seed{seed}" / solver / "samples").glob(
                 f"*_nfe{n:03d}.png"), None) for n in nfes]
             if any(pngs):
-                rows.append(pngs)
-    if not rows:
-        return False
-    keep = [j for j in range(len(nfes)) if any(r[j] for r in rows)]  # the budgets the grid evaluated
-    rows = [[r[j] for j in keep] for r in rows]
-    nfes = tuple(nfes[j] for j in keep)
+                rows.append((d["labels"].get(base, base) + f", {solver_name(d, solver)}", pngs))
+    keep = [j for j in range(len(nfes)) if any(pngs[j] for _, pngs in rows)]  # the budgets the grid evaluated
+    return [(label, [pngs[j] for j in keep]) for label, pngs in rows], tuple(nfes[j] for j in keep)
+
+
+def plot_sample_montage(rows: list[tuple[str, list[Path | None]]], path: Path) -> None:
+    """The sample grids of `sample_grid_rows` tiled, one row each (their PNGs carry their own titles)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(len(rows), len(nfes), figsize=(3 * len(nfes), 3 * len(rows)), squeeze=False)
-    for row, pngs in zip(axes, rows):
-        for ax, png in zip(row, pngs):
+    cols = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
+    for ax_row, (_, pngs) in zip(axes, rows):
+        for ax, png in zip(ax_row, pngs):
             if png is not None:
                 ax.imshow(plt.imread(png))
             ax.axis("off")
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=70)
     plt.close(fig)
-    return True
 
 
 def expected_runs(command: str) -> int | None:
@@ -412,13 +419,15 @@ def file_section(path: Path, plots: Path) -> str:
     steps_png = plots / f"{path.stem}_{metric}_vs_steps.png"
     if plot_vs_steps(d, steps_png, metric):
         out += [f"![{metric} vs training steps]({steps_png.relative_to(ROOT / 'docs').as_posix()})", ""]
-    for seed in seeds:  # the first seed whose sample grids are kept (the repository keeps one seed's)
-        png = plots / f"{path.stem}_samples_seed{seed}.png"
-        if plot_sample_montage(d, png, seed):
-            out += [f"Samples of seed {seed} (the first 64 of those scored; rows: the first two variants under each "
-                    "solver; columns: NFE):",
-                    "", f"![samples, seed {seed}]({png.relative_to(ROOT / 'docs').as_posix()})", ""]
-            break
+    by_seed = {seed: sample_grid_rows(d, seed) for seed in seeds}
+    seed = max(seeds, key=lambda s: (len(by_seed[s][0]), -s), default=None)  # the most rows, then the lowest seed
+    if seed is not None and by_seed[seed][0]:
+        rows, nfes = by_seed[seed]
+        png = plots / f"{path.stem}_samples.png"
+        plot_sample_montage(rows, png)
+        out += [f"Samples of seed {seed}, the first 64 of those scored; columns: NFE {', '.join(map(str, nfes))}; "
+                "rows: " + "; ".join(label for label, _ in rows) + ":", "",
+                f"![samples, seed {seed}]({png.relative_to(ROOT / 'docs').as_posix()})", ""]
     return "\n".join(out)
 
 
@@ -436,6 +445,8 @@ def calibration_table(d: dict, metric: str = "fid") -> str:
 def calibration_section(path: Path) -> str:
     """docs/results.md's section for a metric_check JSON."""
     d = load(path)
+    if not d.get("records"):
+        raise ValueError(f"{path} holds no records")
     first = d["records"][0]
     return "\n".join([f"## {path.name}", "", f"`{d['command']}`", "",
                       f"Real training images scored as if they were {first['n_samples']} generated samples (drawn "
@@ -454,6 +465,7 @@ def results_page(files: list[Path], plots: Path) -> str:
 
 
 def is_calibration(path: Path) -> bool:
+    """Whether a results JSON was written by benchmarks.metric_check."""
     return json.loads(path.read_text()).get("kind") == "metric_calibration"
 
 
@@ -462,6 +474,9 @@ def render_block(spec: str, options: str) -> str:
     opts = dict(o.split("=", 1) for o in options.split())
     d = load(spec)
     if d.get("kind") == "metric_calibration":
+        if set(opts) - {"metric"}:
+            raise ValueError(f"README block for {spec} sets {sorted(set(opts) - {'metric'})}; a calibration table "
+                             f"takes only metric=")
         return calibration_table(d, opts.get("metric", "fid")) + "\n"
     nfes = [int(n) for n in opts["nfe"].split(",")] if "nfe" in opts else None
     variants = [v.replace("+", " ") for v in opts["variants"].split(";")] if "variants" in opts else None
@@ -494,8 +509,9 @@ def main() -> None:
             if a.plot:
                 plot_vs_nfe(d, Path(a.plot), a.metric)
         return
-    files = sorted(f for f in RESULTS.glob("*.json") if "runs" in json.loads(f.read_text()))
-    files += sorted(f for f in RESULTS.glob("*.json") if is_calibration(f))  # how to read the FIDs: last
+    found = {f: json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))}
+    files = [f for f, d in found.items() if "runs" in d]
+    files += [f for f, d in found.items() if d.get("kind") == "metric_calibration"]  # how to read the FIDs: last
     (ROOT / "docs" / "results.md").write_text(results_page(files, ROOT / "docs" / "plots"))
     readme = ROOT / "README.md"
     readme.write_text(update_readme(readme.read_text()))

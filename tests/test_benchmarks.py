@@ -183,7 +183,11 @@ def test_grid_order_and_sample_folders():
 
     assert run_order([0, 1], ["a", "b"], "seed") == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
     assert run_order([0, 1], ["a", "b"], "variant") == [(0, "a"), (1, "a"), (0, "b"), (1, "b")]
-    assert safe_name("td:estimator=td_lambda,n_steps=3,lmbda=0.5") == "td_estimator=td_lambda_n_steps=3_lmbda=0.5"
+    assert safe_name("td:estimator=td_lambda,n_steps=3,lmbda=0.5") == "td@estimator=td_lambda+n_steps=3+lmbda=0.5"
+    labels = ["td:coupling=mixed:6", "td:coupling=mixed,6", "td:a=1,b_c=2", "td:a=1_b_c=2", "td:x=a/b", "td@x", "td+x",
+              "td%40x"]
+    assert len({safe_name(v) for v in labels}) == len(labels)  # one folder per label
+    assert all("/" not in safe_name(v) and ":" not in safe_name(v) for v in labels)
 
 
 def test_gaussian_blur_keeps_mass_and_constants_and_spreads_by_sigma():
@@ -221,15 +225,22 @@ def test_sample_montage_tiles_the_saved_grids_of_one_seed(tmp_path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from benchmarks.report import plot_sample_montage
+    from benchmarks.report import plot_sample_montage, sample_grid_rows
 
-    for variant, solver, nfe in [("baseline", "default", 3), ("td_stride=6", "default", 3), ("td_stride=6", "ipndm", 5)]:
+    grids = [("baseline", "default", 3), ("td@stride=6", "default", 3), ("td@stride=6", "ipndm", 5)]
+    for variant, solver, nfe in grids:
         folder = tmp_path / "sg" / variant / "seed1" / solver / "samples"
         folder.mkdir(parents=True)
         plt.imsave(folder / f"m_nfe{nfe:03d}.png", np.zeros((8, 8)))
     summary = [{"variant": v, "nfe": 3, "metric": "fid"} for v in ("baseline", "td:stride=6", "td:stride=6 @ipndm")]
-    d = {"command": f"compare --sample-grids {tmp_path / 'sg'} --out x.json", "summary": summary}
-    assert plot_sample_montage(d, tmp_path / "m.png", seed=1)
-    assert plt.imread(tmp_path / "m.png").shape[:2] == (630, 420)  # 3 rows (variant, solver) x 2 NFE columns
-    assert not plot_sample_montage(d, tmp_path / "none.png", seed=0) and not (tmp_path / "none.png").exists()
-    assert not plot_sample_montage({**d, "command": "compare --out x.json"}, tmp_path / "none.png", seed=1)
+    d = {"command": f"compare --sample-grids {tmp_path / 'sg'} --out x.json", "summary": summary,
+         "labels": {"baseline": "EDM baseline"}}
+    rows, nfes = sample_grid_rows(d, seed=1)
+    assert nfes == (3, 5) and [label for label, _ in rows] == [
+        "EDM baseline, Heun (Euler at even NFE)", "td:stride=6, Heun (Euler at even NFE)", "td:stride=6, iPNDM"]
+    assert rows[0][1][1] is None and rows[2][1][0] is None  # a budget a row lacks stays an empty panel
+    plot_sample_montage(rows, tmp_path / "m.png")
+    assert plt.imread(tmp_path / "m.png").shape[:2] == (630, 420)  # 3 rows x 2 NFE columns, 3 inches at 70 dpi
+    assert sample_grid_rows(d, seed=0) == ([], ())  # no grids for that seed
+    assert sample_grid_rows({**d, "command": "compare --out x.json"}, seed=1) == ([], ())
+    assert len(sample_grid_rows({**d, "command": f"compare --sample-grids={tmp_path / 'sg'}"}, seed=1)[0]) == 3
