@@ -75,7 +75,8 @@ def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int
 def safe_name(label: str) -> str:
     """A variant label as a folder name, one to one ('td:stride=6,n_steps=2' -> 'td@stride=6+n_steps=2'; other
     characters than letters, digits, '_.-~=' are %-escaped)."""
-    return quote(label.replace("%", "%25").replace("@", "%40").replace("+", "%2B").replace(":", "@").replace(",", "+"), safe="@+=%")
+    escaped = label.replace("%", "%25").replace("@", "%40").replace("+", "%2B")  # frees '@' and '+' for ':' and ','
+    return quote(escaped.replace(":", "@").replace(",", "+"), safe="@+=%")
 
 
 def code_version() -> str | None:
