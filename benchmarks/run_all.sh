@@ -13,6 +13,7 @@ python -m benchmarks.report benchmarks/results/digits_td_vs_edm_solvers.json \
 bash benchmarks/run_rest.sh
 bash benchmarks/run_sweeps.sh
 python -m benchmarks.metric_check  # the FID scale (metric_calibration.json): ~2 min
+python -m benchmarks.solver_check  # the solvers with an exact denoiser (solver_check.json): ~30 s
 python -m benchmarks.speed --out benchmarks/results/speed.json
 python -m benchmarks.throughput --data digits --batch-size 128 --precisions fp32,bf16 --compile off --repeats 20 \
     --warmup 3 --sample-batch 500 --nfe 35 --out benchmarks/results/throughput_cpu_digits.json

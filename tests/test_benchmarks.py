@@ -244,3 +244,73 @@ def test_sample_montage_tiles_the_saved_grids_of_one_seed(tmp_path):
     assert sample_grid_rows(d, seed=0) == ([], ())  # no grids for that seed
     assert sample_grid_rows({**d, "command": "compare --out x.json"}, seed=1) == ([], ())
     assert len(sample_grid_rows({**d, "command": f"compare --sample-grids={tmp_path / 'sg'}"}, seed=1)[0]) == 3
+
+
+def _gaussian_images(n: int = 400, side: int = 4, seed: int = 0):
+    import torch
+
+    from diffusion_rl.data import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(side * side, side * side, generator=g, dtype=torch.float64) / side
+    x = (torch.randn(n, side * side, generator=g, dtype=torch.float64) @ mix * 0.3).float()
+    return Dataset(name="toy-images", x=x.reshape(n, 1, side, side), labels=None, num_classes=0, kind="image")
+
+
+def test_gaussian_fit_denoiser_is_the_posterior_mean_and_its_fine_part_holds_a_tenth_of_the_variance():
+    import torch
+
+    from benchmarks.solver_check import COARSE_VARIANCE, GaussianFit
+
+    ds = _gaussian_images()
+    fit = GaussianFit(ds)
+    cov = fit.basis @ torch.diag(fit.lam) @ fit.basis.T
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64)
+    flat = x.reshape(5, -1) - fit.mean
+    # E[x0 | x] = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu), solved directly
+    expected = torch.stack([fit.mean + cov @ torch.linalg.solve(cov + s ** 2 * torch.eye(16, dtype=torch.float64), v)
+                            for v, s in zip(flat, sigma)])
+    assert torch.allclose(fit.denoiser()(x, sigma).reshape(5, -1), expected, atol=1e-10)
+    fine_share = (fit.lam[fit.fine].sum() / fit.lam.sum()).item()
+    next_share = fine_share + fit.lam[~fit.fine].min().item() / fit.lam.sum().item()
+    assert fine_share < 1 - COARSE_VARIANCE <= next_share  # the top directions holding 90%, no more
+
+
+def test_solver_check_converges_to_the_exact_ode_solution_and_catches_heuns_few_step_failure():
+    from benchmarks.solver_check import score_solvers
+
+    recs = {(r["sampler"], r["nfe"]): r for r in score_solvers(_gaussian_images(), ["ipndm", "heun"], [3, 5, 201],
+                                                               n_samples=200, seed=0)}
+    for sampler, tol in (("ipndm", 1e-3), ("heun", 5e-3)):  # Heun's last step, to sigma = 0, is Euler
+        assert recs[sampler, 201]["error"] < tol
+        assert recs[sampler, 201]["fine_amplitude"] == pytest.approx(1.0, abs=tol)
+    assert recs["ipndm", 5]["error"] < recs["ipndm", 3]["error"] < 1.0
+    assert recs["heun", 3]["error"] > 10  # the trapezoid from sigma 80 to 0.002 keeps about half the start noise
+    assert recs["heun", 3]["sigmas"] == [80.0, 0.002, 0.0]
+
+
+@pytest.mark.parametrize("samplers,nfe,n,match", [
+    (["ddim"], "3", 10, "'ddim' is not an EDM-family sampler"),
+    (["heun"], "3,4", 10, "nfe 4 is unreachable by heun"),
+    (["ipndm"], "3,x", 10, "--nfe-grid '3,x' must be comma-separated integers"),
+    (["ipndm"], "3", 1, "--n-samples 1 must be >= 2")])
+def test_solver_check_refuses_bad_grids(samplers, nfe, n, match):
+    from benchmarks.solver_check import check_grid
+
+    with pytest.raises(ConfigError, match=match):
+        check_grid(samplers, nfe, n)
+    assert check_grid(["heun", "dpmpp_2m"], "3,5", 10) == [3, 5]
+
+
+def test_solver_check_renders_one_row_per_data_set_and_sampler(tmp_path):
+    from benchmarks.report import SOLVER_CHECK, load, solver_check_table
+
+    recs = [{"data": d, "sampler": s, "nfe": n, "error": 0.5 / n, "fine_amplitude": 1.0 + n / 1000, "n_samples": 10,
+             "sigmas": [80.0, 0.002]} for d in ("digits", "mnist5k") for s in ("heun", "ipndm") for n in (3, 5)]
+    path = tmp_path / "solver.json"
+    path.write_text(json.dumps({"command": "cmd", "kind": SOLVER_CHECK, "coarse_variance": 0.9, "records": recs}))
+    table = solver_check_table(load(path), "error").splitlines()
+    assert table[0] == "| data, sampler | NFE 3 | NFE 5 |" and len(table) == 2 + 4
+    assert table[2] == "| digits, Heun | 0.167 | 0.1 |"
+    assert render_block(str(path), "metric=fine_amplitude").splitlines()[-1] == "| mnist5k, iPNDM | 1 | 1 |"
