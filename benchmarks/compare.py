@@ -19,6 +19,11 @@ whether TD's few-step gain survives a stronger solver.
 variants on the same seeds; `--order variant` runs every seed of a variant before the next variant, so an unfinished
 grid has its first variants (the baseline and TD(0) first) at all seeds. Both fill the same file.
 
+`--score-at 750,1500,3000` also scores every run on its way to --steps, at those step counts: one training per
+seed gives a budget curve. Those results are labelled as the separate runs they equal ('baseline:steps=750'; the
+global random state is restored after each scoring, so the rest of training is unchanged) and written as each
+finishes; a restarted run retrains through the budgets it has scored and skips their scoring.
+
 `--sample-grids DIR` also saves, for every run, a PNG of the first 64 evaluation samples per solver and NFE, as
 DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples that were scored).
 """
@@ -126,6 +131,54 @@ def table(summary: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def at_budget(label: str, steps: int) -> str:
+    """The variant that trains `label` for `steps` steps: 'td' -> 'td:steps=N', 'td:stride=6' -> 'td:stride=6,steps=N'
+    (what a run scored on its way, `--score-at`, is equal to)."""
+    return f"{label}{',' if ':' in label else ':'}steps={steps}"
+
+
+def score_run(learner, args: Args, evaluators: dict, label: str, sample_dir: Path | None) -> list[dict]:
+    """The records of `learner`'s EMA network at its current step under each solver's Evaluator, labelled
+    `label` ('label @solver' for solvers other than the family's default) and carrying the run's settings.
+
+    The global random state is restored afterwards, so scoring mid-run leaves the rest of training (dropout draws)
+    as it would have been without it."""
+    import torch
+
+    fields = dict(run_settings(learner, args), steps=learner.step)
+    recs = []
+    with torch.random.fork_rng(devices=[learner.device] if learner.device.type == "cuda" else []):
+        for name, evaluator in evaluators.items():
+            sweep = evaluator.sweep(learner.ema, learner.method, learner.step,
+                                    None if sample_dir is None else sample_dir / name, learner.device, progress=False)
+            for r in sweep:
+                r.update(fields, variant=label if name == "default" else f"{label} @{name}")
+            recs += sweep
+    return recs
+
+
+def check_score_at(text: str, steps: int, variants: list[tuple[str, Args]]) -> list[int]:
+    """The step counts of `--score-at` (increasing, each below --steps); ConfigError for bad values, and for
+    variants that set their own steps or whose training follows the run's total (a curriculum, a coupling
+    schedule), which a run scored on its way would not equal."""
+    try:
+        budgets = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--score-at {text!r} must be comma-separated step counts, e.g. 750,1500") from None
+    bad = [b for b in budgets if not 0 < b < steps]
+    if bad:
+        raise ConfigError(f"--score-at {bad} must lie in [1, {steps - 1}] (below --steps {steps})")
+    from diffusion_rl.formulations import make_formulation
+
+    for label, args in variants if budgets else ():
+        follows_total = hasattr(make_formulation(args.formulation), "set_training_progress") or (
+            args.method == "td" and args.shared_until)
+        if "steps" in args_given(label) or follows_total:
+            raise ConfigError(f"variant {label!r} sets its own steps or follows the run's total (a curriculum or a "
+                              "coupling schedule): --score-at cannot score it on its way")
+    return budgets
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=["baseline", "td"], help="variants (see the module docstring)")
@@ -139,17 +192,23 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/compare.json", help="the JSON written after every run")
     p.add_argument("--sample-grids", default=None, metavar="DIR",
                    help="also save each run's evaluation samples as PNG grids under DIR (per variant, seed, solver)")
+    p.add_argument("--score-at", default="", metavar="STEPS",
+                   help="also score every run at these step counts on its way to --steps (comma-separated): one "
+                        "training per seed gives a budget curve, labelled like separate runs ('baseline:steps=750')")
     p.add_argument("--order", choices=("seed", "variant"), default="seed",
                    help="run the grid seed by seed (default) or variant by variant (all seeds of one first)")
     a = p.parse_args()
     base = Args(data=a.data, steps=a.steps, n_samples=a.n_samples, nfe_grid=a.nfe_grid, progress=False)
     version = code_version()  # once, before any work: the code this command runs
     variants = [parse_variant(v, base) for v in a.variants]  # every variant validated before any work
+    score_at = check_score_at(a.score_at, a.steps, variants)
     nfe_grid = tuple(int(n) for n in a.nfe_grid.split(","))
     samplers = [x.strip() for x in a.samplers.split(",") if x.strip()]
     settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid)}
     if samplers != ["default"]:
         settings["samplers"] = samplers
+    if score_at:
+        settings["score_at"] = score_at
     from diffusion_rl.formulations import make_formulation
     from diffusion_rl.samplers import sampler_for_nfe
 
@@ -170,7 +229,7 @@ def main() -> None:
         print(f"resuming {a.out}: {len(done)} finished runs kept", file=sys.stderr)
     evaluators: dict[int, dict] = {}  # seed -> solver -> its Evaluator (the samples' noise follows the seed)
     for seed, (label, args) in run_order(a.seeds, variants, a.order):
-        key = f"{label}|seed={seed}"
+        key = f"{label if not score_at else at_budget(label, a.steps)}|seed={seed}"  # the run's last result
         if not grid.claim(key):  # finished, or another worker runs it
             continue
         if seed not in evaluators:
@@ -181,24 +240,23 @@ def main() -> None:
         args = dataclasses.replace(args, seed=seed)
         learner = make_learner(args, dataset=dataset)
         learner.out_dir = None
-        ts = time.perf_counter()
-        for _ in learner.train(args.steps, progress=False):
-            pass
-        train_s = time.perf_counter() - ts
-        fields = run_settings(learner, args)
-        recs = []
-        for name, evaluator in evaluators[seed].items():
-            shown = None if a.sample_grids is None else Path(a.sample_grids) / safe_name(label) / f"seed{seed}" / name
-            sweep = evaluator.sweep(learner.ema, learner.method, learner.step, shown, learner.device,
-                                    progress=False)
-            for r in sweep:
-                r.update(fields, variant=label if name == "default" else f"{label} @{name}",
-                         train_seconds=round(train_s, 1), code=version)
-            recs += sweep
-        grid.finish(key, recs)
-        print(f"seed {seed} {label}: trained {train_s:.0f} s; " + ", ".join(
-            f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
-            file=sys.stderr, flush=True)
+        train_s = 0.0
+        for budget, scored_key in [(b, f"{at_budget(label, b)}|seed={seed}") for b in score_at] + [(args.steps, key)]:
+            ts = time.perf_counter()
+            for _ in learner.train(budget, progress=False):
+                pass
+            train_s += time.perf_counter() - ts
+            if scored_key != key and scored_key in grid.runs():  # scored before a restart: only retrained
+                continue
+            shown = label if not score_at else at_budget(label, budget)
+            sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / safe_name(shown) / f"seed{seed}"
+            recs = score_run(learner, args, evaluators[seed], shown, sample_dir)
+            for r in recs:
+                r.update(train_seconds=round(train_s, 1), code=version)
+            grid.finish(scored_key, recs)
+            print(f"seed {seed} {shown}: trained {train_s:.0f} s; " + ", ".join(
+                f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
+                file=sys.stderr, flush=True)
     runs = grid.runs()
     records = [r for rs in runs.values() for r in rs]
     metric = "fid" if dataset.kind == "image" else "sw2"

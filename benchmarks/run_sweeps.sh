@@ -4,7 +4,8 @@
 #   digits sweep:  ~3.5 h of one core per seed on a 2-core CPU; CT: ~25 min; target lag at 3x: ~1 h;
 #   TD-VP under DDIM and DPM-Solver++: ~25 min; the baseline's budget curve: ~1 h;
 #   mnist5k: 18 runs of ~1-1.25 h of one core each (train 45-60 min, score 15) on a 2-core CPU (a GPU is the place
-#   for it); run variant by variant, so an unfinished grid has the baseline and TD(0) at all three seeds first.
+#   for it); run variant by variant, so an unfinished grid has the baseline and TD(0) at all three seeds first;
+#   its baseline's budget curve: one 6,000-step run per seed scored on its way (~1.7 h of one core per seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKERS=${WORKERS:-1}
@@ -36,5 +37,7 @@ if [ "${MNIST5K:-0}" = 1 ]; then
     --seeds 0 1 2 --steps 3000 --nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm --order variant \
     --sample-grids benchmarks/results/samples/mnist5k_sweep \
     --out benchmarks/results/mnist5k_sweep.json
+  run -m benchmarks.compare --data mnist5k --variants baseline --seeds 0 1 2 --steps 6000 --score-at 750,1500,3000 \
+    --nfe-grid 9,35 --out benchmarks/results/mnist5k_baseline_plateau.json
 fi
 python -m benchmarks.report

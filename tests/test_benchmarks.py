@@ -314,3 +314,47 @@ def test_solver_check_renders_one_row_per_data_set_and_sampler(tmp_path):
     assert table[0] == "| data, sampler | NFE 3 | NFE 5 |" and len(table) == 2 + 4
     assert table[2] == "| digits, Heun | 0.167 | 0.1 |"
     assert render_block(str(path), "metric=fine_amplitude").splitlines()[-1] == "| mnist5k, iPNDM | 1 | 1 |"
+
+
+def test_scoring_a_run_on_its_way_leaves_its_training_unchanged():
+    import torch
+
+    from benchmarks.compare import at_budget, score_run
+    from diffusion_rl.cli import make_learner
+
+    class Drawing:  # an evaluator whose scoring draws from the global random state, as KID's subsets do
+        def sweep(self, net, method, step, out, device, progress):
+            torch.randn(1000)
+            return [{"nfe": 1, "metric": "sw2", "value": float(step)}]
+
+    args = Args(data="8gaussians", method="baseline", steps=20, batch_size=32, dropout=0.1, progress=False)
+    straight = make_learner(args)  # each learner seeds the global state as it is made: make, then train
+    straight.out_dir = None
+    list(straight.train(20, progress=False))
+    scored = make_learner(args)
+    scored.out_dir = None
+    list(scored.train(10, progress=False))
+    recs = score_run(scored, args, {"default": Drawing(), "ipndm": Drawing()}, at_budget("baseline", 10), None)
+    list(scored.train(20, progress=False))
+    assert [r["variant"] for r in recs] == ["baseline:steps=10", "baseline:steps=10 @ipndm"]
+    assert recs[0]["steps"] == 10 and recs[0]["method"] == "edm-baseline"
+    for a, b in zip(straight.denoiser.state_dict().values(), scored.denoiser.state_dict().values()):
+        assert torch.equal(a, b)  # dropout drew the same masks after the scoring as without it
+
+
+def test_score_at_labels_and_refusals():
+    from benchmarks.compare import at_budget, check_score_at
+
+    assert at_budget("td", 750) == "td:steps=750" and at_budget("td:stride=6", 750) == "td:stride=6,steps=750"
+    variants = [parse_variant(v, Args(steps=3000)) for v in ("baseline", "td:stride=6")]
+    assert check_score_at("1500,750,750", 3000, variants) == [750, 1500]
+    assert check_score_at("", 3000, variants + [parse_variant("td:shared_until=0.5", Args())]) == []
+    with pytest.raises(ConfigError, match=r"--score-at \[3000\] must lie in \[1, 2999\]"):
+        check_score_at("750,3000", 3000, variants)
+    with pytest.raises(ConfigError, match="comma-separated step counts"):
+        check_score_at("7a", 3000, variants)
+    for bad in ("td:shared_until=0.5", "baseline:steps=100"):
+        with pytest.raises(ConfigError, match=f"variant '{bad}' sets its own steps or follows the run's total"):
+            check_score_at("750", 3000, [parse_variant(bad, Args(steps=3000))])
+    with pytest.raises(ConfigError, match="follows the run's total"):
+        check_score_at("750", 3000, [parse_variant("td:formulation=ict", Args(steps=3000))])
