@@ -20,9 +20,10 @@ variants on the same seeds; `--order variant` runs every seed of a variant befor
 grid has its first variants (the baseline and TD(0) first) at all seeds. Both fill the same file.
 
 `--score-at 750,1500,3000` also scores every run on its way to --steps, at those step counts: one training per
-seed gives a budget curve. Those results are labelled as the separate runs they equal ('baseline:steps=750'; the
-global random state is restored after each scoring, so the rest of training is unchanged) and written as each
-finishes; a restarted run retrains through the budgets it has scored and skips their scoring.
+seed gives a budget curve. Every result, the one at --steps included, is labelled as the separate run it equals
+('baseline:steps=750', ..., 'baseline:steps=6000'; the global random state is restored after each scoring, so the
+rest of training is unchanged) and written as it finishes; a restarted run retrains through the budgets it has
+scored and skips their scoring.
 
 `--sample-grids DIR` also saves, for every run, a PNG of the first 64 evaluation samples per solver and NFE, as
 DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples that were scored).
@@ -147,7 +148,9 @@ def score_run(learner, args: Args, evaluators: dict, label: str, sample_dir: Pat
 
     fields = dict(run_settings(learner, args), steps=learner.step)
     recs = []
-    with torch.random.fork_rng(devices=[learner.device] if learner.device.type == "cuda" else []):
+    on_cpu = learner.device.type == "cpu"  # the CPU state is always restored; an accelerator's when it trains there
+    with torch.random.fork_rng(devices=[] if on_cpu else [learner.device],
+                               device_type=None if on_cpu else learner.device.type):
         for name, evaluator in evaluators.items():
             sweep = evaluator.sweep(learner.ema, learner.method, learner.step,
                                     None if sample_dir is None else sample_dir / name, learner.device, progress=False)
@@ -171,11 +174,15 @@ def check_score_at(text: str, steps: int, variants: list[tuple[str, Args]]) -> l
     from diffusion_rl.formulations import make_formulation
 
     for label, args in variants if budgets else ():
-        follows_total = hasattr(make_formulation(args.formulation), "set_training_progress") or (
-            args.method == "td" and args.shared_until)
-        if "steps" in args_given(label) or follows_total:
-            raise ConfigError(f"variant {label!r} sets its own steps or follows the run's total (a curriculum or a "
-                              "coupling schedule): --score-at cannot score it on its way")
+        if "steps" in args_given(label):
+            raise ConfigError(f"variant {label!r} sets its own steps; with --score-at every variant trains for "
+                              "--steps and is scored on its way")
+        if hasattr(make_formulation(args.formulation), "set_training_progress"):
+            raise ConfigError(f"variant {label!r} follows a curriculum over the run's total steps, so a run scored "
+                              "on its way does not equal a shorter run; --score-at cannot score it")
+        if args.method == "td" and args.shared_until:
+            raise ConfigError(f"variant {label!r} switches coupling at a fraction of the run's total steps, so a run "
+                              "scored on its way does not equal a shorter run; --score-at cannot score it")
     return budgets
 
 

@@ -460,6 +460,9 @@ def calibration_section(path: Path) -> str:
 def solver_check_table(d: dict, metric: str = "error") -> str:
     """A solver_check JSON as one row per (data set, sampler), one column per NFE: `metric` to 3 digits."""
     recs = d["records"]
+    known = ["error"] + [f"{band}_amplitude" for band in d["bands"]]
+    if metric not in known:
+        raise ValueError(f"a solver_check table shows one of {known}, not {metric!r}")
     nfes = sorted({r["nfe"] for r in recs})
     lines = ["| data, sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
     for data, sampler in dict.fromkeys((r["data"], r["sampler"]) for r in recs):
@@ -475,17 +478,25 @@ def solver_check_section(path: Path) -> str:
     if not d.get("records"):
         raise ValueError(f"{path} holds no records")
     first = d["records"][0]
-    grids = {r["nfe"]: r["sigmas"] for r in d["records"] if r["sampler"] != "heun"}
-    return "\n".join([
-        f"## {path.name}", "", f"`{d['command']}`", "",
-        f"Each sampler with the exact denoiser of the Gaussian fitted to the data set, from {first['n_samples']} "
-        "starts, against the exact solution of the probability-flow ODE (benchmarks/solver_check.py). Error: RMS "
-        "distance to the exact solution over its RMS size (0 = exact):", "", solver_check_table(d, "error"), "",
-        f"Fine amplitude: the RMS size of the samples' fine detail (the eigen-directions outside the top ones "
-        f"holding {d['coarse_variance']:.0%} of the variance) over the exact solution's (1 = right; below 1 too "
-        "smooth, above 1 too rough):", "", solver_check_table(d, "fine_amplitude"), "",
-        "Sigma grids of the one-evaluation-per-step solvers (Heun's at NFE n is the grid of (n + 1) / 2 steps): "
-        + "; ".join(f"NFE {n}: {', '.join(f'{s:g}' for s in g)}" for n, g in grids.items() if n <= 9), ""])
+    grids: dict[tuple, list[str]] = {}  # each sigma grid of at most 10 points -> the (sampler, NFE) that use it
+    for r in d["records"]:
+        user = f"{SOLVERS.get(r['sampler'], r['sampler'])} NFE {r['nfe']}"
+        if len(r["sigmas"]) <= 10 and user not in grids.setdefault(tuple(r["sigmas"]), []):
+            grids[tuple(r["sigmas"])].append(user)
+    out = [f"## {path.name}", "", f"`{d['command']}`", "",
+           f"Each sampler with the exact denoiser of the Gaussian fitted to the data set, from {first['n_samples']} "
+           "starts, against the exact solution of the probability-flow ODE (benchmarks/solver_check.py). Error: the "
+           "RMS distance to the exact solution over the RMS distance of that solution from the data mean (0 = exact):",
+           "", solver_check_table(d, "error"), ""]
+    for band, (lo, hi) in d["bands"].items():
+        upto = f"where they hold {hi * 100:g}%" if hi < 1 else "the last with more variance than sigma_min^2"
+        out += [f"Amplitude of the {band} detail (eigen-directions ranked by variance, from where the larger ones hold "
+                f"{lo * 100:g}% of the variance to {upto}): the samples' RMS size there over the exact solution's "
+                "(1 = right; below 1 too smooth, above 1 too rough):", "", solver_check_table(d, f"{band}_amplitude"),
+                ""]
+    out += ["Sigma grids: " + "; ".join(f"{', '.join(f'{x:g}' for x in g)} ({', '.join(users)})"
+                                        for g, users in grids.items()), ""]
+    return "\n".join(out)
 
 
 APPENDICES = {CALIBRATION: calibration_section, SOLVER_CHECK: solver_check_section}  # kind -> docs section

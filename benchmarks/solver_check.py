@@ -10,10 +10,13 @@ from a start x_T at sigma_max: x* = mu + U diag(sqrt(lam / (lam + sigma_max^2)))
 coordinate scales by sqrt(lam + sigma^2) along the ODE). Every sampler runs from the same starts on the EDM grid it
 uses in the benchmarks, in float64, and is scored against x*:
 
-- error: the RMS distance to x* over the RMS size of x* - mu (0 = exact);
-- fine amplitude: the RMS size of the sample's fine detail over x*'s, fine detail being the eigen-directions
-  outside the top ones that hold 90% of the variance (1 = right; below 1 the samples are too smooth, like a blur;
-  above 1 too rough, like added pixel noise).
+- error: the RMS distance to x* over the RMS distance of x* from mu (0 = exact);
+- amplitude of a band of eigen-directions: the RMS size of the sample's coordinates in the band over x*'s (1 =
+  right; below 1 the samples are too smooth there, like a blur; above 1 too rough, like added pixel noise). The
+  bands split the directions outside the top ones that hold 90% of the variance ("coarse") by the share of the
+  variance above them: "fine" 90-99%, "finer" 99-99.9%, "finest" beyond 99.9% (directions with less variance than
+  sigma_min^2, below what any sampler resolves, are left out). A band's RMS is dominated by its largest
+  directions, hence three bands.
 
 Written as JSON with its command; `benchmarks.report` renders it into docs/results.md and the README.
 """
@@ -35,26 +38,27 @@ from diffusion_rl.formulations import EDMFormulation
 from diffusion_rl.samplers import sample, steps_for_nfe
 from diffusion_rl.schedules import edm_sampling_sigmas
 
-COARSE_VARIANCE = 0.9  # the top eigen-directions holding this share of the variance are "coarse", the rest "fine"
+# amplitude bands: the directions whose larger ones hold [lo, hi) of the variance (the top 90% are "coarse")
+BANDS = {"fine": (0.9, 0.99), "finer": (0.99, 0.999), "finest": (0.999, 1.0)}
 
 
 class GaussianFit:
     """The Gaussian with a data set's mean and covariance: its exact denoiser and exact ODE solution."""
 
-    def __init__(self, ds: Dataset):
+    def __init__(self, ds: Dataset, resolved: float = EDMFormulation().sigma_min ** 2):
         x = ds.x.reshape(len(ds.x), -1).double()
         self.mean = x.mean(0)
         lam, self.basis = torch.linalg.eigh(torch.cov((x - self.mean).T))  # ascending eigenvalues
         self.lam = lam.clamp_min(0)
-        share = self.lam.flip(0).cumsum(0) / self.lam.sum()  # variance held by the top 1, 2, ... directions
-        n_coarse = int((share < COARSE_VARIANCE).sum()) + 1
-        self.fine = torch.arange(len(self.lam)) < len(self.lam) - n_coarse
+        above = (self.lam.flip(0).cumsum(0).flip(0) - self.lam) / self.lam.sum()  # share held by larger directions
+        self.bands = {name: (above >= lo) & (above < hi) & (self.lam > resolved) for name, (lo, hi) in BANDS.items()}
 
     def coords(self, x: Tensor) -> Tensor:
         """Eigen-coordinates of x - mean, [B, D]."""
         return (x.reshape(len(x), -1) - self.mean) @ self.basis
 
     def denoiser(self) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+        """The exact denoiser E[x0 | x_sigma] of this Gaussian, with the samplers' signature."""
         def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
             shrink = self.lam / (self.lam + sigma.reshape(-1, 1).to(x) ** 2)
             return (self.mean + (self.coords(x) * shrink) @ self.basis.T).reshape(x.shape)
@@ -71,7 +75,7 @@ def rms(z: Tensor) -> float:
 
 
 def score_solvers(ds: Dataset, samplers: list[str], nfe_grid: list[int], n_samples: int, seed: int) -> list[dict]:
-    """One record per (sampler, NFE): error and fine amplitude against the exact ODE solution."""
+    """One record per (sampler, NFE): error and each band's amplitude against the exact ODE solution."""
     fit, f = GaussianFit(ds), EDMFormulation()
     shape = (n_samples, *ds.sample_shape)
     start = f.prior(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # what sample() draws
@@ -85,11 +89,13 @@ def score_solvers(ds: Dataset, samplers: list[str], nfe_grid: list[int], n_sampl
             grid = edm_sampling_sigmas(res.steps, f.sigma_min, f.sigma_max, f.rho, dtype=torch.float64)
             records.append({"data": ds.name, "sampler": sampler, "nfe": nfe, "seed": seed, "n_samples": n_samples,
                             "error": round(rms(z - exact) / rms(exact), 5),
-                            "fine_amplitude": round(rms(z[:, fit.fine]) / rms(exact[:, fit.fine]), 5),
-                            "fine_directions": int(fit.fine.sum()), "sigmas": [round(s, 4) for s in grid.tolist()]})
-            r = records[-1]
-            print(f"{ds.name} {sampler} NFE {nfe}: error {r['error']:.4f}, fine amplitude {r['fine_amplitude']:.3f}",
-                  file=sys.stderr, flush=True)
+                            **{f"{band}_amplitude": round(rms(z[:, m]) / rms(exact[:, m]), 5)
+                               for band, m in fit.bands.items()},
+                            **{f"{band}_directions": int(m.sum()) for band, m in fit.bands.items()},
+                            "sigmas": [round(s, 4) for s in grid.tolist()]})
+            print(f"{ds.name} {sampler} NFE {nfe}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in records[-1].items() if k == "error" or k.endswith("_amplitude")),
+                file=sys.stderr, flush=True)
     return records
 
 
@@ -130,8 +136,8 @@ def main() -> None:
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.solver_check", *sys.argv[1:]])
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "kind": "solver_check", "coarse_variance": COARSE_VARIANCE,
-                               "records": records}, indent=1))
+    out.write_text(json.dumps({"command": command, "kind": "solver_check", "bands": BANDS, "records": records},
+                              indent=1))
     print(f"wrote {out}")
 
 

@@ -257,14 +257,15 @@ def _gaussian_images(n: int = 400, side: int = 4, seed: int = 0):
     return Dataset(name="toy-images", x=x.reshape(n, 1, side, side), labels=None, num_classes=0, kind="image")
 
 
-def test_gaussian_fit_denoiser_is_the_posterior_mean_and_its_fine_part_holds_a_tenth_of_the_variance():
+def test_gaussian_fit_denoiser_is_the_posterior_mean_and_its_bands_split_the_variance():
     import torch
 
-    from benchmarks.solver_check import COARSE_VARIANCE, GaussianFit
+    from benchmarks.solver_check import BANDS, GaussianFit
 
     ds = _gaussian_images()
     fit = GaussianFit(ds)
     cov = fit.basis @ torch.diag(fit.lam) @ fit.basis.T
+    assert torch.allclose(cov, torch.cov(ds.x.reshape(len(ds.x), -1).double().T), atol=1e-10)  # the data's covariance
     x = torch.randn(5, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64)
     flat = x.reshape(5, -1) - fit.mean
@@ -272,9 +273,13 @@ def test_gaussian_fit_denoiser_is_the_posterior_mean_and_its_fine_part_holds_a_t
     expected = torch.stack([fit.mean + cov @ torch.linalg.solve(cov + s ** 2 * torch.eye(16, dtype=torch.float64), v)
                             for v, s in zip(flat, sigma)])
     assert torch.allclose(fit.denoiser()(x, sigma).reshape(5, -1), expected, atol=1e-10)
-    fine_share = (fit.lam[fit.fine].sum() / fit.lam.sum()).item()
-    next_share = fine_share + fit.lam[~fit.fine].min().item() / fit.lam.sum().item()
-    assert fine_share < 1 - COARSE_VARIANCE <= next_share  # the top directions holding 90%, no more
+    total, above = fit.lam.sum().item(), 0.0  # walk the directions from the largest variance down
+    for i in fit.lam.argsort(descending=True).tolist():
+        for band, (lo, hi) in BANDS.items():
+            expected = lo <= above / total < hi and fit.lam[i] > 0.002 ** 2
+            assert bool(fit.bands[band][i]) == expected, (band, i)
+        above += fit.lam[i].item()
+    assert sum(int(m.sum()) for m in fit.bands.values()) > 0
 
 
 def test_solver_check_converges_to_the_exact_ode_solution_and_catches_heuns_few_step_failure():
@@ -304,57 +309,19 @@ def test_solver_check_refuses_bad_grids(samplers, nfe, n, match):
 
 
 def test_solver_check_renders_one_row_per_data_set_and_sampler(tmp_path):
-    from benchmarks.report import SOLVER_CHECK, load, solver_check_table
+    from benchmarks.report import SOLVER_CHECK, load, results_page, solver_check_table
 
     recs = [{"data": d, "sampler": s, "nfe": n, "error": 0.5 / n, "fine_amplitude": 1.0 + n / 1000, "n_samples": 10,
-             "sigmas": [80.0, 0.002]} for d in ("digits", "mnist5k") for s in ("heun", "ipndm") for n in (3, 5)]
+             "sigmas": [80.0, 0.002, 0.0]} for d in ("digits", "mnist5k") for s in ("heun", "ipndm") for n in (3, 5)]
     path = tmp_path / "solver.json"
-    path.write_text(json.dumps({"command": "cmd", "kind": SOLVER_CHECK, "coarse_variance": 0.9, "records": recs}))
+    path.write_text(json.dumps({"command": "cmd", "kind": SOLVER_CHECK, "bands": {"fine": [0.9, 0.99]},
+                                "records": recs}))
     table = solver_check_table(load(path), "error").splitlines()
     assert table[0] == "| data, sampler | NFE 3 | NFE 5 |" and len(table) == 2 + 4
     assert table[2] == "| digits, Heun | 0.167 | 0.1 |"
     assert render_block(str(path), "metric=fine_amplitude").splitlines()[-1] == "| mnist5k, iPNDM | 1 | 1 |"
-
-
-def test_scoring_a_run_on_its_way_leaves_its_training_unchanged():
-    import torch
-
-    from benchmarks.compare import at_budget, score_run
-    from diffusion_rl.cli import make_learner
-
-    class Drawing:  # an evaluator whose scoring draws from the global random state, as KID's subsets do
-        def sweep(self, net, method, step, out, device, progress):
-            torch.randn(1000)
-            return [{"nfe": 1, "metric": "sw2", "value": float(step)}]
-
-    args = Args(data="8gaussians", method="baseline", steps=20, batch_size=32, dropout=0.1, progress=False)
-    straight = make_learner(args)  # each learner seeds the global state as it is made: make, then train
-    straight.out_dir = None
-    list(straight.train(20, progress=False))
-    scored = make_learner(args)
-    scored.out_dir = None
-    list(scored.train(10, progress=False))
-    recs = score_run(scored, args, {"default": Drawing(), "ipndm": Drawing()}, at_budget("baseline", 10), None)
-    list(scored.train(20, progress=False))
-    assert [r["variant"] for r in recs] == ["baseline:steps=10", "baseline:steps=10 @ipndm"]
-    assert recs[0]["steps"] == 10 and recs[0]["method"] == "edm-baseline"
-    for a, b in zip(straight.denoiser.state_dict().values(), scored.denoiser.state_dict().values()):
-        assert torch.equal(a, b)  # dropout drew the same masks after the scoring as without it
-
-
-def test_score_at_labels_and_refusals():
-    from benchmarks.compare import at_budget, check_score_at
-
-    assert at_budget("td", 750) == "td:steps=750" and at_budget("td:stride=6", 750) == "td:stride=6,steps=750"
-    variants = [parse_variant(v, Args(steps=3000)) for v in ("baseline", "td:stride=6")]
-    assert check_score_at("1500,750,750", 3000, variants) == [750, 1500]
-    assert check_score_at("", 3000, variants + [parse_variant("td:shared_until=0.5", Args())]) == []
-    with pytest.raises(ConfigError, match=r"--score-at \[3000\] must lie in \[1, 2999\]"):
-        check_score_at("750,3000", 3000, variants)
-    with pytest.raises(ConfigError, match="comma-separated step counts"):
-        check_score_at("7a", 3000, variants)
-    for bad in ("td:shared_until=0.5", "baseline:steps=100"):
-        with pytest.raises(ConfigError, match=f"variant '{bad}' sets its own steps or follows the run's total"):
-            check_score_at("750", 3000, [parse_variant(bad, Args(steps=3000))])
-    with pytest.raises(ConfigError, match="follows the run's total"):
-        check_score_at("750", 3000, [parse_variant("td:formulation=ict", Args(steps=3000))])
+    with pytest.raises(ValueError, match=r"one of \['error', 'fine_amplitude'\], not 'finest_amplitude'"):
+        render_block(str(path), "metric=finest_amplitude")
+    page = results_page([], tmp_path, [(path, SOLVER_CHECK)])  # the appendix dispatch by kind
+    assert "## solver.json" in page and "Amplitude of the fine detail" in page
+    assert "80, 0.002, 0 (Heun NFE 3, Heun NFE 5, iPNDM NFE 3, iPNDM NFE 5)" in page
