@@ -444,17 +444,23 @@ def calibration_table(d: dict, metric: str = "fid") -> str:
     return "\n".join(lines)
 
 
-def calibration_section(path: Path) -> str:
-    """docs/results.md's section for a metric_check JSON."""
+def appendix_head(path: Path) -> tuple[dict, list[str]]:
+    """A metric_check or solver_check JSON and its docs/results.md section's heading (name and command); a file
+    with no records raises ValueError."""
     d = load(path)
     if not d.get("records"):
         raise ValueError(f"{path} holds no records")
+    return d, [f"## {path.name}", "", f"`{d['command']}`", ""]
+
+
+def calibration_section(path: Path) -> str:
+    """docs/results.md's section for a metric_check JSON."""
+    d, head = appendix_head(path)
     first = d["records"][0]
-    return "\n".join([f"## {path.name}", "", f"`{d['command']}`", "",
-                      f"Real training images scored as if they were {first['n_samples']} generated samples (drawn "
-                      f"with replacement; every corruption and seed draws its own), with the evaluation protocol of "
-                      f"the tables above; {len({r['seed'] for r in d['records']})} seeds. FID, mean ± std:", "",
-                      calibration_table(d), ""])
+    return "\n".join(head + [
+        f"Real training images scored as if they were {first['n_samples']} generated samples (drawn with "
+        f"replacement; every corruption and seed draws its own), with the evaluation protocol of the tables above; "
+        f"{len({r['seed'] for r in d['records']})} seeds. FID, mean ± std:", "", calibration_table(d), ""])
 
 
 def solver_check_table(d: dict, metric: str = "error") -> str:
@@ -474,20 +480,18 @@ def solver_check_table(d: dict, metric: str = "error") -> str:
 
 def solver_check_section(path: Path) -> str:
     """docs/results.md's section for a solver_check JSON."""
-    d = load(path)
-    if not d.get("records"):
-        raise ValueError(f"{path} holds no records")
+    d, head = appendix_head(path)
     first = d["records"][0]
     grids: dict[tuple, list[str]] = {}  # each sigma grid of at most 10 points -> the (sampler, NFE) that use it
     for r in d["records"]:
         user = f"{SOLVERS.get(r['sampler'], r['sampler'])} NFE {r['nfe']}"
         if len(r["sigmas"]) <= 10 and user not in grids.setdefault(tuple(r["sigmas"]), []):
             grids[tuple(r["sigmas"])].append(user)
-    out = [f"## {path.name}", "", f"`{d['command']}`", "",
-           f"Each sampler with the exact denoiser of the Gaussian fitted to the data set, from {first['n_samples']} "
-           "starts, against the exact solution of the probability-flow ODE (benchmarks/solver_check.py). Error: the "
-           "RMS distance to the exact solution over the RMS distance of that solution from the data mean (0 = exact):",
-           "", solver_check_table(d, "error"), ""]
+    out = head + [
+        f"Each sampler with the exact denoiser of the Gaussian fitted to the data set, from {first['n_samples']} "
+        "starts, against the exact solution of the probability-flow ODE (benchmarks/solver_check.py). Error: the RMS "
+        "distance to the exact solution over the RMS distance of that solution from the data mean (0 = exact):", "",
+        solver_check_table(d, "error"), ""]
     for band, (lo, hi) in d["bands"].items():
         upto = f"where they hold {hi * 100:g}%" if hi < 1 else "the last with more variance than sigma_min^2"
         out += [f"Amplitude of the {band} detail (eigen-directions ranked by variance, from where the larger ones hold "
