@@ -99,14 +99,18 @@ def load(path: str | Path) -> dict:
 
 def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | None = None,
                    labels: dict[str, str] | None = None, variants: list[str] | None = None) -> str:
-    """One row per variant (in first-seen order, or `variants`' order), one column per NFE: 'mean ± std'."""
+    """One row per variant (in first-seen order, or `variants`' order), one column per NFE: 'mean ± std'. A row
+    over fewer seeds than the table's most (an unfinished grid) names its count: 'TD(0) k=1 (2 seeds)'."""
     rows = [s for s in summary if s["metric"] == metric]
     nfes = nfes or sorted({s["nfe"] for s in rows})
     lines = ["| variant | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    most = max((s.get("n_seeds", 1) for s in rows), default=1)
     for v in variants or dict.fromkeys(s["variant"] for s in rows):
         cell = {s["nfe"]: cell_text(s) for s in rows if s["variant"] == v}
         base, solver = split_label(v)
         name = (labels or {}).get(base, base) + ("" if solver == "default" else f", {SOLVERS.get(solver, solver)}")
+        seeds = max((s.get("n_seeds", 1) for s in rows if s["variant"] == v), default=most)
+        name += f" ({seeds} seeds)" if 1 < seeds < most else ""  # one seed shows in every cell already
         lines.append(f"| {name} | " + " | ".join(cell.get(n, "-") for n in nfes) + " |")
     return "\n".join(lines)
 

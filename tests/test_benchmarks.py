@@ -30,6 +30,10 @@ def test_summary_and_table_give_mean_and_spread_over_seeds():
     assert by["baseline"]["mean"] == 75.0 and by["td"]["std"] == pytest.approx(1.41421356)
     table = markdown_table(summary, "fid")
     assert "| baseline | 75.0 ± 7.07 |" in table and "| td | 41.0 ± 1.41 |" in table
+    unfinished = summarise(recs + [{"variant": "baseline", "nfe": 3, "metric": "fid", "value": 75.0},
+                                   {"variant": "td:stride=1", "nfe": 3, "metric": "fid", "value": 60.0}])
+    rows = markdown_table(unfinished, "fid").splitlines()[2:]  # rows over fewer seeds than the most name their count
+    assert rows == ["| baseline | 75.0 ± 5.00 |", "| td (2 seeds) | 41.0 ± 1.41 |", "| td:stride=1 | 60.0 (1 seed) |"]
 
 
 def _summary(rows):
