@@ -366,14 +366,18 @@ def plot_sample_montage(rows: list[tuple[str, list[Path | None]]], path: Path) -
 
 
 def expected_runs(command: str) -> int | None:
-    """Variants x seeds of a compare command line (None when it does not name both)."""
+    """The results a compare command line makes: variants x seeds, times 1 + the budgets of `--score-at` (each run
+    is also scored on its way); None when it does not name both variants and seeds."""
     tokens, lists, key = shlex.split(command), {}, None
     for t in tokens:
         if t.startswith("--"):
             key = t
         elif key in ("--variants", "--seeds"):
             lists.setdefault(key, []).append(t)
-    return len(lists["--variants"]) * len(lists["--seeds"]) if len(lists) == 2 else None
+    score_at = [x for x in (command_option(command, "--score-at") or "").split(",") if x.strip()]
+    if len(lists) < 2:
+        return None
+    return len(lists["--variants"]) * len(lists["--seeds"]) * (1 + len(set(score_at)))
 
 
 def file_section(path: Path, plots: Path) -> str:

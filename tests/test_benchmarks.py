@@ -329,3 +329,12 @@ def test_solver_check_renders_one_row_per_data_set_and_sampler(tmp_path):
     page = results_page([], tmp_path, [(path, SOLVER_CHECK)])  # the appendix dispatch by kind
     assert "## solver.json" in page and "Amplitude of the fine detail" in page
     assert "80, 0.002, 0 (Heun NFE 3, Heun NFE 5, iPNDM NFE 3, iPNDM NFE 5)" in page
+
+
+def test_expected_runs_counts_variants_seeds_and_the_budgets_scored_on_the_way():
+    from benchmarks.report import expected_runs
+
+    assert expected_runs("python -m benchmarks.compare --variants baseline td --seeds 0 1 2 --steps 5") == 6
+    assert expected_runs("compare --variants baseline --seeds 0 1 2 --steps 6000 --score-at 750,1500,3000") == 12
+    assert expected_runs("compare --variants baseline --seeds 0 --score-at=750") == 2
+    assert expected_runs("compare --steps 5") is None
