@@ -236,7 +236,10 @@ def main() -> None:
         print(f"resuming {a.out}: {len(done)} finished runs kept", file=sys.stderr)
     evaluators: dict[int, dict] = {}  # seed -> solver -> its Evaluator (the samples' noise follows the seed)
     for seed, (label, args) in run_order(a.seeds, variants, a.order):
-        key = f"{label if not score_at else at_budget(label, a.steps)}|seed={seed}"  # the run's last result
+        # (steps, label) of each result this run gives: the budgets of --score-at, then --steps
+        stops = [(b, at_budget(label, b)) for b in score_at] + [
+            (args.steps, at_budget(label, args.steps) if score_at else label)]
+        key = f"{stops[-1][1]}|seed={seed}"  # the run's last result: claimed for the whole run
         if not grid.claim(key):  # finished, or another worker runs it
             continue
         if seed not in evaluators:
@@ -248,14 +251,14 @@ def main() -> None:
         learner = make_learner(args, dataset=dataset)
         learner.out_dir = None
         train_s = 0.0
-        for budget, scored_key in [(b, f"{at_budget(label, b)}|seed={seed}") for b in score_at] + [(args.steps, key)]:
+        for budget, shown in stops:
             ts = time.perf_counter()
             for _ in learner.train(budget, progress=False):
                 pass
             train_s += time.perf_counter() - ts
+            scored_key = f"{shown}|seed={seed}"
             if scored_key != key and scored_key in grid.runs():  # scored before a restart: only retrained
                 continue
-            shown = label if not score_at else at_budget(label, budget)
             sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / safe_name(shown) / f"seed{seed}"
             recs = score_run(learner, args, evaluators[seed], shown, sample_dir)
             for r in recs:

@@ -97,13 +97,19 @@ def load(path: str | Path) -> dict:
     return d
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: a header row, its separator, then one line per row of cells."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+                     + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | None = None,
                    labels: dict[str, str] | None = None, variants: list[str] | None = None) -> str:
     """One row per variant (in first-seen order, or `variants`' order), one column per NFE: 'mean ± std'. A row
     over fewer seeds than the table's most (an unfinished grid) names its count: 'TD(0) k=1 (2 seeds)'."""
     rows = [s for s in summary if s["metric"] == metric]
     nfes = nfes or sorted({s["nfe"] for s in rows})
-    lines = ["| variant | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    lines = []
     most = max((s.get("n_seeds", 1) for s in rows), default=1)
     for v in variants or dict.fromkeys(s["variant"] for s in rows):
         cell = {s["nfe"]: cell_text(s) for s in rows if s["variant"] == v}
@@ -111,8 +117,8 @@ def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | N
         name = (labels or {}).get(base, base) + ("" if solver == "default" else f", {SOLVERS.get(solver, solver)}")
         seeds = max((s.get("n_seeds", 1) for s in rows if s["variant"] == v), default=most)
         name += f" ({seeds} seeds)" if 1 < seeds < most else ""  # one seed shows in every cell already
-        lines.append(f"| {name} | " + " | ".join(cell.get(n, "-") for n in nfes) + " |")
-    return "\n".join(lines)
+        lines.append([name] + [cell.get(n, "-") for n in nfes])
+    return md_table(["variant"] + [f"NFE {n}" for n in nfes], lines)
 
 
 def wins_everywhere(summary: list[dict], metric: str = "fid", max_nfe: int = FEW_STEP) -> dict[str, dict]:
@@ -149,15 +155,13 @@ def reach_controls(d: dict, metric: str = "fid") -> str:
     rows = [s for s in d["summary"] if s["metric"] == metric]
     nfes = sorted({s["nfe"] for s in rows})
     cell = {(s["variant"], s["nfe"]): cell_text(s) for s in rows}
-    lines = ["| solver | n-step variant | its control | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-             "|---" * (len(nfes) + 3) + "|"]
+    lines = []
     for solver in _solvers(d["summary"]):
         suffix = "" if solver == "default" else f" @{solver}"
         for v, ctrl in pairs:
             vals = [f"{cell.get((v + suffix, n), '-')} vs {cell.get((ctrl + suffix, n), '-')}" for n in nfes]
-            lines.append(f"| {solver_name(d, solver)} | {d['labels'][v]} | {d['labels'][ctrl]} | "
-                         + " | ".join(vals) + " |")
-    return "\n".join(lines)
+            lines.append([solver_name(d, solver), d["labels"][v], d["labels"][ctrl]] + vals)
+    return md_table(["solver", "n-step variant", "its control"] + [f"NFE {n}" for n in nfes], lines)
 
 
 def solver_name(d: dict, solver: str) -> str:
@@ -445,11 +449,11 @@ def calibration_table(d: dict, metric: str = "fid") -> str:
     """A metric_check JSON as one row per corruption of real images, one column per data set: 'mean ± std'."""
     rows = [s for s in d["summary"] if s["metric"] == metric]
     sets = list(dict.fromkeys(s["data"] for s in rows))
-    lines = ["| real images scored as samples | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    lines = []
     for name in dict.fromkeys(s["corruption"] for s in rows):
         cell = {s["data"]: cell_text(s) for s in rows if s["corruption"] == name}
-        lines.append(f"| {name} | " + " | ".join(cell.get(x, "-") for x in sets) + " |")
-    return "\n".join(lines)
+        lines.append([name] + [cell.get(x, "-") for x in sets])
+    return md_table(["real images scored as samples"] + sets, lines)
 
 
 def appendix_head(path: Path) -> tuple[dict, list[str]]:
@@ -478,12 +482,11 @@ def solver_check_table(d: dict, metric: str = "error") -> str:
     if metric not in known:
         raise ValueError(f"a solver_check table shows one of {known}, not {metric!r}")
     nfes = sorted({r["nfe"] for r in recs})
-    lines = ["| data, sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    lines = []
     for data, sampler in dict.fromkeys((r["data"], r["sampler"]) for r in recs):
         cell = {r["nfe"]: f"{r[metric]:.3g}" for r in recs if (r["data"], r["sampler"]) == (data, sampler)}
-        lines.append(f"| {data}, {SOLVERS.get(sampler, sampler)} | "
-                     + " | ".join(cell.get(n, "-") for n in nfes) + " |")
-    return "\n".join(lines)
+        lines.append([f"{data}, {SOLVERS.get(sampler, sampler)}"] + [cell.get(n, "-") for n in nfes])
+    return md_table(["data, sampler"] + [f"NFE {n}" for n in nfes], lines)
 
 
 def solver_check_section(path: Path) -> str:
