@@ -391,7 +391,7 @@ def file_section(path: Path, plots: Path) -> str:
     first = next(iter(d["runs"].values()))[0]
     budgets = sorted({r.get("steps") for recs in d["runs"].values() for r in recs} - {None})
     seeds = sorted({int(k.rpartition("seed=")[2]) for k in d["runs"]})
-    out = [f"## {path.name}", "",
+    out = [f"## {path.relative_to(RESULTS) if path.is_relative_to(RESULTS) else path.name}", "",
            f"`{d['command']}`", "",
            f"Data {first.get('data')}, {' / '.join(map(str, budgets)) or '?'} training steps of "
            f"{first.get('batch_size')} images, "
@@ -571,7 +571,8 @@ def main() -> None:
             if a.plot:
                 plot_vs_nfe(d, Path(a.plot), a.metric)
         return
-    found = {f: json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))}
+    found = {f: json.loads(f.read_text())
+             for f in [*sorted(RESULTS.glob("*.json")), *sorted(RESULTS.glob("gpu/*.json"))]}  # GPU runs last
     files = [f for f, d in found.items() if "runs" in d]
     appendices = [(f, d["kind"]) for f, d in found.items() if d.get("kind") in APPENDICES]  # how to read: last
     (ROOT / "docs" / "results.md").write_text(results_page(files, ROOT / "docs" / "plots", appendices))

@@ -158,23 +158,24 @@ def main() -> None:
         dataset = synthetic_images(shape)
     else:
         dataset = load_dataset(a.data)
+    device = device_label(a.device)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.throughput", *sys.argv[1:]])
     rows = []
-    for precision in precisions:
-        for c in compiles:
+    for c in compiles:  # every uncompiled row first: compilation is the slow part, and a time limit may cut it
+        for precision in precisions:
             row = measure(a, dataset, precision, c == "on")
             rows.append(row)
             print(f"{precision:>4} compile {c:>3}: baseline {row['baseline_img_s']:8.0f} img/s, TD "
                   f"{row['td_img_s']:8.0f} img/s (TD/baseline {row['td_over_baseline']:.2f}, floor "
                   f"{row['td_over_baseline_floor']:.2f}), sampling "
                   f"{row['sample_img_s']:8.0f} img/s at NFE {a.nfe}", file=sys.stderr, flush=True)
-    device = device_label(a.device)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.throughput", *sys.argv[1:]])
-    out.write_text(json.dumps({"benchmark": "throughput", "command": command, "device": device,
-                               "torch": torch.__version__, "data": dataset.name,
-                               "sample_shape": list(dataset.sample_shape), "settings": dataclasses.asdict(a),
-                               "results": rows}, indent=1))
+            # rewritten after each configuration: a run stopped by a time limit keeps the rows it measured
+            out.write_text(json.dumps({"benchmark": "throughput", "command": command, "device": device,
+                                       "torch": torch.__version__, "data": dataset.name,
+                                       "sample_shape": list(dataset.sample_shape), "settings": dataclasses.asdict(a),
+                                       "results": rows}, indent=1))
     print(f"wrote {out}")
 
 
