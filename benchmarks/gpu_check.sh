@@ -9,16 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results/gpu
 mkdir -p "$OUT"
-# A machine with no package index: put wheels of the missing packages (tensordict, torchrl, gymnasium, mlxtend and
-# what they need, for that machine's Python) in .whl/ beside this repository's root; they go to /tmp/site.
-# The torchrl wheel carries a top-level 'benchmarks' package of its own: it is removed so it cannot shadow ours.
-if [ -d .whl ]; then
-    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && rm -rf /tmp/site/benchmarks && export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || exit 1
-fi
-if ! python -c "import diffusion_rl" 2>/dev/null; then
-    pip install -q -e '.[mnist]' || exit 1
-fi
+source benchmarks/gpu_env.sh || exit 1  # wheels from benchmarks/gpu_wheels.sh where there is no package index
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 start=$(date +%s)
 # 1. the tests that need CUDA (skipped elsewhere)
