@@ -338,3 +338,81 @@ def test_expected_runs_counts_variants_seeds_and_the_budgets_scored_on_the_way()
     assert expected_runs("compare --variants baseline --seeds 0 1 2 --steps 6000 --score-at 750,1500,3000") == 12
     assert expected_runs("compare --variants baseline --seeds 0 --score-at=750") == 2
     assert expected_runs("compare --steps 5") is None
+
+
+def test_scoring_a_run_on_its_way_leaves_its_training_unchanged():
+    import torch
+
+    from benchmarks.compare import at_budget, score_run
+    from diffusion_rl.cli import make_learner
+
+    class Drawing:  # an evaluator whose scoring draws from the global random state, as KID's subsets do
+        def sweep(self, net, method, step, out, device, progress):
+            torch.randn(1000)
+            return [{"nfe": 1, "metric": "sw2", "value": float(step)}]
+
+    args = Args(data="8gaussians", method="baseline", steps=20, batch_size=32, dropout=0.1, progress=False)
+    straight = make_learner(args)  # each learner seeds the global state as it is made: make, then train
+    straight.out_dir = None
+    list(straight.train(20, progress=False))
+    scored = make_learner(args)
+    scored.out_dir = None
+    list(scored.train(10, progress=False))
+    recs = score_run(scored, args, {"default": Drawing(), "ipndm": Drawing()}, at_budget("baseline", 10), None)
+    list(scored.train(20, progress=False))
+    assert [r["variant"] for r in recs] == ["baseline:steps=10", "baseline:steps=10 @ipndm"]
+    assert recs[0]["steps"] == 10 and recs[0]["method"] == "edm-baseline"
+    for a, b in zip(straight.denoiser.state_dict().values(), scored.denoiser.state_dict().values()):
+        assert torch.equal(a, b)  # dropout drew the same masks after the scoring as without it
+
+
+def test_score_at_labels_and_refusals():
+    from benchmarks.compare import at_budget, check_score_at
+
+    assert at_budget("td", 750) == "td:steps=750" and at_budget("td:stride=6", 750) == "td:stride=6,steps=750"
+    variants = [parse_variant(v, Args(steps=3000)) for v in ("baseline", "td:stride=6")]
+    assert check_score_at("1500,750,750", 3000, variants) == [750, 1500]
+    assert check_score_at("", 3000, variants + [parse_variant("td:shared_until=0.5", Args())]) == []
+    with pytest.raises(ConfigError, match=r"--score-at \[3000\] must lie in \[1, 2999\]"):
+        check_score_at("750,3000", 3000, variants)
+    with pytest.raises(ConfigError, match="comma-separated step counts"):
+        check_score_at("7a", 3000, variants)
+    for bad, match in [("baseline:steps=100", "sets its own steps"),
+                       ("td:formulation=ict", "follows a curriculum over the run's total steps"),
+                       ("td:shared_until=0.5", "switches coupling at a fraction of the run's total steps")]:
+        with pytest.raises(ConfigError, match=match):
+            check_score_at("750", 3000, [parse_variant(bad, Args(steps=3000))])
+
+
+def _compare(monkeypatch, *argv: str) -> dict:
+    """Run benchmarks.compare in this process with `argv`; returns the grid file's runs."""
+    import sys
+
+    from benchmarks import compare
+
+    out = argv[argv.index("--out") + 1]
+    monkeypatch.setattr(sys, "argv", ["compare", *argv])
+    compare.main()
+    return json.loads(open(out).read())["runs"]
+
+
+def test_score_at_restarts_without_losing_a_result_and_equals_separate_runs(tmp_path, monkeypatch):
+    """A run scored on its way and killed after its first budget resumes: the budget already scored is kept (not
+    scored twice), the rest is scored, and every result equals the separately trained run it is labelled as."""
+    common = ["--data", "8gaussians", "--variants", "baseline", "--seeds", "0", "--n-samples", "64",
+              "--nfe-grid", "2"]
+    curve = tmp_path / "curve.json"
+    full = _compare(monkeypatch, *common, "--steps", "8", "--score-at", "4", "--out", str(curve))
+    assert set(full) == {"baseline:steps=4|seed=0", "baseline:steps=8|seed=0"}
+    d = json.loads(curve.read_text())  # the kill: the run's last result never written
+    kept = d["runs"].pop("baseline:steps=8|seed=0")
+    d["runs"]["baseline:steps=4|seed=0"][0]["value"] = -1.0  # a mark that scoring it again would overwrite
+    curve.write_text(json.dumps(d))
+    resumed = _compare(monkeypatch, *common, "--steps", "8", "--score-at", "4", "--out", str(curve))
+    assert resumed["baseline:steps=4|seed=0"][0]["value"] == -1.0  # kept, not scored again
+    assert len(resumed) == 2
+    assert [r["value"] for r in resumed["baseline:steps=8|seed=0"]] == [r["value"] for r in kept]
+    for steps in (4, 8):  # each budget equals a plain run of that many steps
+        plain = _compare(monkeypatch, *common, "--steps", str(steps), "--out", str(tmp_path / f"plain{steps}.json"))
+        assert [r["value"] for r in plain["baseline|seed=0"]] == \
+            [r["value"] for r in full[f"baseline:steps={steps}|seed=0"]]
