@@ -27,6 +27,10 @@ scored and skips their scoring.
 
 `--sample-grids DIR` also saves, for every run, a PNG of the first 64 evaluation samples per solver and NFE, as
 DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples that were scored).
+
+`--keep-models DIR` also saves every run's final checkpoint as DIR/<variant>/seed<S>/checkpoint.pt, so a new solver
+or budget can be scored later without retraining: `diffusion-rl evaluate --checkpoint CHECKPOINT --seed S --n-samples N
+--sampler X` reproduces the grid's records for a solver the grid used (tested) and scores it under any other.
 """
 from __future__ import annotations
 
@@ -199,6 +203,9 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/compare.json", help="the JSON written after every run")
     p.add_argument("--sample-grids", default=None, metavar="DIR",
                    help="also save each run's evaluation samples as PNG grids under DIR (per variant, seed, solver)")
+    p.add_argument("--keep-models", default=None, metavar="DIR",
+                   help="also save each run's final checkpoint as DIR/<variant>/seed<S>/checkpoint.pt (to score it "
+                        "later under other solvers with `diffusion-rl evaluate`, without retraining)")
     p.add_argument("--score-at", default="", metavar="STEPS",
                    help="also score every run at these step counts on its way to --steps (comma-separated): one "
                         "training per seed gives a budget curve, labelled like separate runs ('baseline:steps=750')")
@@ -227,8 +234,9 @@ def main() -> None:
     for label, args in variants:  # every setting checked (the env's TD-valid rule too) before anything is written
         validate_args(args, given=set(args_given(label)), methods=(args.method,))
         make_learner(args, dataset=dataset)
-    if a.sample_grids is not None and Path(a.sample_grids).exists() and not Path(a.sample_grids).is_dir():
-        raise ConfigError(f"--sample-grids {a.sample_grids!r} is a file, not a folder")
+    for option, folder in (("--sample-grids", a.sample_grids), ("--keep-models", a.keep_models)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"{option} {folder!r} is a file, not a folder")
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
     grid = ResultGrid(a.out, settings, command)  # refuses a file made with other settings, before any training
     done = grid.runs()
@@ -263,6 +271,8 @@ def main() -> None:
             recs = score_run(learner, args, evaluators[seed], shown, sample_dir)
             for r in recs:
                 r.update(train_seconds=round(train_s, 1), code=version)
+            if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model
+                learner.save(Path(a.keep_models) / safe_name(label) / f"seed{seed}" / "checkpoint.pt")
             grid.finish(scored_key, recs)
             print(f"seed {seed} {shown}: trained {train_s:.0f} s; " + ", ".join(
                 f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),

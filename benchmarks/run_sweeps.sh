@@ -6,6 +6,7 @@
 #   mnist5k: 18 runs of ~1-1.25 h of one core each (train 45-60 min, score 15) on a 2-core CPU (a GPU is the place
 #   for it); run variant by variant, so an unfinished grid has the baseline and TD(0) at all three seeds first;
 #   its baseline's budget curve: one 6,000-step run per seed scored on its way (~1.7 h of one core per seed).
+#   The mnist5k grid keeps its models (runs/models/, 11 MB each, not committed) so new solvers can score them later.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKERS=${WORKERS:-1}
@@ -35,7 +36,7 @@ if [ "${MNIST5K:-0}" = 1 ]; then
   run -m benchmarks.compare --data mnist5k --variants baseline td td:stride=1 td:stride=6 \
     td:estimator=nstep,n_steps=2 td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.5 \
     --seeds 0 1 2 --steps 3000 --nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm --order variant \
-    --sample-grids benchmarks/results/samples/mnist5k_sweep \
+    --sample-grids benchmarks/results/samples/mnist5k_sweep --keep-models runs/models/mnist5k_sweep \
     --out benchmarks/results/mnist5k_sweep.json
   run -m benchmarks.compare --data mnist5k --variants baseline --seeds 0 1 2 --steps 6000 --score-at 750,1500,3000 \
     --nfe-grid 9,35 --out benchmarks/results/mnist5k_baseline_plateau.json

@@ -416,3 +416,26 @@ def test_score_at_restarts_without_losing_a_result_and_equals_separate_runs(tmp_
         plain = _compare(monkeypatch, *common, "--steps", str(steps), "--out", str(tmp_path / f"plain{steps}.json"))
         assert [r["value"] for r in plain["baseline|seed=0"]] == \
             [r["value"] for r in full[f"baseline:steps={steps}|seed=0"]]
+
+
+def test_a_kept_model_rescored_by_evaluate_gives_the_grid_records(tmp_path, monkeypatch):
+    """compare --keep-models saves each run's checkpoint; `diffusion-rl evaluate` on it, with the run's seed, sample
+    count and solver, gives the grid's numbers, so new solvers can be scored later without retraining."""
+    from benchmarks.compare import safe_name
+    from diffusion_rl.cli import main as cli
+
+    (tmp_path / "file").write_text("")
+    common = ["--data", "8gaussians", "--variants", "td:stride=2", "--seeds", "0", "--steps", "6",
+              "--n-samples", "64", "--nfe-grid", "2,3", "--samplers", "default,ipndm"]
+    with pytest.raises(ConfigError, match="--keep-models .* is a file, not a folder"):
+        _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "file"), "--out", str(tmp_path / "g.json"))
+    runs = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "models"), "--out", str(tmp_path / "g.json"))
+    checkpoint = tmp_path / "models" / safe_name("td:stride=2") / "seed0" / "checkpoint.pt"
+    for sampler, variant in (("", "td:stride=2"), ("ipndm", "td:stride=2 @ipndm")):  # '': Euler at 2, Heun at 3
+        out = tmp_path / f"eval_{sampler}"
+        assert cli(["evaluate", "--checkpoint", str(checkpoint), "--seed", "0", "--n-samples", "64", "--nfe-grid",
+                    "2,3", "--sampler", sampler, "--out", str(out)]) == 0
+        rescored = {(r["nfe"], r["metric"]): r["value"]
+                    for r in json.loads((out / "results.json").read_text())["records"]}
+        grid = {(r["nfe"], r["metric"]): r["value"] for r in runs["td:stride=2|seed=0"] if r["variant"] == variant}
+        assert rescored == grid and {nfe for nfe, _ in grid} == {2, 3}
