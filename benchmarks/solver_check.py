@@ -1,6 +1,6 @@
 """Where each sampler lands when the denoiser is exact: the Gaussian fitted to a data set, solved in closed form.
 
-    python -m benchmarks.solver_check [--data digits mnist5k] [--samplers heun dpmpp_2m ipndm]
+    python -m benchmarks.solver_check [--data digits mnist5k] [--samplers heun dpmpp_2m dpmpp_2m_lof ipndm]
                                       [--nfe-grid 3,5,9,17,35] [--n-samples 1000] [--seed 0]
 
 A trained network's FID mixes two errors: the network's and the solver's. This isolates the solver's on each data
@@ -121,7 +121,8 @@ def check_grid(samplers: list[str], nfe_text: str, n_samples: int) -> list[int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", nargs="+", default=["digits", "mnist5k"], help="image data sets")
-    p.add_argument("--samplers", nargs="+", default=["heun", "dpmpp_2m", "ipndm"], help="EDM-family samplers")
+    p.add_argument("--samplers", nargs="+", default=["heun", "dpmpp_2m", "dpmpp_2m_lof", "ipndm"],
+                   help="EDM-family samplers")
     p.add_argument("--nfe-grid", default="3,5,9,17,35", help="comma-separated NFE budgets")
     p.add_argument("--n-samples", type=int, default=1000, help="starts per budget (compare's default)")
     p.add_argument("--seed", type=int, default=0, help="seeds the starts")

@@ -102,8 +102,8 @@ class SampleArgs:
 
     checkpoint: str = opt("", "path to checkpoint.pt")
     nfe: int = opt(35, "sampling budget")
-    sampler: str = opt("", "heun | euler | dpmpp_2m | ipndm | ddim | ddpm | onestep | multistep ('': the "
-                           "formulation's default)")
+    sampler: str = opt("", "heun | euler | dpmpp_2m | dpmpp_2m_lof | ipndm | ddim | ddpm | onestep | multistep "
+                           "('': the formulation's default)")
     n: int = opt(64, "number of samples")
     seed: int = opt(0, "sampling seed")
     out: str = opt("samples.png", ".png (grid) or .npz (array in [-1, 1])")
@@ -117,8 +117,8 @@ class EvalArgs:
 
     checkpoint: list = field(default_factory=list, metadata={"help": "one or more checkpoint.pt paths"})
     nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated")
-    sampler: str = opt("", "heun | euler | dpmpp_2m | ipndm | ddim | ddpm | onestep | multistep ('': the "
-                           "formulation's default)")
+    sampler: str = opt("", "heun | euler | dpmpp_2m | dpmpp_2m_lof | ipndm | ddim | ddpm | onestep | multistep "
+                           "('': the formulation's default)")
     n_samples: int = opt(1000, "evaluation samples per NFE")
     features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
     inception_weights: str = opt("", "the FID Inception-v3 weights file (a state dict: torch-fidelity's or "

@@ -212,7 +212,7 @@ class EDMFormulation(Formulation):
     """EDM / VE, continuous time (Karras et al. 2022), on the rho grid of method.md §1."""
 
     name = "edm"
-    samplers = ("heun", "euler", "dpmpp_2m", "ipndm")
+    samplers = ("heun", "euler", "dpmpp_2m", "dpmpp_2m_lof", "ipndm")
 
     def __init__(self, steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2) -> None:
@@ -289,7 +289,7 @@ class CTFormulation(EDMFormulation):
     """
 
     name = "ct"
-    samplers = ("onestep", "multistep", "heun", "euler", "dpmpp_2m", "ipndm")
+    samplers = ("onestep", "multistep", "heun", "euler", "dpmpp_2m", "dpmpp_2m_lof", "ipndm")
     consistency = True
     default_coupling = "shared"      # method.md §10: the consistency pair shares its noise
     default_reweighting = "pairwise"  # method.md §10: the release's CT weighting
@@ -378,7 +378,7 @@ class VPFormulation(Formulation):
     """
 
     name = "vp"
-    samplers = ("ddim", "ddpm", "dpmpp_2m", "ipndm")
+    samplers = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_lof", "ipndm")
     SCHEDULES = ("linear", "cosine")
 
     def __init__(self, timesteps: int = 1000, schedule: str = "linear", steps: int = 18, rho: float = 7.0) -> None:

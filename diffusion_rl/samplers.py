@@ -8,7 +8,8 @@ for an NFE budget, draws the start, and returns a `SampleResult`.
 - "heun", "euler": EDM's deterministic ODE samplers on the rho grid with sigma = 0 appended (method.md §11);
   Heun NFE = 2 steps - 1 (its last step, to sigma = 0, is Euler), Euler NFE = steps (method.md §12.8).
 - "dpmpp_2m" (DPM-Solver++(2M)) and "ipndm" (iPNDM): training-free multistep ODE solvers for few steps, on the
-  same grid; NFE = steps. VP runs them in its variance-exploding view (the rho grid of sigma~, method.md §9).
+  same grid; NFE = steps; "dpmpp_2m_lof" takes a first-order step into sigma_min (lower order final). VP runs
+  them in its variance-exploding view (the rho grid of sigma~, method.md §9).
 - "ddim" (eta = 0) and "ddpm" (ancestral, the posterior of method.md §9) for the VP formulation.
 - "onestep" and "multistep" consistency sampling for CT.
 """
@@ -90,7 +91,8 @@ def _ve_view(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int
     return ve_denoise, start, sigmas
 
 
-def dpmpp_2m(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
+def dpmpp_2m(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None,
+             lower_order_final: bool = False):
     """DPM-Solver++(2M) (Lu et al. 2022): the data-prediction multistep solver of order 2, in sigma space
     (for VP, in the variance-exploding view of `_ve_view`).
 
@@ -98,21 +100,30 @@ def dpmpp_2m(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int
     denoiser output D held fixed over the step is x_next = (sigma_next / sigma) x + (1 - sigma_next / sigma) D.
     The first step takes D = D(x; sigma); later steps extrapolate linearly in lambda from the last two outputs,
     D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} with r = h_{i-1} / h_i. The last step, to sigma = 0, returns D_i.
-    One evaluation per step: NFE = steps.
+    With `lower_order_final` the step into the smallest nonzero sigma also takes D = D_i (first order), as the
+    reference implementations do at few steps; it leaves the order at 2. One evaluation per step: NFE = steps.
     """
     denoise, x, sigmas = _ve_view(denoise, formulation, x, steps)
     d_prev, h_prev = None, None
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         d = denoise(x, _levels(x, s), labels)
         if s_next == 0:
             x = d
             break
         h = s.log() - s_next.log()
-        target = d if d_prev is None else d + (d - d_prev) * (h / (2 * h_prev))
+        first_order = d_prev is None or (lower_order_final and i == len(sigmas) - 3)  # len - 3: into sigma_min
+        target = d if first_order else d + (d - d_prev) * (h / (2 * h_prev))
         ratio = s_next / s
         x = ratio * x + (1 - ratio) * target
         d_prev, h_prev = d, h
     return x, steps
+
+
+def dpmpp_2m_lof(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None,
+                 generator=None):
+    """DPM-Solver++(2M) with a first-order step into the smallest nonzero sigma ("lower order final"): the
+    extrapolation's last use, over the grid's widest step in lambda, is left out. NFE = steps."""
+    return dpmpp_2m(denoise, formulation, x, steps, labels, generator, lower_order_final=True)
 
 
 # Adams-Bashforth coefficients of orders 1-4, newest derivative first (iPNDM uses them on any grid)
@@ -184,7 +195,8 @@ def multistep(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: in
 
 
 SAMPLERS: dict[str, Callable] = {
-    "heun": heun, "euler": euler, "dpmpp_2m": dpmpp_2m, "ipndm": ipndm, "ddim": ddim, "ddpm": ddpm,
+    "heun": heun, "euler": euler, "dpmpp_2m": dpmpp_2m, "dpmpp_2m_lof": dpmpp_2m_lof, "ipndm": ipndm, "ddim": ddim,
+    "ddpm": ddpm,
     "onestep": onestep, "multistep": multistep,
 }
 
