@@ -20,6 +20,7 @@ import argparse
 import json
 import re
 import shlex
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,11 +393,14 @@ def file_section(path: Path, plots: Path) -> str:
     first = next(iter(d["runs"].values()))[0]
     budgets = sorted({r.get("steps") for recs in d["runs"].values() for r in recs} - {None})
     seeds = sorted({int(k.rpartition("seed=")[2]) for k in d["runs"]})
+    devices = Counter(recs[0].get("device") for recs in d["runs"].values())  # a grid filled on several says so
+    device = (f"device {first.get('device')}" if len(devices) == 1
+              else "devices " + ", ".join(f"{dev} ({n} run{'s' if n > 1 else ''})" for dev, n in devices.items()))
     out = [f"## {path.relative_to(RESULTS) if path.is_relative_to(RESULTS) else path.name}", "",
            f"`{d['command']}`", "",
            f"Data {first.get('data')}, {' / '.join(map(str, budgets)) or '?'} training steps of "
            f"{first.get('batch_size')} images, "
-           f"width {first.get('width')}, device {first.get('device')}; {first.get('n_samples')} samples per NFE; "
+           f"width {first.get('width')}, {device}; {first.get('n_samples')} samples per NFE; "
            f"seeds {', '.join(map(str, seeds))}; {len(d['runs'])} runs. {metric.upper()}, mean ± std over seeds.", ""]
     expected = expected_runs(d["command"])
     if expected and len(d["runs"]) < expected:  # a grid still being filled: say so, never pass it off as whole

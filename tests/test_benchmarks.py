@@ -158,7 +158,8 @@ def test_a_budget_curve_file_renders_with_its_budgets_in_the_labels(tmp_path, mo
 
     monkeypatch.setattr(report, "ROOT", tmp_path)
     rec = lambda n, s, v: {"variant": f"baseline:steps={n}", "method": "edm-baseline", "steps": n, "seed": s,  # noqa
-                           "nfe": 35, "metric": "fid", "value": v, "sampler": "heun", "data": "digits"}
+                           "nfe": 35, "metric": "fid", "value": v, "sampler": "heun", "data": "digits",
+                           "device": "cuda (H200)" if n == 400 and s == 1 else "cpu"}
     runs = {f"baseline:steps={n}|seed={s}": [rec(n, s, 10.0 / n + s)] for n in (100, 200, 400) for s in (0, 1)}
     d = {"command": "compare --variants baseline:steps=100 baseline:steps=200 baseline:steps=400 --seeds 0 1 2 "
                     "--steps 200", "settings": {"steps": 200}, "runs": runs,
@@ -167,6 +168,7 @@ def test_a_budget_curve_file_renders_with_its_budgets_in_the_labels(tmp_path, mo
     path.write_text(json.dumps(d))
     text = report.file_section(path, tmp_path / "docs" / "plots")
     assert "100 / 200 / 400 training steps" in text
+    assert "devices cpu (5 runs), cuda (H200) (1 run)" in text  # a grid filled on two devices says so
     assert "**Partial grid: 6 of 9 runs finished**" in text  # seed 2 is missing
     assert "| EDM baseline, 100 steps |" in text and "| EDM baseline, 200 steps |" in text
     assert (tmp_path / "docs" / "plots" / "plateau_fid_vs_steps.png").exists()
