@@ -28,9 +28,12 @@ scored and skips their scoring.
 `--sample-grids DIR` also saves, for every run, a PNG of the first 64 evaluation samples per solver and NFE, as
 DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples that were scored).
 
-`--keep-models DIR` also saves every run's final checkpoint as DIR/<variant>/seed<S>/checkpoint.pt, so a new solver
-or budget can be scored later without retraining: `diffusion-rl evaluate --checkpoint CHECKPOINT --seed S --n-samples N
---sampler X` reproduces the grid's records for a solver the grid used (tested) and scores it under any other.
+`--keep-models DIR` also saves every run's final checkpoint as DIR/<variant>/seed<S>/checkpoint.pt (the variant as
+its sample-grid folder name, e.g. td@stride=6), so a new solver or budget can be scored later without retraining:
+`diffusion-rl evaluate --checkpoint CHECKPOINT --seed S --n-samples N --nfe-grid G --device D [--sampler X]` gives
+the grid's records for a solver the grid used (tested; --sampler left out for 'default'; D the grid's device, since
+the samples' noise is drawn there; image data, or seed 0 for the 2-D toys, whose data follows the seed) and scores
+the model under any other. With --score-at only the final budget's model is kept.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SOLVERS = {"default": "Heun (Euler at even NFE)", "dpmpp_2m": "DPM-Solver++(2M)",
-           "dpmpp_2m_lof": "DPM-Solver++(2M), lower-order final", "ipndm": "iPNDM",
+           "dpmpp_2m_lof": "DPM-Solver++(2M) lower-order final", "ipndm": "iPNDM",
            "ddim": "DDIM", "heun": "Heun", "euler": "Euler"}
 BLOCK = re.compile(r"<!-- report (\S+)((?: \w+=\S+)*) -->\n(.*?)<!-- /report -->", re.S)
 CALIBRATION = "metric_calibration"  # the "kind" of a benchmarks.metric_check JSON

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -171,11 +172,13 @@ def main() -> None:
                   f"{row['td_img_s']:8.0f} img/s (TD/baseline {row['td_over_baseline']:.2f}, floor "
                   f"{row['td_over_baseline_floor']:.2f}), sampling "
                   f"{row['sample_img_s']:8.0f} img/s at NFE {a.nfe}", file=sys.stderr, flush=True)
-            # rewritten after each configuration: a run stopped by a time limit keeps the rows it measured
-            out.write_text(json.dumps({"benchmark": "throughput", "command": command, "device": device,
+            # rewritten (atomically) after each configuration: a run stopped by a time limit keeps the rows it has
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps({"benchmark": "throughput", "command": command, "device": device,
                                        "torch": torch.__version__, "data": dataset.name,
                                        "sample_shape": list(dataset.sample_shape), "settings": dataclasses.asdict(a),
                                        "results": rows}, indent=1))
+            os.replace(tmp, out)
     print(f"wrote {out}")
 
 
