@@ -29,11 +29,16 @@ scored and skips their scoring.
 DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples that were scored).
 
 `--keep-models DIR` also saves every run's final checkpoint as DIR/<variant>/seed<S>/checkpoint.pt (the variant as
-its sample-grid folder name, e.g. td@stride=6), so a new solver or budget can be scored later without retraining:
-`diffusion-rl evaluate --checkpoint CHECKPOINT --seed S --n-samples N --nfe-grid G --device D [--sampler X]` gives
-the grid's records for a solver the grid used (tested; --sampler left out for 'default'; D the grid's device, since
-the samples' noise is drawn there; image data, or seed 0 for the 2-D toys, whose data follows the seed) and scores
-the model under any other. With --score-at only the final budget's model is kept.
+its sample-grid folder name, e.g. td@stride=6), so a new solver or budget can be scored later without retraining,
+by `--from-models` below or by `diffusion-rl evaluate --checkpoint CHECKPOINT --seed S --n-samples N --nfe-grid G
+--device D [--sampler X]`. The latter gives the grid's records for a solver the grid used (tested; --sampler left
+out for 'default'; D the grid's device, since the samples' noise is drawn there; image data, or seed 0 for the 2-D
+toys, whose data follows the seed). With --score-at only the final budget's model is kept.
+
+`--from-models DIR` scores the models a `--keep-models DIR` grid kept instead of training: the same command with
+other `--samplers` (or budgets) and another `--out` gives the same records for the solvers the grid used and new
+ones for the rest. Each checkpoint must be the run its folder names (the learner's config check refuses another
+variant or seed) and trained for --steps; runs with no kept model are named and skipped.
 """
 from __future__ import annotations
 
@@ -167,6 +172,25 @@ def score_run(learner, args: Args, evaluators: dict, label: str, sample_dir: Pat
     return recs
 
 
+def kept_model(folder: str | Path, label: str, seed: int) -> Path:
+    """Where `--keep-models folder` keeps the final checkpoint of the run (label, seed)."""
+    return Path(folder) / safe_name(label) / f"seed{seed}" / "checkpoint.pt"
+
+
+def load_kept(folder: str | Path, label: str, args: Args, dataset):
+    """A learner holding the kept model of the run `args` describes (seed set); ConfigError when the checkpoint is
+    another run's (the learner's config check) or was trained for another number of steps."""
+    from diffusion_rl.cli import make_learner
+
+    learner = make_learner(args, dataset=dataset)
+    learner.out_dir = None
+    path = kept_model(folder, label, args.seed)
+    learner.resume(path)
+    if learner.step != args.steps:
+        raise ConfigError(f"{path} was trained for {learner.step} steps, the grid's runs for {args.steps}")
+    return learner
+
+
 def check_score_at(text: str, steps: int, variants: list[tuple[str, Args]]) -> list[int]:
     """The step counts of `--score-at` (increasing, each below --steps); ConfigError for bad values, and for
     variants that set their own steps or whose training follows the run's total (a curriculum, a coupling
@@ -209,6 +233,8 @@ def main() -> None:
     p.add_argument("--keep-models", default=None, metavar="DIR",
                    help="also save each run's final checkpoint as DIR/<variant>/seed<S>/checkpoint.pt (to score it "
                         "later under other solvers with `diffusion-rl evaluate`, without retraining)")
+    p.add_argument("--from-models", default=None, metavar="DIR",
+                   help="score the checkpoints a --keep-models DIR grid kept instead of training (no --score-at)")
     p.add_argument("--score-at", default="", metavar="STEPS",
                    help="also score every run at these step counts on its way to --steps (comma-separated): one "
                         "training per seed gives a budget curve, labelled like separate runs ('baseline:steps=750')")
@@ -219,6 +245,9 @@ def main() -> None:
     version = code_version()  # once, before any work: the code this command runs
     variants = [parse_variant(v, base) for v in a.variants]  # every variant validated before any work
     score_at = check_score_at(a.score_at, a.steps, variants)
+    if a.from_models is not None and (score_at or a.keep_models is not None):
+        raise ConfigError("--from-models scores kept models without training: it takes neither --score-at nor "
+                          "--keep-models")
     nfe_grid = tuple(int(n) for n in a.nfe_grid.split(","))
     samplers = [x.strip() for x in a.samplers.split(",") if x.strip()]
     settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid)}
@@ -226,6 +255,8 @@ def main() -> None:
         settings["samplers"] = samplers
     if score_at:
         settings["score_at"] = score_at
+    if a.from_models is not None:
+        settings["from_models"] = True
     from diffusion_rl.formulations import make_formulation
     from diffusion_rl.samplers import sampler_for_nfe
 
@@ -240,6 +271,18 @@ def main() -> None:
     for option, folder in (("--sample-grids", a.sample_grids), ("--keep-models", a.keep_models)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{option} {folder!r} is a file, not a folder")
+    if a.from_models is not None:  # every kept model checked before any scoring; the missing ones named
+        planned = [(seed, label, dataclasses.replace(args, seed=seed)) for seed, (label, args) in
+                   run_order(a.seeds, variants, a.order)]
+        missing = [f"{label} seed {seed}" for seed, label, _ in planned
+                   if not kept_model(a.from_models, label, seed).is_file()]
+        if len(missing) == len(planned):
+            raise ConfigError(f"--from-models {a.from_models!r} holds none of this grid's models")
+        for seed, label, args in planned:
+            if f"{label} seed {seed}" not in missing:
+                load_kept(a.from_models, label, args, dataset)
+        if missing:
+            print(f"no kept model, skipped: {', '.join(missing)}", file=sys.stderr)
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
     grid = ResultGrid(a.out, settings, command)  # refuses a file made with other settings, before any training
     done = grid.runs()
@@ -251,6 +294,8 @@ def main() -> None:
         stops = [(b, at_budget(label, b)) for b in score_at] + [
             (args.steps, at_budget(label, args.steps) if score_at else label)]
         key = f"{stops[-1][1]}|seed={seed}"  # the run's last result: claimed for the whole run
+        if a.from_models is not None and not kept_model(a.from_models, label, seed).is_file():
+            continue  # named above
         if not grid.claim(key):  # finished, or another worker runs it
             continue
         if seed not in evaluators:
@@ -259,13 +304,17 @@ def main() -> None:
                                                     sampler=None if name == "default" else name))
                 for name in samplers}
         args = dataclasses.replace(args, seed=seed)
-        learner = make_learner(args, dataset=dataset)
-        learner.out_dir = None
+        if a.from_models is not None:
+            learner = load_kept(a.from_models, label, args, dataset)  # trained already: the loop below scores it
+        else:
+            learner = make_learner(args, dataset=dataset)
+            learner.out_dir = None
         train_s = 0.0
         for budget, shown in stops:
             ts = time.perf_counter()
-            for _ in learner.train(budget, progress=False):
-                pass
+            if a.from_models is None:
+                for _ in learner.train(budget, progress=False):
+                    pass
             train_s += time.perf_counter() - ts
             scored_key = f"{shown}|seed={seed}"
             if scored_key != key and scored_key in grid.runs():  # scored before a restart: only retrained
@@ -274,10 +323,13 @@ def main() -> None:
             recs = score_run(learner, args, evaluators[seed], shown, sample_dir)
             for r in recs:
                 r.update(train_seconds=round(train_s, 1), code=version)
+                if a.from_models is not None:  # trained by the grid that kept it: no training time here
+                    r.update(train_seconds=None, scored_from=str(kept_model(a.from_models, label, seed)))
             if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model
-                learner.save(Path(a.keep_models) / safe_name(label) / f"seed{seed}" / "checkpoint.pt")
+                learner.save(kept_model(a.keep_models, label, seed))
             grid.finish(scored_key, recs)
-            print(f"seed {seed} {shown}: trained {train_s:.0f} s; " + ", ".join(
+            how = "kept model" if a.from_models is not None else f"trained {train_s:.0f} s"
+            print(f"seed {seed} {shown}: {how}; " + ", ".join(
                 f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
                 file=sys.stderr, flush=True)
     runs = grid.runs()

@@ -441,3 +441,35 @@ def test_a_kept_model_rescored_by_evaluate_gives_the_grid_records(tmp_path, monk
                     for r in json.loads((out / "results.json").read_text())["records"]}
         grid = {(r["nfe"], r["metric"]): r["value"] for r in runs["td:stride=2|seed=0"] if r["variant"] == variant}
         assert rescored == grid and {nfe for nfe, _ in grid} == {2, 3}
+
+
+def test_from_models_scores_kept_models_as_the_grid_did_and_refuses_another_runs_model(tmp_path, monkeypatch):
+    """compare --from-models: the kept models of a grid scored under its solvers give its records bit for bit, a new
+    solver adds rows, a run with no kept model is skipped, and a checkpoint of another variant is refused."""
+    import shutil
+
+    from benchmarks.compare import kept_model
+
+    common = ["--data", "8gaussians", "--variants", "baseline", "td:stride=2", "--seeds", "0", "--steps", "6",
+              "--n-samples", "64", "--nfe-grid", "3"]
+    models = tmp_path / "models"
+    grid = _compare(monkeypatch, *common, "--samplers", "default,dpmpp_2m", "--keep-models", str(models),
+                    "--out", str(tmp_path / "grid.json"))
+    kept_model(models, "baseline", 0).unlink()  # as if that run had been trained without --keep-models
+    scored = _compare(monkeypatch, *common, "--samplers", "default,dpmpp_2m,dpmpp_2m_lof", "--from-models",
+                      str(models), "--out", str(tmp_path / "rescored.json"))
+    assert set(scored) == {"td:stride=2|seed=0"}
+    value = lambda recs, v: {(r["nfe"], r["metric"]): r["value"] for r in recs if r["variant"] == v}  # noqa: E731
+    for variant in ("td:stride=2", "td:stride=2 @dpmpp_2m"):
+        assert value(scored["td:stride=2|seed=0"], variant) == value(grid["td:stride=2|seed=0"], variant)
+    assert value(scored["td:stride=2|seed=0"], "td:stride=2 @dpmpp_2m_lof")
+    assert all(r["train_seconds"] is None for r in scored["td:stride=2|seed=0"])
+    shutil.copy(kept_model(models, "td:stride=2", 0), kept_model(models, "baseline", 0))  # the wrong run's model
+    with pytest.raises(ConfigError, match="checkpoint config does not match"):
+        _compare(monkeypatch, *common, "--from-models", str(models), "--out", str(tmp_path / "wrong.json"))
+    with pytest.raises(ConfigError, match="holds none of this grid's models"):
+        _compare(monkeypatch, *common, "--from-models", str(tmp_path / "empty"), "--out", str(tmp_path / "x.json"))
+    with pytest.raises(ConfigError, match="takes neither --score-at nor --keep-models"):
+        _compare(monkeypatch, *common, "--from-models", str(models), "--score-at", "3",
+                 "--out", str(tmp_path / "y.json"))
+    assert not (tmp_path / "wrong.json").exists() and not (tmp_path / "x.json").exists()
