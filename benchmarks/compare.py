@@ -180,8 +180,6 @@ def kept_model(folder: str | Path, label: str, seed: int) -> Path:
 def load_kept(folder: str | Path, label: str, args: Args, dataset):
     """A learner holding the kept model of the run `args` describes (seed set); ConfigError when the checkpoint is
     another run's (the learner's config check) or was trained for another number of steps."""
-    from diffusion_rl.cli import make_learner
-
     learner = make_learner(args, dataset=dataset)
     learner.out_dir = None
     path = kept_model(folder, label, args.seed)
