@@ -6,7 +6,7 @@
 #   mnist5k: 18 runs of ~1-1.25 h of one core each (train 45-60 min, score 15) on a 2-core CPU (a GPU is the place
 #   for it); run variant by variant, so an unfinished grid has the baseline and TD(0) at all three seeds first;
 #   its baseline's budget curve: one 6,000-step run per seed scored on its way (~1.7 h of one core per seed).
-#   The mnist5k grid keeps the models of runs started with --keep-models (runs/models/, 11 MB each, not
+#   The mnist5k grid keeps the models of runs started with --keep-models (runs/models/, ~19 MB each, not
 #   committed), so new solvers can score them later without retraining.
 set -euo pipefail
 cd "$(dirname "$0")/.."
