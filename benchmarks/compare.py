@@ -269,16 +269,16 @@ def main() -> None:
     for option, folder in (("--sample-grids", a.sample_grids), ("--keep-models", a.keep_models)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{option} {folder!r} is a file, not a folder")
+    kept: set[tuple[int, str]] = set()  # the (seed, label) runs --from-models scores
     if a.from_models is not None:  # every kept model checked before any scoring; the missing ones named
-        planned = [(seed, label, dataclasses.replace(args, seed=seed)) for seed, (label, args) in
-                   run_order(a.seeds, variants, a.order)]
-        missing = [f"{label} seed {seed}" for seed, label, _ in planned
-                   if not kept_model(a.from_models, label, seed).is_file()]
-        if len(missing) == len(planned):
+        planned = run_order(a.seeds, variants, a.order)
+        for seed, (label, args) in planned:
+            if kept_model(a.from_models, label, seed).is_file():
+                load_kept(a.from_models, label, dataclasses.replace(args, seed=seed), dataset)
+                kept.add((seed, label))
+        if not kept:
             raise ConfigError(f"--from-models {a.from_models!r} holds none of this grid's models")
-        for seed, label, args in planned:
-            if f"{label} seed {seed}" not in missing:
-                load_kept(a.from_models, label, args, dataset)
+        missing = [f"{label} seed {seed}" for seed, (label, _) in planned if (seed, label) not in kept]
         if missing:
             print(f"no kept model, skipped: {', '.join(missing)}", file=sys.stderr)
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
@@ -292,7 +292,7 @@ def main() -> None:
         stops = [(b, at_budget(label, b)) for b in score_at] + [
             (args.steps, at_budget(label, args.steps) if score_at else label)]
         key = f"{stops[-1][1]}|seed={seed}"  # the run's last result: claimed for the whole run
-        if a.from_models is not None and not kept_model(a.from_models, label, seed).is_file():
+        if a.from_models is not None and (seed, label) not in kept:
             continue  # named above
         if not grid.claim(key):  # finished, or another worker runs it
             continue
@@ -319,10 +319,10 @@ def main() -> None:
                 continue
             sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / safe_name(shown) / f"seed{seed}"
             recs = score_run(learner, args, evaluators[seed], shown, sample_dir)
-            for r in recs:
-                r.update(train_seconds=round(train_s, 1), code=version)
-                if a.from_models is not None:  # trained by the grid that kept it: no training time here
-                    r.update(train_seconds=None, scored_from=str(kept_model(a.from_models, label, seed)))
+            for r in recs:  # a kept model was trained by the grid that kept it: no training time here
+                r.update(train_seconds=None if a.from_models else round(train_s, 1), code=version)
+                if a.from_models is not None:
+                    r.update(scored_from=str(kept_model(a.from_models, label, seed)))
             if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model
                 learner.save(kept_model(a.keep_models, label, seed))
             grid.finish(scored_key, recs)
