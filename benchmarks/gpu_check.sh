@@ -25,7 +25,7 @@ timeout 140 python -m benchmarks.compare --data mnist5k --variants baseline td -
     --nfe-grid 3,9,35 --n-samples 2000 --out "$OUT/mnist5k_td_vs_edm_gpu.json"
 # 4. the Inception FID pipeline (random weights, untrained cifar10-preset network): 1,000 samples at six budgets,
 #    scaled to FID-50k (issue 8's target: 20 minutes); on an H200, 2,000 samples did not finish in 90 s nor 1,000
-#    in 100 s
+#    in 100 s, when KID still computed its 100 (identical) subsets of the 1,000 x 2048 features on the CPU
 timeout 150 python -m benchmarks.fid_speed --preset cifar10 --n-samples 1000 --nfe-grid 3,5,9,17,35,79 \
     --precision bf16 --device cuda --out "$OUT/fid_speed_cifar10_preset.json"
 # 5. 1 GPU vs DDP on every GPU: the same 200 TD steps on mnist5k at batch 512 (runs written outside the repository)

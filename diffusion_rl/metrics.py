@@ -256,7 +256,8 @@ class ImageFID:
         feature_net: a module mapping [B, C, H, W] in [-1, 1] to [B, num_features] with an int `num_features`
             (a `FeatureNet`, `inception_feature_net()`, ...).
         batch_size: images per feature-net call (default: the net's `batch_size` attribute, else 500).
-        kid_subsets: number of random subsets KID averages over.
+        kid_subsets: number of random subsets KID averages over. When the subset size equals both set sizes every
+            subset is the whole of both sets (a permutation changes no term of the estimate), so one is computed.
         seed: seeds KID's subset sampling (global RNG state is left untouched).
     """
 
@@ -279,6 +280,7 @@ class ImageFID:
         self.feature_net = feature_net.eval()
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.kid_subsets = int(kid_subsets)
         self.sample_shape = tuple(images.shape[1:])
         self.real_features = _features(feature_net, images, self.batch_size)
         with warnings.catch_warnings():
@@ -317,6 +319,8 @@ class ImageFID:
         fid = float(self.fid.compute())
         self.kid.reset()
         self.kid.subset_size = min(1000, self.num_real, fake_features.shape[0])
+        whole_sets = self.kid.subset_size == self.num_real == fake_features.shape[0]
+        self.kid.subsets = 1 if whole_sets else self.kid_subsets  # identical subsets: KID's std is then 0
         self.kid.update(fake_features, real=False)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(self.seed)  # KID's subsets use the CPU global RNG

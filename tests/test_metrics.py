@@ -113,6 +113,31 @@ def test_image_fid_matches_gaussian_frechet_distance() -> None:
     assert fid.compute(fake)["fid"] == pytest.approx(out["fid"])  # real statistics survive the resets
 
 
+def _kid_whole_sets(fr: np.ndarray, ff: np.ndarray) -> float:
+    """Unbiased MMD^2 of two equal-size sets with KID's kernel k(x, y) = (x.y / d + 1)^3."""
+    d, m = fr.shape[1], fr.shape[0]
+    k_rr, k_ff, k_rf = ((a @ b.T / d + 1) ** 3 for a, b in ((fr, fr), (ff, ff), (fr, ff)))
+    off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731
+    return float(off(k_rr) + off(k_ff) - 2 * k_rf.mean())
+
+
+def test_kid_on_whole_sets_computes_one_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchmetrics.image.kid as kid_module
+    calls = []
+    poly_mmd = kid_module.poly_mmd
+    monkeypatch.setattr(kid_module, "poly_mmd", lambda *a, **k: calls.append(1) or poly_mmd(*a, **k))
+    g = _gen(3)
+    real, fake = torch.randn(40, 3, 1, 1, generator=g) / 10, torch.randn(40, 3, 1, 1, generator=g) / 8 + 0.02
+    fid = ImageFID(real, _Scale(), kid_subsets=10)
+    out = fid.compute(fake)  # subset size 40 = both set sizes: every subset is both whole sets
+    fr, ff = (10 * real).double().flatten(1).numpy(), (10 * fake).double().flatten(1).numpy()
+    assert len(calls) == 1 and out["kid_std"] == 0
+    assert out["kid"] == pytest.approx(_kid_whole_sets(fr, ff), rel=1e-10)
+    calls.clear()
+    fid.compute(torch.cat([fake, fake[:7]]))  # 47 generated images: the subsets differ, all 10 are drawn
+    assert len(calls) == 10
+
+
 def test_image_fid_rejects_wrong_shape_and_flags_nan() -> None:
     fid = ImageFID(torch.zeros(10, 3, 1, 1).uniform_(-0.1, 0.1), _Scale(), kid_subsets=2)
     with pytest.raises(ConfigError, match="shape"):
