@@ -401,7 +401,8 @@ def file_section(path: Path, plots: Path) -> str:
            f"Data {first.get('data')}, {' / '.join(map(str, budgets)) or '?'} training steps of "
            f"{first.get('batch_size')} images, "
            f"width {first.get('width')}, {device}; {first.get('n_samples')} samples per NFE; "
-           f"seeds {', '.join(map(str, seeds))}; {len(d['runs'])} runs. {metric.upper()}, mean ± std over seeds.", ""]
+           f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; {len(d['runs'])} "
+           f"run{'s' if len(d['runs']) > 1 else ''}. {metric.upper()}, mean ± std over seeds.", ""]
     expected = expected_runs(d["command"])
     if expected and len(d["runs"]) < expected:  # a grid still being filled: say so, never pass it off as whole
         out[2:2] = [f"**Partial grid: {len(d['runs'])} of {expected} runs finished**; the same command resumes it.",

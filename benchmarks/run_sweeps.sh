@@ -41,5 +41,13 @@ if [ "${MNIST5K:-0}" = 1 ]; then
     --out benchmarks/results/mnist5k_sweep.json
   run -m benchmarks.compare --data mnist5k --variants baseline --seeds 0 1 2 --steps 6000 --score-at 750,1500,3000 \
     --nfe-grid 9,35 --out benchmarks/results/mnist5k_baseline_plateau.json
+  # the first-order last step (dpmpp_2m_lof) against DPM-Solver++ at NFE 3-9: kept TD(0) k=6 models rescored
+  # (~3 min each), and the seed-1 baseline trained again with its model kept (the grid's own, bit for bit)
+  python -m benchmarks.compare --data mnist5k --variants td:stride=6 --seeds 1 2 --steps 3000 --nfe-grid 3,5,9 \
+    --samplers dpmpp_2m,dpmpp_2m_lof --from-models runs/models/mnist5k_sweep \
+    --sample-grids benchmarks/results/samples/mnist5k_lof --out benchmarks/results/mnist5k_lof_rescore.json
+  run -m benchmarks.compare --data mnist5k --variants baseline --seeds 1 --steps 3000 --nfe-grid 3,5,9 \
+    --samplers dpmpp_2m,dpmpp_2m_lof --sample-grids benchmarks/results/samples/mnist5k_lof \
+    --keep-models runs/models/mnist5k_lof --out benchmarks/results/mnist5k_lof_baseline.json
 fi
 python -m benchmarks.report
