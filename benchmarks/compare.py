@@ -319,10 +319,11 @@ def main() -> None:
                 continue
             sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / safe_name(shown) / f"seed{seed}"
             recs = score_run(learner, args, evaluators[seed], shown, sample_dir)
-            for r in recs:  # a kept model was trained by the grid that kept it: no training time here
-                r.update(train_seconds=None if a.from_models else round(train_s, 1), code=version)
-                if a.from_models is not None:
-                    r.update(scored_from=str(kept_model(a.from_models, label, seed)))
+            # a kept model was trained by the grid that kept it: no training time here
+            provenance = ({"train_seconds": round(train_s, 1)} if a.from_models is None else
+                          {"train_seconds": None, "scored_from": str(kept_model(a.from_models, label, seed))})
+            for r in recs:
+                r.update(code=version, **provenance)
             if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model
                 learner.save(kept_model(a.keep_models, label, seed))
             grid.finish(scored_key, recs)
