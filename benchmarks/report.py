@@ -145,13 +145,16 @@ def wins_everywhere(summary: list[dict], metric: str = "fid", max_nfe: int = FEW
 
 
 def reach_controls(d: dict, metric: str = "fid") -> str:
-    """Markdown: each n-step(n) variant at stride k beside TD(0) at stride n k (the same reach, method.md §7), under
-    each solver; '' when the file has no such pair."""
+    """Markdown: each n-step(n) variant at stride k beside TD(0) at stride n k (the same reach, method.md §7), and
+    each TD(lambda) over n steps at stride k beside both its ends, TD(0) at k (lambda = 0) and at n k (lambda = 1),
+    under each solver; '' when the file has no such pair."""
     runs = {split_label(r["variant"])[0]: r for recs in d["runs"].values() for r in recs}
     td0 = {r["stride"]: v for v, r in runs.items() if r.get("estimator") == "td0"
            and re.fullmatch(r"td(:stride=[\d.]+)?", v)}
-    pairs = [(v, td0[r["n_steps"] * r["stride"]]) for v, r in runs.items()
-             if r.get("estimator") == "nstep" and r["n_steps"] * r["stride"] in td0]
+    ends = {"nstep": lambda r: [r["n_steps"] * r["stride"]],
+            "td_lambda": lambda r: [r["stride"], r["n_steps"] * r["stride"]]}
+    pairs = [(v, td0[k]) for v, r in runs.items() if r.get("estimator") in ends
+             for k in ends[r["estimator"]](r) if k in td0]
     if not pairs:
         return ""
     rows = [s for s in d["summary"] if s["metric"] == metric]
@@ -163,7 +166,7 @@ def reach_controls(d: dict, metric: str = "fid") -> str:
         for v, ctrl in pairs:
             vals = [f"{cell.get((v + suffix, n), '-')} vs {cell.get((ctrl + suffix, n), '-')}" for n in nfes]
             lines.append([solver_name(d, solver), d["labels"][v], d["labels"][ctrl]] + vals)
-    return md_table(["solver", "n-step variant", "its control"] + [f"NFE {n}" for n in nfes], lines)
+    return md_table(["solver", "multi-step variant", "its control"] + [f"NFE {n}" for n in nfes], lines)
 
 
 def solver_name(d: dict, solver: str) -> str:
@@ -424,8 +427,9 @@ def file_section(path: Path, plots: Path) -> str:
         out.append("")
     controls = reach_controls(d, metric)
     if controls:
-        out += ["Multi-step estimators against their equal-reach control (n-step(n) at stride k vs TD(0) at stride "
-                "n k, mean ± std):", "", controls, ""]
+        out += ["Multi-step estimators against their TD(0) controls (n-step(n) at stride k vs TD(0) at stride n k, "
+                "the same reach; TD(lambda) over n steps vs both its ends, TD(0) at k and at n k; mean ± std):", "",
+                controls, ""]
     plots.mkdir(parents=True, exist_ok=True)
     png = plots / f"{path.stem}_{metric}_vs_nfe.png"
     plot_vs_nfe(d, png, metric)

@@ -80,6 +80,22 @@ def test_reach_controls_pair_each_nstep_variant_with_td0_at_n_times_the_stride()
     assert "| n-step(2) k=2 | TD(0) k=4 | 41.0 (1 seed) vs 42.0 (1 seed) |" in table and "k=2 | TD(0) k=2" not in table
 
 
+def test_reach_controls_pair_td_lambda_with_both_its_ends():
+    """TD(lambda) over n steps at stride k is TD(0) at k when lambda = 0 and at n k when lambda = 1 (method.md §7)."""
+    v = "td:estimator=td_lambda,n_steps=3,stride=2,lmbda=0.5"
+    runs = {"a": [{"variant": v, "estimator": "td_lambda", "n_steps": 3, "stride": 2.0}],
+            "b": [{"variant": "td:stride=6", "estimator": "td0", "n_steps": 1, "stride": 6.0}],
+            "c": [{"variant": "td:stride=2", "estimator": "td0", "n_steps": 1, "stride": 2.0}],
+            "d": [{"variant": "td:stride=3", "estimator": "td0", "n_steps": 1, "stride": 3.0}]}
+    summary = _summary([(v, 3, 41.0), ("td:stride=6", 3, 42.0), ("td:stride=2", 3, 40.0), ("td:stride=3", 3, 39.0)])
+    labels = {v: "TD(λ=0.5, n=3) k=2", "td:stride=6": "TD(0) k=6", "td:stride=2": "TD(0) k=2",
+              "td:stride=3": "TD(0) k=3"}
+    table = reach_controls({"runs": runs, "summary": summary, "labels": labels})
+    assert "| TD(λ=0.5, n=3) k=2 | TD(0) k=2 | 41.0 (1 seed) vs 40.0 (1 seed) |" in table
+    assert "| TD(λ=0.5, n=3) k=2 | TD(0) k=6 | 41.0 (1 seed) vs 42.0 (1 seed) |" in table
+    assert "TD(0) k=3 |" not in table
+
+
 def test_result_grid_shares_work_and_survives_killed_workers(tmp_path):
     import os
     import subprocess
