@@ -30,6 +30,10 @@ DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples t
 
 `--keep-models DIR` also saves every run's final checkpoint as DIR/<variant>/seed<S>/checkpoint.pt (the variant as
 its sample-grid folder name, e.g. td@stride=6), so a new solver or budget can be scored later without retraining,
+and, without --score-at, trains each run in that folder with the Learner's checkpoints on its way (its defaults:
+every 250 steps and every 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested; its records
+then carry resumed_at_step, and train_seconds counts the steps after it). Without --keep-models a killed run
+starts again from step 0.
 by `--from-models` below or by `diffusion-rl evaluate --checkpoint CHECKPOINT --seed S --n-samples N --nfe-grid G
 --device D [--sampler X]`. The latter gives the grid's records for a solver the grid used (tested; --sampler left
 out for 'default'; D the grid's device, since the samples' noise is drawn there; image data, or seed 0 for the 2-D
@@ -307,6 +311,11 @@ def main() -> None:
         else:
             learner = make_learner(args, dataset=dataset)
             learner.out_dir = None
+            if a.keep_models is not None and not score_at:  # trains in its kept folder, checkpointing on its way
+                learner.out_dir = kept_model(a.keep_models, label, seed).parent
+                if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it exactly
+                    learner.resume()
+        resumed_at = learner.step if a.from_models is None else None
         train_s = 0.0
         for budget, shown in stops:
             ts = time.perf_counter()
@@ -322,6 +331,8 @@ def main() -> None:
             # a kept model was trained by the grid that kept it: no training time here
             provenance = ({"train_seconds": round(train_s, 1)} if a.from_models is None else
                           {"train_seconds": None, "scored_from": str(kept_model(a.from_models, label, seed))})
+            if resumed_at:  # its training time counts only the steps after the resume
+                provenance["resumed_at_step"] = resumed_at
             for r in recs:
                 r.update(code=version, **provenance)
             if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model

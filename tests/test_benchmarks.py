@@ -489,3 +489,39 @@ def test_from_models_scores_kept_models_as_the_grid_did_and_refuses_another_runs
         _compare(monkeypatch, *common, "--from-models", str(models), "--score-at", "3",
                  "--out", str(tmp_path / "y.json"))
     assert not (tmp_path / "wrong.json").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, monkeypatch):
+    """With --keep-models a run checkpoints on its way; killed midway, the same command resumes it from the last
+    checkpoint, and its records equal those of an uninterrupted run."""
+    from benchmarks import compare
+
+    common = ["--data", "8gaussians", "--variants", "td:stride=2", "--seeds", "0", "--steps", "8",
+              "--n-samples", "64", "--nfe-grid", "3"]
+    make = compare.make_learner
+
+    def every_4_steps(args, **kw):  # a checkpoint every 4 steps; the run dies at step 6
+        learner = make(args, **kw)
+        learner.config.checkpoint_every = 4
+        update = learner.update
+
+        def dies_at_6(batch):
+            if learner.step == 6 and kill:
+                raise KeyboardInterrupt
+            return update(batch)
+        learner.update = dies_at_6
+        return learner
+
+    monkeypatch.setattr(compare, "make_learner", every_4_steps)
+    kill = False
+    whole = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "a"), "--out", str(tmp_path / "a.json"))
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
+    assert not (tmp_path / "b.json").exists() or not json.loads((tmp_path / "b.json").read_text())["runs"]
+    kill = False
+    resumed = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
+    value = lambda runs: [(r["variant"], r["nfe"], r["metric"], r["value"]) for r in runs["td:stride=2|seed=0"]]  # noqa: E731
+    assert value(resumed) == value(whole)
+    assert {r["resumed_at_step"] for r in resumed["td:stride=2|seed=0"]} == {4}
+    assert all("resumed_at_step" not in r for r in whole["td:stride=2|seed=0"])
