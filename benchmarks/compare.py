@@ -30,14 +30,14 @@ DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples t
 
 `--keep-models DIR` also saves every run's final checkpoint as DIR/<variant>/seed<S>/checkpoint.pt (the variant as
 its sample-grid folder name, e.g. td@stride=6), so a new solver or budget can be scored later without retraining,
-and, without --score-at, trains each run in that folder with the Learner's checkpoints on its way (its defaults:
-every 250 steps and every 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested; its records
-then carry resumed_at_step, and train_seconds counts the steps after it). Without --keep-models a killed run
-starts again from step 0.
 by `--from-models` below or by `diffusion-rl evaluate --checkpoint CHECKPOINT --seed S --n-samples N --nfe-grid G
 --device D [--sampler X]`. The latter gives the grid's records for a solver the grid used (tested; --sampler left
 out for 'default'; D the grid's device, since the samples' noise is drawn there; image data, or seed 0 for the 2-D
 toys, whose data follows the seed). With --score-at only the final budget's model is kept.
+Without --score-at each run also trains in that folder with the Learner's checkpoints on its way (by default every
+250 steps and every 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested; its
+records then carry resumed_at_step, and train_seconds counts only the steps after it). Without --keep-models a
+killed run starts again from step 0.
 
 `--from-models DIR` scores the models a `--keep-models DIR` grid kept instead of training: the same command with
 other `--samplers` (or budgets) and another `--out` gives the same records for the solvers the grid used and new
