@@ -306,6 +306,7 @@ def main() -> None:
                                                     sampler=None if name == "default" else name))
                 for name in samplers}
         args = dataclasses.replace(args, seed=seed)
+        resumed_at = None  # the step a killed run continued from
         if a.from_models is not None:
             learner = load_kept(a.from_models, label, args, dataset)  # trained already: the loop below scores it
         else:
@@ -314,8 +315,7 @@ def main() -> None:
             if a.keep_models is not None and not score_at:  # trains in its kept folder, checkpointing on its way
                 learner.out_dir = kept_model(a.keep_models, label, seed).parent
                 if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it exactly
-                    learner.resume()
-        resumed_at = learner.step if a.from_models is None else None
+                    resumed_at = learner.resume().step
         train_s = 0.0
         for budget, shown in stops:
             ts = time.perf_counter()
@@ -331,7 +331,7 @@ def main() -> None:
             # a kept model was trained by the grid that kept it: no training time here
             provenance = ({"train_seconds": round(train_s, 1)} if a.from_models is None else
                           {"train_seconds": None, "scored_from": str(kept_model(a.from_models, label, seed))})
-            if resumed_at:  # its training time counts only the steps after the resume
+            if resumed_at is not None:  # its training time counts only the steps after the resume
                 provenance["resumed_at_step"] = resumed_at
             for r in recs:
                 r.update(code=version, **provenance)
