@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shlex
 from collections import Counter
 from pathlib import Path
+
+from diffusion_rl.cli import Args
+from diffusion_rl.formulations import make_formulation
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -31,6 +35,7 @@ SOLVERS = {"default": "Heun (Euler at even NFE)", "dpmpp_2m": "DPM-Solver++(2M)"
 BLOCK = re.compile(r"<!-- report (\S+)((?: \w+=\S+)*) -->\n(.*?)<!-- /report -->", re.S)
 CALIBRATION = "metric_calibration"  # the "kind" of a benchmarks.metric_check JSON
 SOLVER_CHECK = "solver_check"  # the "kind" of a benchmarks.solver_check JSON
+DEFAULT_TARGET_TAU = Args().target_tau  # a label names the target rate only where a run set another
 FEW_STEP = 9  # "wins everywhere" means at every NFE <= 9 (NFE 1-2 excluded: see the README's "Reading the results")
 
 
@@ -57,22 +62,25 @@ def is_baseline(variant: str) -> bool:
 
 
 def describe(fields: dict) -> str:
-    """A readable label from a record's settings: 'EDM baseline', 'TD(0) k=3', 'n-step(2) k=2, delta 0.1', ..."""
-    form = (fields.get("formulation") or "edm").upper()
+    """A readable label from a record's settings: 'EDM baseline', 'TD(0) k=3', 'n-step(2) k=2, δ 0.1', ...; options
+    are named where they differ from the formulation's own defaults (and the target rate from the CLI's 0.999)."""
+    name = fields.get("formulation") or "edm"
+    form = make_formulation(name)
+    tau = fields.get("target_tau")
+    tau_text = f"target τ {tau:g}" if tau is not None and not math.isclose(tau, DEFAULT_TARGET_TAU) else ""
     if fields.get("method") in (None, "baseline") or str(fields.get("method", "")).endswith("baseline"):
-        return {"EDM": "EDM baseline", "VP": "DDPM eps baseline", "CT": "CT baseline"}.get(form, f"{form} baseline")
+        label = {"EDM": "EDM baseline", "VP": "DDPM eps baseline"}.get(name.upper(), f"{name.upper()} baseline")
+        return ", ".join([label] + ([tau_text] if tau_text else []))
     est, n = fields.get("estimator"), fields.get("n_steps")
     head = {"td0": "TD(0)", "nstep": f"n-step({n})"}.get(est, f"TD(λ={fields.get('lmbda')}, n={n})")
     parts = [f"{head} k={fields.get('stride'):g}"]
-    if form != "EDM":
-        parts[0] = f"TD-{form} " + parts[0]
-    defaults = {"one_step": 0.2 if form != "CT" else 0.25, "coupling": "markov" if form != "CT" else "shared",
-                "reweighting": "edm" if form != "CT" else "pairwise"}
-    if fields.get("one_step") is not None and fields["one_step"] != defaults["one_step"]:
+    if name != "edm":
+        parts[0] = f"TD-{name.upper()} " + parts[0]
+    if fields.get("one_step") is not None and not math.isclose(fields["one_step"], form.default_one_step):
         parts.append(f"δ {fields['one_step']:g}")
-    if fields.get("coupling") and fields["coupling"] != defaults["coupling"]:
+    if fields.get("coupling") and fields["coupling"] != form.default_coupling:
         parts.append(f"{fields['coupling']} coupling")
-    if fields.get("reweighting") and fields["reweighting"] != defaults["reweighting"]:
+    if fields.get("reweighting") and fields["reweighting"] != form.default_reweighting:
         parts.append("no reweighting" if fields["reweighting"] == "none" else f"{fields['reweighting']} weights")
     if fields.get("shared_until"):
         parts.append(f"shared coupling for the first {fields['shared_until']:.0%}")
@@ -80,7 +88,30 @@ def describe(fields: dict) -> str:
         parts.append(f"target ramp-up {fields['target_rampup']:g}")
     if fields.get("target_halflife_images"):
         parts.append(f"target half-life {fields['target_halflife_images']:g} img")
+    elif tau_text:
+        parts.append(tau_text)
     return ", ".join(parts)
+
+
+def options(variant: str) -> dict[str, str]:
+    """A variant's options: 'td:stride=2,n_steps=3 @ipndm' -> {'stride': '2', 'n_steps': '3'}."""
+    spec = split_label(variant)[0].partition(":")[2]
+    return dict(item.partition("=")[::2] for item in spec.split(",")) if spec else {}
+
+
+def reference_baseline(variant: str, baselines: list[str]) -> str | None:
+    """The baseline a TD variant is measured against: the most specific baseline whose options the variant shares
+    (a grid of CT and iCT pairs 'td:formulation=ict' with 'baseline:formulation=ict', never with CT's); None when
+    none matches. Two equally specific matches are an error, not a silent pick."""
+    opts = options(variant)
+    fits = [b for b in baselines if options(b).items() <= opts.items()]
+    if not fits:
+        return None
+    most = max(len(options(b)) for b in fits)
+    best = [b for b in fits if len(options(b)) == most]
+    if len(best) > 1:
+        raise ValueError(f"{variant!r} matches several baselines equally well: {best}; name the options that differ")
+    return best[0]
 
 
 def load(path: str | Path) -> dict:
@@ -132,7 +163,8 @@ def wins_everywhere(summary: list[dict], metric: str = "fid", max_nfe: int = FEW
         base, solver = split_label(v)
         if is_baseline(v):
             continue
-        ref = next((k for k in {k[0] for k in rows} if is_baseline(k) and split_label(k)[1] == solver), None)
+        baselines = list(dict.fromkeys(u for u, _ in rows if is_baseline(u) and split_label(u)[1] == solver))
+        ref = reference_baseline(v, baselines)
         if ref is None:
             continue
         nfes = sorted(n for (u, n) in rows if u == v)
@@ -234,13 +266,14 @@ def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid") -> bool:
     bases = [b for b in dict.fromkeys(split_label(s["variant"])[0] for s in summary) if not is_baseline(b)]
     if not bases:  # a file of baselines only (a budget curve): nothing to set against the baseline
         return False
-    ref = next(b for b in dict.fromkeys(split_label(s["variant"])[0] for s in summary) if is_baseline(b))
+    baselines = [b for b in dict.fromkeys(split_label(s["variant"])[0] for s in summary) if is_baseline(b)]
+    refs = {b: reference_baseline(b, baselines) for b in bases}
     fig, axes = plt.subplots(1, len(solvers), figsize=(1.1 * len(nfes) * len(solvers) + 3, 0.32 * len(bases) + 1.6),
                              squeeze=False, sharey=True)
     for ax, solver in zip(axes[0], solvers):
         suffix = "" if solver == "default" else f" @{solver}"
-        grid = np.array([[mean.get((b + suffix, n), np.nan) / mean.get((ref + suffix, n), np.nan) for n in nfes]
-                         for b in bases])
+        grid = np.array([[mean.get((b + suffix, n), np.nan) / mean.get((f"{refs[b]}{suffix}", n), np.nan)
+                          for n in nfes] for b in bases])
         im = ax.imshow(grid, cmap="RdBu_r", norm=LogNorm(vmin=0.5, vmax=2.0), aspect="auto")
         for i in range(len(bases)):
             for j in range(len(nfes)):
@@ -419,7 +452,8 @@ def file_section(path: Path, plots: Path) -> str:
     verdict = wins_everywhere(d["summary"], metric)
     if verdict:
         out += [f"Variants whose mean {metric.upper()} is below the baseline's at every NFE in [3, {FEW_STEP}] "
-                f"(beyond the spread: by more than the sum of the two stds at each):", ""]
+                f"(a variant marked \"beyond the spread\" is lower by more than the sum of the two stds at each; the "
+                f"others are lower in mean only):", ""]
         for solver, per in verdict.items():
             win = [d["labels"].get(v, v) + (" (beyond the spread)" if r["beyond_spread"] else "")
                    for v, r in per.items() if r["wins"]]

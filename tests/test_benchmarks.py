@@ -4,8 +4,8 @@ import json
 import pytest
 
 from benchmarks.compare import parse_variant, summarise
-from benchmarks.report import (describe, markdown_table, reach_controls, render_block, update_readme,
-                               wins_everywhere)
+from benchmarks.report import (describe, markdown_table, reach_controls, reference_baseline, render_block,
+                               update_readme, wins_everywhere)
 from diffusion_rl.cli import Args
 from diffusion_rl.errors import ConfigError
 
@@ -51,6 +51,22 @@ def test_wins_everywhere_needs_every_few_step_budget():
     assert not v["ipndm"]["td"]["wins"]  # each solver against the baseline under the same solver
 
 
+def test_each_td_variant_is_set_against_its_own_baseline():
+    bases = ["baseline:formulation=ct", "baseline:formulation=ict,target_tau=0"]
+    assert reference_baseline("td:formulation=ict,target_tau=0 @ipndm", bases) == bases[1]
+    assert reference_baseline("td:formulation=ct", bases) == bases[0]
+    assert reference_baseline("td:stride=2", ["baseline", "baseline:formulation=ct"]) == "baseline"
+    assert reference_baseline("td:formulation=vp", bases) is None
+    with pytest.raises(ValueError, match="several baselines"):
+        reference_baseline("td:formulation=ct,steps=9", ["baseline:formulation=ct", "baseline:steps=9"])
+    # the iCT pair wins against its own baseline even though it loses to CT's, whatever order the rows come in
+    rows = [("baseline:formulation=ct", 3, 10.0), ("baseline:formulation=ict", 3, 50.0),
+            ("td:formulation=ict", 3, 40.0), ("td:formulation=ct", 3, 12.0)]
+    for order in (rows, rows[::-1]):
+        v = wins_everywhere(_summary(order))["default"]
+        assert v["td:formulation=ict"]["wins"] and not v["td:formulation=ct"]["wins"]
+
+
 def test_labels_come_from_the_record_settings():
     td = {"method": "td-edm", "formulation": "edm", "estimator": "td_lambda", "n_steps": 3, "lmbda": 0.5,
           "stride": 2.0, "one_step": 0.1, "coupling": "markov", "reweighting": "edm", "target_rampup": 0.05}
@@ -58,6 +74,10 @@ def test_labels_come_from_the_record_settings():
     assert describe({"method": "edm-baseline", "formulation": "edm"}) == "EDM baseline"
     assert describe({**td, "estimator": "nstep", "n_steps": 2, "one_step": 0.2, "target_rampup": None,
                      "coupling": "shared"}) == "n-step(2) k=2, shared coupling"
+    ict = {"method": "td-ict", "formulation": "ict", "estimator": "td0", "stride": 1.0, "one_step": 0.25,
+           "coupling": "shared", "reweighting": "pairwise", "target_tau": 0.0}  # iCT's own defaults go unnamed
+    assert describe(ict) == "TD-ICT TD(0) k=1, target τ 0"
+    assert describe({"method": "ict-baseline", "formulation": "ict", "target_tau": 0.0}) == "ICT baseline, target τ 0"
 
 
 def test_readme_blocks_are_regenerated_from_the_json():
