@@ -316,10 +316,12 @@ class TDEvaluator(Learner):
         if isinstance(est, TD0Estimator) and n_steps != 1:
             raise ConfigError(f"n_steps={n_steps} needs a multi-step estimator; td0 trains on single transitions "
                               f"(n_steps=1); accepted estimators for n_steps > 1: nstep, td_lambda")
-        horizon = math.ceil((env.formulation.steps - 1) / env.stride - 1e-9)  # strides from sigma_max to the end
+        # the longest TD-valid chain: n strides from index 0 need n k + delta <= N-1 (method.md §5.2, §7)
+        horizon = math.floor((env.formulation.steps - 1 - env.one_step) / env.stride + 1e-9)
         if n_steps > horizon:
-            raise ConfigError(f"n_steps={n_steps} exceeds the {horizon} strides of {env.stride} index units an "
-                              f"episode has on the {env.formulation.steps}-point grid; accepted: 1..{horizon}")
+            raise ConfigError(f"n_steps={n_steps} exceeds the {horizon} TD-valid strides of {env.stride:g} index "
+                              f"units (one-step {env.one_step:g}) on the {env.formulation.steps}-point grid; "
+                              f"accepted: 1..{horizon}")
         reweighting = form.default_reweighting if reweighting is None else reweighting
         check_choice("reweighting", reweighting, REWEIGHTINGS)
         base_weight_lambda = _check_lambda("base_weight_lambda", base_weight_lambda)

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
 
-from diffusion_rl.cli import Args, cast_field, make_learner, validate_args
+from diffusion_rl.cli import Args, cast_field, check_seed, make_learner, parse_nfe_grid, validate_args
 from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
@@ -250,7 +250,9 @@ def main() -> None:
     if a.from_models is not None and (score_at or a.keep_models is not None):
         raise ConfigError("--from-models scores kept models without training: it takes neither --score-at nor "
                           "--keep-models")
-    nfe_grid = tuple(int(n) for n in a.nfe_grid.split(","))
+    nfe_grid = parse_nfe_grid(a.nfe_grid)
+    for seed in a.seeds:
+        check_seed(seed)
     samplers = [x.strip() for x in a.samplers.split(",") if x.strip()]
     settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid)}
     if samplers != ["default"]:
@@ -266,8 +268,8 @@ def main() -> None:
         for name in samplers:
             for nfe in nfe_grid:
                 sampler_for_nfe(make_formulation(args.formulation), nfe, None if name == "default" else name)
-    dataset = load_dataset(a.data)
-    for label, args in variants:  # every setting checked (the env's TD-valid rule too) before anything is written
+    dataset = load_dataset(a.data)  # one data set for every seed (a 2-D toy set is drawn with seed 0); each run's
+    for label, args in variants:    # env draws its batches with the run's seed  # every setting checked (the env's TD-valid rule too) before anything is written
         validate_args(args, given=set(args_given(label)), methods=(args.method,))
         make_learner(args, dataset=dataset)
     for option, folder in (("--sample-grids", a.sample_grids), ("--keep-models", a.keep_models)):

@@ -195,11 +195,13 @@ def dataclass_from_args(cls, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
-def _parse_nfe_grid(text: str) -> tuple[int, ...]:
+def parse_nfe_grid(text: str) -> tuple[int, ...]:
+    """'3,5,9' -> (3, 5, 9); ConfigError for anything but comma-separated positive integers within the limits."""
     try:
         grid = tuple(int(t) for t in text.split(","))
     except ValueError:
-        raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, e.g. 1,2,3,5,9,17,35")
+        raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, "
+                          f"e.g. 1,2,3,5,9,17,35") from None
     if not grid or min(grid) < 1:
         raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, e.g. 1,2,3,5,9,17,35")
     from .limits import check_limit
@@ -384,7 +386,7 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     check_features(args.features, args.inception_weights or None, load=args.eval)
     if args.n_samples < 2:
         raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {args.n_samples}")
-    nfe_grid = _parse_nfe_grid(args.nfe_grid)
+    nfe_grid = parse_nfe_grid(args.nfe_grid)
     for m in methods:
         check_choice("method", m, METHODS)
     if "baseline" in methods and "td" not in methods:
@@ -399,10 +401,20 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
                               f"on single transitions")
         if args.estimator != "td_lambda" and "lmbda" in given:
             raise ConfigError(f"--lmbda applies to --estimator td_lambda only; {args.estimator} would ignore it")
-    for name in ("stride", "one_step"):
-        value = _auto_float(name, getattr(args, name))
-        if value is not None:
-            check_positive(name, value, integer=False)
+    from agents import ESTIMATORS, REWEIGHTINGS
+    from envs import check_stride_one_step
+
+    from .formulations import make_formulation
+
+    form = make_formulation(args.formulation)  # the family, estimator, coupling and grid reach fail before data loads
+    check_choice("estimator", args.estimator, ESTIMATORS)
+    if args.reweighting:
+        check_choice("reweighting", args.reweighting, REWEIGHTINGS)
+    if args.coupling:
+        form.check_coupling(args.coupling)
+    stride, one_step = (_auto_float(name, getattr(args, name)) for name in ("stride", "one_step"))
+    check_stride_one_step(form.default_stride if stride is None else stride,
+                          form.default_one_step if one_step is None else one_step, form.steps)
     return nfe_grid
 
 
@@ -606,7 +618,7 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     from .limits import check_limit
     from .runs import check_writable_folder
 
-    nfe_grid = _parse_nfe_grid(a.nfe_grid)
+    nfe_grid = parse_nfe_grid(a.nfe_grid)
     check_seed(a.seed)
     check_positive("n_samples", a.n_samples)
     check_limit("n_samples", a.n_samples, "samples")

@@ -68,14 +68,20 @@ class LevelStats:
         return out
 
 
+def conditional(denoiser) -> bool:
+    """Whether the denoiser's network takes class labels."""
+    return getattr(getattr(denoiser, "net", denoiser), "num_classes", 0) > 0
+
+
 @torch.no_grad()
-def data_error_per_level(denoiser, dataset, n: int = 256, seed: int = 0, device="cpu") -> dict[str, list]:
+def data_error_per_level(denoiser, dataset, n: int = 256, seed: int = 0,
+                         device: str | torch.device = "cpu") -> dict[str, list]:
     """mean_pixels (D(x_level) - x0)^2 at every grid level, x_level ~ q(x | x0), on n data samples."""
     form = denoiser.formulation
     g = torch.Generator().manual_seed(seed)
     x0, labels = dataset.draw(n, g)
     x0 = x0.to(device, torch.float32)
-    labels = None if labels is None or not getattr(denoiser, "num_classes", 0) else labels.to(device)
+    labels = None if labels is None or not conditional(denoiser) else labels.to(device)
     levels = form.grid(torch.float32)
     errors = []
     for level in levels:
@@ -87,10 +93,11 @@ def data_error_per_level(denoiser, dataset, n: int = 256, seed: int = 0, device=
 
 @torch.no_grad()
 def trajectory_diagnostics(denoiser, n: int = 256, strides: tuple[int, ...] = (1, 2, 3), seed: int = 0,
-                           device="cpu") -> dict:
-    """On n trajectories of the Euler sampler on the training grid (one evaluation per grid level, float64):
-    per level, mean_pixels (D(x_i) - x_end)^2 with x_end the sample the trajectory returns, and, per stride k,
-    mean_pixels (D(x_i) - D(x_i+k))^2, how far the x0 prediction moves over k steps of the path."""
+                           device: str | torch.device = "cpu", labels: Tensor | None = None) -> dict:
+    """On n trajectories of the Euler sampler on the training grid (one evaluation per grid level, float64; VP in
+    its variance-exploding view): per level, mean_pixels (D(x_i) - x_end)^2 with x_end the sample the trajectory
+    returns, and, per stride k, mean_pixels (D(x_i) - D(x_i+k))^2, how far the x0 prediction moves over k steps of
+    the path. `labels` [n] condition a class-conditional denoiser."""
     from .samplers import sample
 
     form = denoiser.formulation
@@ -103,7 +110,7 @@ def trajectory_diagnostics(denoiser, n: int = 256, strides: tuple[int, ...] = (1
 
     g = torch.Generator(device=device).manual_seed(seed)
     res = sample(recording, form, (n, *denoiser.sample_shape), sampler="euler", steps=form.steps, generator=g,
-                 device=device)
+                 device=device, labels=None if labels is None else labels.to(device))
     end = res.x.double().cpu()
     levels = [lv for lv, _ in calls]
     outs = torch.stack([d for _, d in calls])  # [L, n, *F]
@@ -185,9 +192,12 @@ def diagnose(checkpoint: str | Path, out: str | Path, n: int = 256, seed: int = 
 
         raise ConfigError(f"the data set {dataset.name!r} has samples of shape {tuple(dataset.sample_shape)}, the "
                           f"checkpoint's network {tuple(denoiser.sample_shape)}; pass the data it was trained on")
+    labels = None
+    if conditional(denoiser) and dataset.labels is not None:  # the trajectories get labels drawn from the data
+        labels = dataset.labels[torch.randint(len(dataset.labels), (n,), generator=torch.Generator().manual_seed(seed))]
     report = {"checkpoint": str(checkpoint), "method": cfg.get("method"),
               "data": data_error_per_level(denoiser, dataset, n, seed, device),
-              "trajectory": trajectory_diagnostics(denoiser, n, seed=seed, device=device),
+              "trajectory": trajectory_diagnostics(denoiser, n, seed=seed, device=device, labels=labels),
               "training": _per_level_curves(checkpoint.parent / "metrics.jsonl")}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .errors import ConfigError, check_choice, check_positive
 from .networks import Denoiser
-from .samplers import sample, sampler_for_nfe, steps_for_nfe
+from .samplers import sample, sampler_for_nfe
 
 __all__ = ["EvalConfig", "Evaluator", "evaluate_learner", "write_results", "plot_metric_vs_nfe", "save_sample_grid",
            "DEFAULT_NFE_GRID", "format_table"]
@@ -138,8 +138,7 @@ class Evaluator:
     def generate(self, denoiser: Denoiser, nfe: int, device: torch.device | str = "cpu") -> tuple[Tensor, str]:
         """`n_samples` samples at budget `nfe` (seeded), and the sampler used."""
         cfg = self.config
-        name = sampler_for_nfe(denoiser.formulation, nfe, cfg.sampler)
-        steps_for_nfe(name, nfe)  # a clear error before any work when the budget is unreachable
+        name = sampler_for_nfe(denoiser.formulation, nfe, cfg.sampler)  # a clear error when it cannot reach nfe
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         labels_all = None
         if getattr(denoiser.net, "num_classes", 0) > 0 and self.dataset.labels is not None:
@@ -161,6 +160,8 @@ class Evaluator:
         """One record per (NFE, metric) for `denoiser`; sample grids go to out_dir/samples/."""
         from tqdm.auto import tqdm
 
+        for nfe in self.config.nfe_grid:  # every budget is checked before the first is sampled
+            sampler_for_nfe(denoiser.formulation, nfe, self.config.sampler)
         records = []
         for nfe in tqdm(self.config.nfe_grid, desc=f"eval {method}", disable=not progress, file=sys.stderr,
                         leave=False):

@@ -378,7 +378,7 @@ class VPFormulation(Formulation):
     """
 
     name = "vp"
-    samplers = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_lof", "ipndm")
+    samplers = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_lof", "ipndm")
     SCHEDULES = ("linear", "cosine")
 
     def __init__(self, timesteps: int = 1000, schedule: str = "linear", steps: int = 18, rho: float = 7.0) -> None:

@@ -9,7 +9,7 @@ for an NFE budget, draws the start, and returns a `SampleResult`.
   Heun NFE = 2 steps - 1 (its last step, to sigma = 0, is Euler), Euler NFE = steps (method.md §12.8).
 - "dpmpp_2m" (DPM-Solver++(2M)) and "ipndm" (iPNDM): training-free multistep ODE solvers for few steps, on the
   same grid; NFE = steps; "dpmpp_2m_lof" takes a first-order step into sigma_min (lower order final). VP runs
-  them in its variance-exploding view (the rho grid of sigma~, method.md §9).
+  them and "euler" in its variance-exploding view (the rho grid of sigma~, method.md §9).
 - "ddim" (eta = 0) and "ddpm" (ancestral, the posterior of method.md §9) for the VP formulation.
 - "onestep" and "multistep" consistency sampling for CT.
 """
@@ -64,8 +64,9 @@ def heun(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, la
 
 
 def euler(denoise: DenoiseFn, formulation: Formulation, x: Tensor, steps: int, labels=None, generator=None):
-    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma on the rho grid."""
-    sigmas = _edm_sigmas(formulation, steps, x.dtype).to(x.device)
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma on the rho grid (for VP, in
+    the variance-exploding view of `_ve_view`: one evaluation at each level of VP's training grid)."""
+    denoise, x, sigmas = _ve_view(denoise, formulation, x, steps)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         x = x + (s_next - s) * (x - denoise(x, _levels(x, s), labels)) / s
     return x, steps
@@ -227,13 +228,17 @@ def default_sampler(formulation: Formulation) -> str:
 def sampler_for_nfe(formulation: Formulation, nfe: int, preferred: str | None = None) -> str:
     """`preferred`, or (None) the family's main sampler with Euler where Heun cannot reach the budget.
 
-    A sampler asked for by name is never replaced: one that cannot reach `nfe` raises ConfigError.
+    A sampler asked for by name is never replaced: one of another family, or one that cannot reach `nfe`, raises
+    ConfigError.
     """
     if preferred:
+        check_choice(f"sampler for formulation {formulation.name!r}", preferred, formulation.samplers)
         steps_for_nfe(preferred, nfe)
         return preferred
     name = default_sampler(formulation)
-    return "euler" if name == "heun" and nfe % 2 == 0 else name
+    name = "euler" if name == "heun" and nfe % 2 == 0 else name
+    steps_for_nfe(name, nfe)  # a budget no sampler of the family reaches (NFE 2 for one-step CT, ...) fails here
+    return name
 
 
 def sample(denoise: DenoiseFn, formulation: Formulation, shape: tuple[int, ...], *, sampler: str | None = None,

@@ -434,6 +434,18 @@ def _compare(monkeypatch, *argv: str) -> dict:
     return json.loads(open(out).read())["runs"]
 
 
+@pytest.mark.parametrize("argv,match", [
+    (["--nfe-grid", "3,x"], "nfe grid '3,x' must be comma-separated positive integers"),
+    (["--seeds", "0", "-1"], r"seed must be an integer in \[0, 2\^63\), got -1"),
+    (["--samplers", "ddim"], "unknown sampler for formulation 'edm' 'ddim'"),
+    (["--variants", "td:estimator=nstep,n_steps=6"], "n_steps=6 exceeds the 5 TD-valid strides")])
+def test_compare_refuses_a_bad_grid_before_writing_anything(argv, match, tmp_path, monkeypatch):
+    out = tmp_path / "grid.json"
+    with pytest.raises(ConfigError, match=match):
+        _compare(monkeypatch, "--data", "moons", "--steps", "2", "--n-samples", "8", *argv, "--out", str(out))
+    assert not out.exists()
+
+
 def test_score_at_restarts_without_losing_a_result_and_equals_separate_runs(tmp_path, monkeypatch):
     """A run scored on its way and killed after its first budget resumes: the budget already scored is kept (not
     scored twice), the rest is scored, and every result equals the separately trained run it is labelled as."""

@@ -69,3 +69,27 @@ def test_training_logs_per_level_curves_and_diagnose_plots_them(tmp_path, capsys
     assert len(rep["data"]["error"]) == 18 and rep["training"][-1]["per_level"] == pl
     assert main(["diagnose", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_diagnose_runs_on_vp_on_its_training_grid(tmp_path):
+    out = tmp_path / "vp"
+    assert main(["train", "--data", "moons", "--formulation", "vp", "--method", "baseline", "--steps", "4",
+                 "--no-eval", "--no-progress", "--width", "16", "--batch-size", "16", "--out", str(out)]) == 0
+    ckpt = next(out.rglob("checkpoint.pt"))
+    assert main(["diagnose", "--checkpoint", str(ckpt), "--n", "16"]) == 0  # Euler runs in VP's VE view
+    rep = json.loads((ckpt.parent / "diagnose.json").read_text())
+    assert rep["trajectory"]["level"] == pytest.approx(rep["data"]["level"], rel=1e-5)  # VP's 18 training levels
+
+
+def test_trajectory_diagnostics_condition_a_conditional_denoiser():
+    seen = []
+
+    class Conditional(GaussianDenoiser):
+        def __call__(self, x, level, labels=None):
+            seen.append(labels)
+            return super().__call__(x, level, labels)
+
+    den = Conditional(0.5, EDMFormulation())
+    den.num_classes = 2
+    trajectory_diagnostics(den, n=4, labels=torch.tensor([0, 1, 1, 0]))
+    assert len(seen) == 18 and all(y is not None and y.tolist() == [0, 1, 1, 0] for y in seen)

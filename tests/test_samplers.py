@@ -96,6 +96,8 @@ def test_nfe_bookkeeping():
     assert [steps_for_nfe("heun", n) for n in (1, 3, 5, 35)] == [1, 2, 3, 18]
     assert steps_for_nfe("euler", 2) == 2
     assert sampler_for_nfe(EDMFormulation(), 2) == "euler" and sampler_for_nfe(EDMFormulation(), 9) == "heun"
+    with pytest.raises(ConfigError, match="sampler for formulation 'edm'.*'ddim'"):
+        sampler_for_nfe(EDMFormulation(), 3, "ddim")  # another family's sampler is refused before any sampling
     calls = []
 
     def counting(x, s, y):
@@ -164,6 +166,21 @@ def vp_gaussian_denoiser(f):
         ab = expand_as_image(f.alpha_bar(t), x)
         return gaussian_denoiser(x / ab.sqrt(), expand_as_image(((1 - f.alpha_bar(t)) / f.alpha_bar(t)).sqrt(), x))
     return denoise
+
+
+def test_euler_on_vp_converges_at_order_one_on_the_training_grid():
+    """Euler in VP's variance-exploding view (what `diagnose` runs): first order, and at steps = N it evaluates the
+    denoiser at exactly the training grid's timesteps."""
+    f = VPFormulation()
+    x_T = f.prior((200, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = exact_ode_solution(x_T / f.alpha_bar(torch.tensor(1000.0)).sqrt(), f.sigma_ve_max)
+    errs = [(sample(vp_gaussian_denoiser(f), f, (200, 1), sampler="euler", nfe=nfe,
+                    generator=torch.Generator().manual_seed(0)).x - exact).abs().max().item() for nfe in (64, 128, 256)]
+    orders = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+    assert all(0.8 < p < 1.3 for p in orders), (errs, orders)
+    seen = []
+    sample(lambda x, t, y=None: seen.append(float(t[0])) or x, f, (2, 1), sampler="euler", steps=f.steps)
+    assert seen == pytest.approx(f.grid(torch.float64).tolist(), rel=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_lof", "ipndm"])
