@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from diffusion_rl.errors import ConfigError
+from diffusion_rl.formulations import mean_pixels  # re-exported: the per-sample mean of method.md §5.3
 
 __all__ = ["REWEIGHTINGS", "td_weight", "mean_pixels", "combine_losses", "split_objective", "chain_mask"]
 
@@ -31,11 +32,6 @@ def td_weight(reweighting: str, A_t: Tensor, A_next: Tensor, c_out_t: Tensor) ->
     if reweighting == "none":
         return torch.ones_like(A_t)
     raise ConfigError(f"unknown reweighting {reweighting!r}; accepted: {', '.join(REWEIGHTINGS)}")
-
-
-def mean_pixels(t: Tensor) -> Tensor:
-    """Mean over every dimension after the first: [B, *F] -> [B]."""
-    return t.reshape(t.shape[0], -1).mean(-1)
 
 
 def _terms(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> tuple[Tensor, Tensor]:

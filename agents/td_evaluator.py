@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torchrl.objectives import HardUpdate, LossModule, SoftUpdate
 from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 
-from diffusion_rl.errors import ConfigError, check_choice, check_positive, check_range
+from diffusion_rl.errors import ConfigError, check_choice, check_non_negative, check_positive, check_range
 from diffusion_rl.formulations import Formulation, expand_as_image
 from diffusion_rl.networks import Denoiser
 from diffusion_rl.training import Learner, TrainConfig, halflife_decay, resolve_device
@@ -259,13 +259,6 @@ def _as_tuple(key: NestedKey) -> tuple[str, ...]:
     return (key,) if isinstance(key, str) else tuple(key)
 
 
-def _check_lambda(what: str, value) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    if not ok:
-        raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 class TDEvaluator(Learner):
     """Train a diffusion model by TD learning on the diffusion MRP (method.md §2-§10).
 
@@ -324,7 +317,7 @@ class TDEvaluator(Learner):
                               f"accepted: 1..{horizon}")
         reweighting = form.default_reweighting if reweighting is None else reweighting
         check_choice("reweighting", reweighting, REWEIGHTINGS)
-        base_weight_lambda = _check_lambda("base_weight_lambda", base_weight_lambda)
+        base_weight_lambda = check_non_negative("base_weight_lambda", base_weight_lambda)
         check_choice("target_update", target_update, TARGET_UPDATES)
         if shared_until is not None:
             check_range("shared_until", shared_until, 0.0, 1.0)

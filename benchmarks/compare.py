@@ -268,10 +268,11 @@ def main() -> None:
         for name in samplers:
             for nfe in nfe_grid:
                 sampler_for_nfe(make_formulation(args.formulation), nfe, None if name == "default" else name)
-    dataset = load_dataset(a.data)  # one data set for every seed (a 2-D toy set is drawn with seed 0); each run's
-    for label, args in variants:    # env draws its batches with the run's seed  # every setting checked (the env's TD-valid rule too) before anything is written
+    for label, args in variants:  # every setting that needs no data, before the data loads
         validate_args(args, given=set(args_given(label)), methods=(args.method,))
-        make_learner(args, dataset=dataset)
+    dataset = load_dataset(a.data)  # one data set for every seed (a 2-D toy set is drawn with seed 0); each run's
+    for label, args in variants:    # env draws its batches with the run's seed; the learners check the rest (the
+        make_learner(args, dataset=dataset)  # env's TD-valid rule too) before anything is written
     for option, folder in (("--sample-grids", a.sample_grids), ("--keep-models", a.keep_models)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{option} {folder!r} is a file, not a folder")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from diffusion_rl.errors import ConfigError
+from diffusion_rl.runs import atomic_write_text
 
 __all__ = ["ResultGrid", "summarise"]
 
@@ -104,8 +105,6 @@ class ResultGrid:
             runs = self._load()
             runs[key] = records
             flat = [r for rs in runs.values() for r in rs]
-            tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"command": self.command, "settings": self.settings,
-                                       "summary": summarise(flat), "runs": runs}, indent=1))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps({"command": self.command, "settings": self.settings,
+                                                     "summary": summarise(flat), "runs": runs}, indent=1))
             self._claim_file(key).unlink(missing_ok=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -32,6 +31,7 @@ import torch
 from diffusion_rl.cli import PRESETS, Args, add_dataclass_args, dataclass_from_args, make_learner, opt
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice
+from diffusion_rl.runs import atomic_write_text
 from diffusion_rl.samplers import sample
 
 
@@ -173,12 +173,10 @@ def main() -> None:
                   f"{row['td_over_baseline_floor']:.2f}), sampling "
                   f"{row['sample_img_s']:8.0f} img/s at NFE {a.nfe}", file=sys.stderr, flush=True)
             # rewritten (atomically) after each configuration: a run stopped by a time limit keeps the rows it has
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps({"benchmark": "throughput", "command": command, "device": device,
-                                       "torch": torch.__version__, "data": dataset.name,
-                                       "sample_shape": list(dataset.sample_shape), "settings": dataclasses.asdict(a),
-                                       "results": rows}, indent=1))
-            os.replace(tmp, out)
+            atomic_write_text(out, json.dumps({"benchmark": "throughput", "command": command, "device": device,
+                                               "torch": torch.__version__, "data": dataset.name,
+                                               "sample_shape": list(dataset.sample_shape),
+                                               "settings": dataclasses.asdict(a), "results": rows}, indent=1))
     print(f"wrote {out}")
 
 

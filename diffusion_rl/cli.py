@@ -12,14 +12,13 @@ import argparse
 import dataclasses
 import errno
 import json
-import math
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, check_choice, check_positive, check_range
+from .errors import ConfigError, check_choice, check_non_negative, check_positive, check_range
 
 __all__ = ["Args", "SampleArgs", "EvalArgs", "main", "make_learner", "load_denoiser"]
 
@@ -363,14 +362,11 @@ def validate_args(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     check_range("lmbda", args.lmbda, 0.0, 1.0)
     check_range("shared_until", args.shared_until, 0.0, 1.0)
     for name in ("target_halflife_images", "target_rampup"):
-        v = getattr(args, name)
-        if not (math.isfinite(v) and v >= 0):
-            raise ConfigError(f"{name} must be a finite number >= 0 (0: off), got {v!r}")
+        v = check_non_negative(name, getattr(args, name), " (0: off)")
         if v and "target_tau" in given:
             raise ConfigError(f"--target-tau and --{name.replace('_', '-')} exclude each other: the half-life or "
                               f"ramp-up sets the target's rate")
-    if not (math.isfinite(args.base_lambda) and args.base_lambda >= 0):
-        raise ConfigError(f"base_lambda must be a finite number >= 0, got {args.base_lambda!r}")
+    check_non_negative("base_lambda", args.base_lambda)
     if not args.eval:
         stray = [f"--{k.replace('_', '-')}" for k in ("n_samples", "nfe_grid", "features", "inception_weights")
                  if k in given]

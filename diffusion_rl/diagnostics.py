@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .formulations import mean_pixels
+
 __all__ = ["LevelStats", "data_error_per_level", "trajectory_diagnostics", "diagnose", "plot_diagnostics"]
 
 
@@ -87,7 +89,7 @@ def data_error_per_level(denoiser, dataset, n: int = 256, seed: int = 0,
     for level in levels:
         lv = level.expand(n).to(device)
         x = form.add_noise(x0, lv, torch.randn(x0.shape, generator=g).to(device))
-        errors.append(float((denoiser(x, lv, labels) - x0).pow(2).flatten(1).mean(1).mean()))
+        errors.append(float(mean_pixels((denoiser(x, lv, labels) - x0).pow(2)).mean()))
     return {"level": levels.tolist(), "error": errors}
 
 
@@ -116,7 +118,7 @@ def trajectory_diagnostics(denoiser, n: int = 256, strides: tuple[int, ...] = (1
     outs = torch.stack([d for _, d in calls])  # [L, n, *F]
 
     def msd(a: Tensor, b: Tensor) -> float:
-        return float((a - b).pow(2).flatten(1).mean(1).mean())
+        return float(mean_pixels((a - b).pow(2)).mean())
 
     report = {"level": levels, "error_to_end": [msd(o, end) for o in outs], "self_consistency": {}}
     for k in strides:

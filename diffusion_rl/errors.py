@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ConfigError", "check_choice", "check_positive", "check_range"]
+__all__ = ["ConfigError", "check_choice", "check_positive", "check_non_negative", "check_range"]
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,14 @@ def check_positive(what: str, value: Any, integer: bool = True) -> Any:
         kind = "a positive integer" if integer else "a positive finite number"
         raise ConfigError(f"{what} must be {kind}, got {value!r}")
     return value
+
+
+def check_non_negative(what: str, value: Any, note: str = "") -> float:
+    """Return `value` as a float if it is a finite number >= 0, else raise (`note` follows the range: " (0: off)")."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if not ok:
+        raise ConfigError(f"{what} must be a finite number >= 0{note}, got {value!r}")
+    return float(value)
 
 
 def check_range(what: str, value: Any, low: float, high: float) -> Any:

@@ -37,6 +37,8 @@ __all__ = [
     "COUPLINGS",
     "Coupling",
     "parse_coupling",
+    "ve_coupling",
+    "mean_pixels",
     "Formulation",
     "EDMFormulation",
     "VPFormulation",
@@ -67,6 +69,19 @@ def parse_coupling(coupling: str) -> tuple[str, float | None]:
         raise ConfigError(f"unknown coupling {coupling!r}; accepted: markov, shared, mixed:M (shared noise below "
                           f"grid index M > 0, Markov from M on)")
     return "mixed", value
+
+
+def ve_coupling(ratio: Tensor, coupling: str) -> tuple[Tensor, Tensor]:
+    """(A, kappa) of the variance-exploding one-step posterior mean A x0 + kappa x_t from ratio = sigma_s / sigma_t
+    (method.md §3, §8): Markov kappa = ratio^2 (the true reverse kernel), shared noise kappa = ratio; A = 1 - kappa.
+    A plain coupling only; "mixed:m" is split per sample by `Formulation.mix_couplings` first."""
+    kappa = ratio.pow(2) if coupling == "markov" else ratio
+    return 1 - kappa, kappa
+
+
+def mean_pixels(t: Tensor) -> Tensor:
+    """Mean over every dimension after the first: [B, *F] -> [B] (the per-sample losses of method.md §5.3)."""
+    return t.reshape(t.shape[0], -1).mean(-1)
 
 
 def expand_as_image(v: Tensor, x: Tensor) -> Tensor:
@@ -178,7 +193,7 @@ class Formulation(ABC):
 
     def base_loss(self, denoised: Tensor, x0: Tensor, level: Tensor) -> Tensor:
         """Per-sample base loss w(level) * mean over pixels of (D - x0)^2 (method.md §5.3; eps loss for VP)."""
-        err = (denoised - x0).pow(2).flatten(1).mean(1)
+        err = mean_pixels((denoised - x0).pow(2))
         return self.base_weight(level).to(err) * err
 
     def check_coupling(self, coupling: str) -> None:
@@ -251,9 +266,7 @@ class EDMFormulation(Formulation):
         mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior(level_t, level_s, c))
         if mixed is not None:
             return mixed
-        ratio = level_s / level_t
-        kappa = ratio.pow(2) if coupling == "markov" else ratio
-        return 1 - kappa, kappa
+        return ve_coupling(level_s / level_t, coupling)
 
     def posterior_variance(self, level_t, level_s, coupling="markov"):
         # x_t = x_s + sqrt(st^2 - ss^2) n2 with x_s ~ N(x0, ss^2): Var = ss^2 (st^2 - ss^2) / st^2.
@@ -293,6 +306,7 @@ class CTFormulation(EDMFormulation):
     consistency = True
     default_coupling = "shared"      # method.md §10: the consistency pair shares its noise
     default_reweighting = "pairwise"  # method.md §10: the release's CT weighting
+    # plain values in place of the base class's grid-scaled properties: CT's pair and delta do not scale with N
     default_stride = 1.0             # method.md §10: adjacent grid points
     default_one_step = 0.25
 
@@ -443,9 +457,8 @@ class VPFormulation(Formulation):
         mixed = self.mix_couplings(coupling, level, lambda c: self.one_step_posterior(level, one_step, c))
         if mixed is not None:
             return mixed
-        ratio = self.sigma_ve(self.shift(level, one_step)) / self.sigma_ve(level)
-        kappa = ratio.pow(2) if coupling == "markov" else ratio
-        return (1 - kappa).to(level.dtype), kappa.to(level.dtype)
+        A, kappa = ve_coupling(self.sigma_ve(self.shift(level, one_step)) / self.sigma_ve(level), coupling)
+        return A.to(level.dtype), kappa.to(level.dtype)
 
     def one_step_mean(self, x0: Tensor, x: Tensor, level: Tensor, one_step: float,
                       coupling: Coupling = "markov") -> Tensor:
@@ -496,8 +509,7 @@ class VPFormulation(Formulation):
         ab = self.alpha_bar(level)
         c_skip = 1 / ab.sqrt()
         c_out = -(1 - ab).sqrt() / ab.sqrt()
-        sigma_ve = ((1 - ab) / ab).sqrt()
-        return c_skip, c_out, torch.ones_like(ab), sigma_ve.log() / 4
+        return c_skip, c_out, torch.ones_like(ab), self.sigma_ve(level).log() / 4
 
     def base_weight(self, level):
         # |eps_hat - eps|^2 = abar / (1 - abar) |D - x0|^2: the standard eps loss in x0 terms.

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +18,7 @@ from torch import Tensor, nn
 
 from .data import Dataset, cache_dir
 from .errors import ConfigError, check_positive
+from .runs import atomic_save
 
 __all__ = [
     "FeatureNet",
@@ -141,20 +140,6 @@ def train_feature_net(dataset: Dataset, seed: int = 0, verbose: bool = False, ho
     return net.cpu()
 
 
-def _save_atomic(obj: Any, path: str) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _load_cached(path: str, content_hash: str, arch: dict[str, int]) -> FeatureNet | None:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,7 +177,7 @@ def get_feature_net(dataset: Dataset, cache_dir: str | None = None, seed: int = 
     net = train_feature_net(dataset, seed=seed, verbose=verbose)
     meta = {"version": FEATURE_NET_VERSION, "hash": content_hash, "name": str(dataset.name), "seed": int(seed),
             "accuracy": float(net.accuracy), "num_features": int(net.num_features), "arch": dict(net.arch)}
-    _save_atomic({"state_dict": net.state_dict(), "meta": meta}, path)
+    atomic_save({"state_dict": net.state_dict(), "meta": meta}, path)
     if verbose:
         print(f"feature net cached at {path}")
     return net.eval()

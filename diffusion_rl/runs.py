@@ -18,17 +18,56 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["RunFolder", "check_writable_folder", "remove_stale_temporaries", "RUN_FILES"]
+__all__ = ["RunFolder", "check_writable_folder", "remove_stale_temporaries", "RUN_FILES", "atomic_write",
+           "atomic_write_text", "atomic_save"]
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json")  # their presence means the folder holds a run
 OUTPUTS = ("samples", "tensorboard")  # what a run writes besides RUN_FILES and the *_vs_nfe.png plots
 LOCK = ".lock"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` fills a temporary file beside `path` (named `<name>.<random>.tmp`), which is flushed to disk and
+    renamed over `path`, and the folder is synced: a crash, even of the machine, leaves the old file or the new one,
+    never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`path.write_text(text)`, atomically (see `atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj, path)`, atomically (see `atomic_write`)."""
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def check_writable_folder(path: str | Path, what: str = "--out") -> Path:

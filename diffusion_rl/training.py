@@ -14,10 +14,8 @@ import gc
 import importlib.util
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -37,7 +35,7 @@ from .diagnostics import LevelStats
 from .errors import ConfigError, check_choice, check_positive
 from .limits import check_limit
 from .networks import Denoiser, build_network
-from .runs import remove_stale_temporaries
+from .runs import atomic_save, remove_stale_temporaries
 
 __all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint",
            "objective"]
@@ -128,20 +126,6 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -286,7 +270,14 @@ class Learner(ABC):
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if self.config.grad_clip > 0:
+        if self.scaler is None:  # (fp16's scaler skips a step with non-finite gradients itself)
+            # the norm clips when grad_clip > 0 (with inf it scales by exactly 1): non-finite gradients stop the run
+            # before the step, so the parameters, and the next checkpoint, stay finite
+            norm = nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip or math.inf)
+            if not torch.isfinite(norm):
+                raise NonFiniteLossError(f"non-finite gradient norm {norm.item()} at step {self.step} (finite loss "
+                                         f"{loss.item():.4g}); the last good checkpoint is left intact")
+        elif self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

@@ -13,7 +13,7 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 
-from diffusion_rl.errors import ConfigError, check_choice, check_positive
+from diffusion_rl.errors import ConfigError, check_positive
 from diffusion_rl.formulations import Formulation, make_formulation, parse_coupling
 from diffusion_rl.networks import Denoiser
 
@@ -30,7 +30,7 @@ class ValueNet(nn.Module):
         denoiser: the x0-predicting `Denoiser`.
         formulation: the formulation giving (A, kappa); defaults to the denoiser's.
         one_step: delta in index units (default: the formulation's `default_one_step`).
-        coupling: "markov" or "shared"; must match the env's for the TD errors to make sense (None: the
+        coupling: "markov", "shared" or "mixed:M" (method.md §8); must match the env's for the TD errors to make sense (None: the
             formulation's `default_coupling`).
 
     Inputs may carry any batch dims [*B] (level [*B], x [*B, *F], label [*B]); they are flattened for the network.

@@ -87,7 +87,7 @@ class DiffusionMRP(EnvBase):
 
     Args:
         dataset: a data set name for `diffusion_rl.data.load_dataset` ("digits", "8gaussians", ...) or a Dataset.
-        formulation: "edm", "vp"/"ddpm", "ct" or a Formulation instance.
+        formulation: "edm", "vp"/"ddpm", "ct", "ict" or a Formulation instance.
         batch_size: env batch dims [*B] (an int means (B,)). Not batch-locked: with batch_size=() the batch of a
             rollout comes from the tensordict passed to `reset`.
         stride: k, index units per MRP step (None: the formulation's `default_stride`, 3 on EDM's 18-point grid).

@@ -69,6 +69,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
 
 
+def test_non_finite_gradients_stop_before_the_step_with_a_finite_loss(tmp_path):
+    L = make(tmp_path, checkpoint_every=5)
+    list(L.train(5, progress=False))
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    first = next(L.denoiser.parameters())
+    first.register_hook(lambda g: torch.full_like(g, float("inf")))  # the loss stays finite, one gradient does not
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm inf at step 5"):
+        list(L.train(10, progress=False))
+    assert all(torch.isfinite(p).all() for p in L.denoiser.parameters())  # no step was taken
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+def test_training_without_clipping_is_unchanged_by_the_gradient_check(tmp_path):
+    """The check's norm scales gradients by exactly 1 when grad_clip is 0: the same weights as a step without it."""
+    a = make(None)
+    list(a.train(3, progress=False))
+    b = make(None)  # (dropout draws from the global generator, which make() seeds: build each learner just in time)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(1.0))
+        list(b.train(3, progress=False))
+    assert all(torch.equal(p, q) for p, q in zip(a.denoiser.parameters(), b.denoiser.parameters()))
+
+
 def test_corrupt_and_mismatched_checkpoints_are_named(tmp_path):
     L = make(tmp_path)
     list(L.train(5, progress=False))
