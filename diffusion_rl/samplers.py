@@ -237,7 +237,7 @@ def sampler_for_nfe(formulation: Formulation, nfe: int, preferred: str | None = 
         return preferred
     name = default_sampler(formulation)
     name = "euler" if name == "heun" and nfe % 2 == 0 else name
-    steps_for_nfe(name, nfe)  # a budget no sampler of the family reaches (NFE 2 for one-step CT, ...) fails here
+    steps_for_nfe(name, nfe)  # a budget past the limits fails here too
     return name
 
 
