@@ -82,9 +82,14 @@ def parse_variant(spec: str, base: Args) -> tuple[str, Args]:
     return spec, args
 
 
+def variant_options(spec: str) -> dict[str, str]:
+    """The options a variant sets, as written ('td:stride=6,n_steps=2' -> {'stride': '6', 'n_steps': '2'})."""
+    return dict(item.partition("=")[::2] for item in filter(None, spec.partition(":")[2].split(",")))
+
+
 def args_given(spec: str) -> list[str]:
     """The option names a variant sets ('td:stride=6,n_steps=2' -> ['stride', 'n_steps'])."""
-    return [item.partition("=")[0] for item in filter(None, spec.partition(":")[2].split(","))]
+    return list(variant_options(spec))
 
 
 def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int, T]]:

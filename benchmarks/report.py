@@ -93,16 +93,15 @@ def describe(fields: dict) -> str:
     return ", ".join(parts)
 
 
-def options(variant: str) -> dict[str, str]:
-    """A variant's options: 'td:stride=2,n_steps=3 @ipndm' -> {'stride': '2', 'n_steps': '3'}."""
-    spec = split_label(variant)[0].partition(":")[2]
-    return dict(item.partition("=")[::2] for item in spec.split(",")) if spec else {}
-
-
 def reference_baseline(variant: str, baselines: list[str]) -> str | None:
     """The baseline a TD variant is measured against: the most specific baseline whose options the variant shares
     (a grid of CT and iCT pairs 'td:formulation=ict' with 'baseline:formulation=ict', never with CT's); None when
     none matches. Two equally specific matches are an error, not a silent pick."""
+    from benchmarks.compare import variant_options
+
+    def options(v: str) -> dict[str, str]:
+        return variant_options(split_label(v)[0])
+
     opts = options(variant)
     fits = [b for b in baselines if options(b).items() <= opts.items()]
     if not fits:
