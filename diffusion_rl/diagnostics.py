@@ -70,11 +70,6 @@ class LevelStats:
         return out
 
 
-def conditional(denoiser) -> bool:
-    """Whether the denoiser's network takes class labels."""
-    return getattr(getattr(denoiser, "net", denoiser), "num_classes", 0) > 0
-
-
 @torch.no_grad()
 def data_error_per_level(denoiser, dataset, n: int = 256, seed: int = 0,
                          device: str | torch.device = "cpu") -> dict[str, list]:
@@ -83,7 +78,7 @@ def data_error_per_level(denoiser, dataset, n: int = 256, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     x0, labels = dataset.draw(n, g)
     x0 = x0.to(device, torch.float32)
-    labels = None if labels is None or not conditional(denoiser) else labels.to(device)
+    labels = None if labels is None or not denoiser.conditional else labels.to(device)
     levels = form.grid(torch.float32)
     errors = []
     for level in levels:
@@ -195,7 +190,7 @@ def diagnose(checkpoint: str | Path, out: str | Path, n: int = 256, seed: int = 
         raise ConfigError(f"the data set {dataset.name!r} has samples of shape {tuple(dataset.sample_shape)}, the "
                           f"checkpoint's network {tuple(denoiser.sample_shape)}; pass the data it was trained on")
     labels = None
-    if conditional(denoiser) and dataset.labels is not None:  # the trajectories get labels drawn from the data
+    if denoiser.conditional and dataset.labels is not None:  # the trajectories get labels drawn from the data
         labels = dataset.labels[torch.randint(len(dataset.labels), (n,), generator=torch.Generator().manual_seed(seed))]
     report = {"checkpoint": str(checkpoint), "method": cfg.get("method"),
               "data": data_error_per_level(denoiser, dataset, n, seed, device),

@@ -141,7 +141,7 @@ class Evaluator:
         name = sampler_for_nfe(denoiser.formulation, nfe, cfg.sampler)  # a clear error when it cannot reach nfe
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         labels_all = None
-        if getattr(denoiser.net, "num_classes", 0) > 0 and self.dataset.labels is not None:
+        if denoiser.conditional and self.dataset.labels is not None:
             idx = torch.randint(0, len(self.dataset.labels), (cfg.n_samples,), generator=torch.Generator().manual_seed(cfg.seed))
             labels_all = self.dataset.labels[idx].to(device)
         outs = []

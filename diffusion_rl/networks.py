@@ -265,6 +265,11 @@ class Denoiser(nn.Module):
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.net.sample_shape)
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the raw network takes class labels (it has a class embedding)."""
+        return int(getattr(self.net, "num_classes", 0) or 0) > 0
+
     def check_shape(self, shape: Sequence[int]) -> None:
         """Raise ConfigError when samples of `shape` (without batch) do not fit the network."""
         if tuple(shape) != self.sample_shape:

@@ -247,7 +247,7 @@ class Learner(ABC):
         return {}
 
     def labels_for_net(self, labels: torch.Tensor) -> torch.Tensor | None:
-        return labels if getattr(self.denoiser.net, "num_classes", 0) > 0 else None
+        return labels if self.denoiser.conditional else None
 
     # ---- one optimisation step ---------------------------------------------------------------------------
     def _lr(self) -> float:

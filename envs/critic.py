@@ -56,7 +56,7 @@ class ValueNet(nn.Module):
 
     @property
     def conditional(self) -> bool:
-        return int(getattr(self.denoiser.net, "num_classes", 0) or 0) > 0
+        return self.denoiser.conditional
 
     def forward(self, x: Tensor, level: Tensor, label: Tensor | None = None) -> tuple[Tensor, Tensor]:
         level = torch.as_tensor(level, device=x.device)

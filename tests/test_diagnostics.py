@@ -29,7 +29,7 @@ class GaussianDenoiser:
     """The exact denoiser of N(0, s^2 I) data under VE noise: D(x, sigma) = s^2 / (s^2 + sigma^2) x."""
 
     def __init__(self, s: float, formulation) -> None:
-        self.s, self.formulation, self.sample_shape, self.num_classes = s, formulation, (4,), 0
+        self.s, self.formulation, self.sample_shape, self.conditional = s, formulation, (4,), False
 
     def __call__(self, x, level, labels=None):
         lv = level.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
@@ -90,6 +90,6 @@ def test_trajectory_diagnostics_condition_a_conditional_denoiser():
             return super().__call__(x, level, labels)
 
     den = Conditional(0.5, EDMFormulation())
-    den.num_classes = 2
+    den.conditional = True
     trajectory_diagnostics(den, n=4, labels=torch.tensor([0, 1, 1, 0]))
     assert len(seen) == 18 and all(y is not None and y.tolist() == [0, 1, 1, 0] for y in seen)

@@ -39,3 +39,13 @@ def test_attention_unet_runs_and_round_trips_through_its_config():
 def test_bad_attention_resolutions_are_named():
     with pytest.raises(ConfigError, match=r"attention resolutions \[5\] are not feature-map sides"):
         UNet(16, channel_mult=(1, 2), attn_resolutions=(5,))
+
+
+def test_a_denoiser_is_conditional_only_when_its_network_has_a_class_embedding():
+    from diffusion_rl.formulations import make_formulation
+    from diffusion_rl.networks import Denoiser
+
+    form = make_formulation("edm")
+    assert Denoiser(build_network((1, 8, 8), num_classes=10, width=8), form).conditional
+    assert not Denoiser(build_network((1, 8, 8), width=8), form).conditional
+    assert not Denoiser(build_network((2,)), form).conditional
