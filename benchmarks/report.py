@@ -24,6 +24,7 @@ import shlex
 from collections import Counter
 from pathlib import Path
 
+from benchmarks.compare import variant_options
 from diffusion_rl.cli import Args
 from diffusion_rl.formulations import make_formulation
 
@@ -97,8 +98,6 @@ def reference_baseline(variant: str, baselines: list[str]) -> str | None:
     """The baseline a TD variant is measured against: the most specific baseline whose options the variant shares
     (a grid of CT and iCT pairs 'td:formulation=ict' with 'baseline:formulation=ict', never with CT's); None when
     none matches. Two equally specific matches are an error, not a silent pick."""
-    from benchmarks.compare import variant_options
-
     def options(v: str) -> dict[str, str]:
         return variant_options(split_label(v)[0])
 

@@ -34,7 +34,7 @@ class ValueNet(nn.Module):
             formulation's `default_coupling`).
 
     Inputs may carry any batch dims [*B] (level [*B], x [*B, *F], label [*B]); they are flattened for the network.
-    Labels reach the network only when it is class-conditional (`denoiser.net.num_classes > 0`).
+    Labels reach the network only when it is class-conditional (`denoiser.conditional`).
     """
 
     def __init__(self, denoiser: Denoiser, formulation: Formulation | str | None = None,

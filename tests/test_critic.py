@@ -111,8 +111,6 @@ def test_true_denoiser_value_is_true_mean(points):
     class Oracle(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = torch.nn.Module()
-            self.net.num_classes = 0
             self.conditional = False
             self.formulation = make_formulation("edm")
             self.x0 = None
