@@ -42,7 +42,7 @@ class ConsistencyBaseline(TDEvaluator):
     It is TD-CT with the TD term removed, on the same pairs, target network and target schedule: the control that
     makes a CT vs TD-CT comparison fair. Improved CT's stop-gradient teacher is `tau=0` (the target then equals the
     online network of the previous step, i.e. the current one under no-grad). Args: as for `TDEvaluator` (the TD
-    settings estimator, reweighting and base_weight_lambda do not apply).
+    settings estimator, reweighting and base_lambda do not apply).
     """
 
     def __init__(self, env, **kwargs) -> None:

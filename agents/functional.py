@@ -34,25 +34,25 @@ def td_weight(reweighting: str, A_t: Tensor, A_next: Tensor, c_out_t: Tensor) ->
     raise ConfigError(f"unknown reweighting {reweighting!r}; accepted: {', '.join(REWEIGHTINGS)}")
 
 
-def _terms(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+def _terms(loss_td: Tensor, loss_base: Tensor, valid: Tensor, base_lambda: float) -> tuple[Tensor, Tensor]:
     """Per-sample (TD, base) parts of method.md §5.5: valid -> (td, lambda base); invalid -> (0, (1 + lambda) base)."""
-    base_w = torch.where(valid, torch.full_like(loss_base, lam), torch.full_like(loss_base, 1.0 + lam))
+    base_w = torch.where(valid, torch.full_like(loss_base, base_lambda), torch.full_like(loss_base, 1.0 + base_lambda))
     return torch.where(valid, loss_td, torch.zeros_like(loss_td)), base_w * loss_base
 
 
-def combine_losses(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> Tensor:
+def combine_losses(loss_td: Tensor, loss_base: Tensor, valid: Tensor, base_lambda: float) -> Tensor:
     """Per-sample loss of method.md §5.5: valid -> td + lambda * base; invalid -> (1 + lambda) * base."""
-    td, base = _terms(loss_td, loss_base, valid, lam)
+    td, base = _terms(loss_td, loss_base, valid, base_lambda)
     return td + base
 
 
-def split_objective(loss_td: Tensor, loss_base: Tensor, valid: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+def split_objective(loss_td: Tensor, loss_base: Tensor, valid: Tensor, base_lambda: float) -> tuple[Tensor, Tensor]:
     """The batch mean of `combine_losses` as two scalar terms (TD, base) whose sum is the objective:
 
         TD term   = mean_i [valid_i] td_i
         base term = mean_i (lambda if valid_i else 1 + lambda) base_i
     """
-    td, base = _terms(loss_td, loss_base, valid, lam)
+    td, base = _terms(loss_td, loss_base, valid, base_lambda)
     return td.mean(), base.mean()
 
 

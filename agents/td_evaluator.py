@@ -29,6 +29,7 @@ not the evaluation EMA (`Learner.ema`); both are kept and both are checkpointed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -50,7 +51,7 @@ from diffusion_rl.training import Learner, TrainConfig, halflife_decay, resolve_
 from .estimators import estimator_name, make_estimator, returns
 from .functional import REWEIGHTINGS, chain_mask, combine_losses, mean_pixels, split_objective, td_weight
 
-__all__ = ["TDLoss", "TDEvaluator", "REWEIGHTINGS", "TARGET_UPDATES"]
+__all__ = ["TDLoss", "TDEvaluator", "TDSettings", "REWEIGHTINGS", "TARGET_UPDATES"]
 
 TARGET_UPDATES: tuple[str, ...] = ("soft", "hard")
 
@@ -91,8 +92,12 @@ class TDLoss(LossModule):
         one_step, coupling: the value's one-step posterior (method.md §3), as in the env.
         estimator: a TorchRL value estimator with gamma = 1 (see `agents.estimators`).
         reweighting: TD weighting, one of REWEIGHTINGS.
-        base_weight_lambda: lambda >= 0, the weight of the base (or consistency) loss.
+        base_lambda: lambda >= 0, the weight of the base (or consistency) loss.
         n_steps: the horizon of a multi-step estimator (1 for td0): chains are cut after n_steps transitions.
+        full_reach: TD only on samples whose whole n_steps chain is TD-valid, so every TD sample's return reaches
+            n_steps strides; the others train on (1 + lambda) base (method.md §7, the equal-reach pairing).
+        td_term: False drops the TD term and its target forwards, keeping the TD-valid mask and the per-sample
+            base weights (lambda or 1 + lambda): the matched control "tdoff" (method.md §5.5).
 
     Input: a batch [B] of transitions (`env.sample_pairs`), [B, T] of chains (`env.rollout`,
     `env.sample_trajectories`, a TorchRL collector's batch) or [T] (the rollout of an unbatched env, whose last
@@ -138,7 +143,8 @@ class TDLoss(LossModule):
 
     def __init__(self, critic: TensorDictModule, target_critic: TensorDictModule, formulation: Formulation, *,
                  one_step: float, coupling: str, estimator: ValueEstimatorBase, reweighting: str = "edm",
-                 base_weight_lambda: float = 0.5, n_steps: int = 1) -> None:
+                 base_lambda: float = 0.5, n_steps: int = 1, full_reach: bool = False,
+                 td_term: bool = True) -> None:
         super().__init__()
         check_choice("reweighting", reweighting, REWEIGHTINGS)
         # Modules live in __dict__ (not as submodules): their parameters are registered once, below.
@@ -151,7 +157,8 @@ class TDLoss(LossModule):
         self.formulation = formulation
         self.one_step, self.coupling = float(one_step), coupling
         self.reweighting = reweighting
-        self.base_weight_lambda = float(base_weight_lambda)
+        self.base_lambda = float(base_lambda)
+        self.full_reach, self.td_term = bool(full_reach), bool(td_term)
         # the estimator's horizon: td0 looks one transition ahead, nstep / td_lambda n_steps
         self.n_steps = 1 if isinstance(estimator, TD0Estimator) else int(check_positive("n_steps", n_steps))
         self.critic_keys = list(critic.in_keys)
@@ -198,6 +205,10 @@ class TDLoss(LossModule):
         x0, level = start.get(tk.x0), start.get(tk.level).reshape(B)
         used = chain_mask(chains.get(tk.valid).reshape(B, T).bool(), nxt.get(tk.done).reshape(B, T).bool())
         used[:, self.n_steps:] = False  # the estimator's horizon: a longer rollout is cut, never looked through
+        if self.full_reach:  # method.md §7: TD only where the whole n-step chain is TD-valid (equal reach)
+            if T < self.n_steps:
+                raise ConfigError(f"full_reach needs chains of n_steps={self.n_steps} transitions, got {T}")
+            used &= used[:, self.n_steps - 1:self.n_steps].clone()
         valid = used[:, 0]  # 1-D even for batch size 1 (method.md §12.6)
 
         # method.md §5.3: D_theta(x_t) computed once, reused by the base and the TD terms; V_theta(s) = A D + kappa x.
@@ -216,9 +227,31 @@ class TDLoss(LossModule):
             rows[:, 0] = False
         else:
             loss_base = self.formulation.base_loss(denoised, x0, level)  # method.md §5.3: w(level) mean (D - x0)^2
-        if rows.any():
-            next_value[rows] = self._target(nxt[rows])[1].to(next_value)
+        if not self.td_term:  # the tdoff control: the same mask and base weights, no TD term, no target forwards
+            delta, sample_td = torch.zeros_like(value).detach(), torch.zeros_like(loss_base).detach()
+        else:
+            if rows.any():
+                next_value[rows] = self._target(nxt[rows])[1].to(next_value)
+            delta, sample_td = self._td_term(value, loss_base, level, valid, used, nxt, next_value)
+        # method.md §5.5: two scalar terms whose sum is the batch mean of the per-sample loss
+        loss_td, loss_base_term = split_objective(sample_td, loss_base, valid, self.base_lambda)
+        return TensorDict({
+            "loss_td": loss_td,
+            "loss_base": loss_base_term,
+            "valid_fraction": valid.float().mean(),
+            "base_mean": loss_base.mean().detach(),
+            "valid": valid,
+            "sample_td": sample_td.detach(),
+            "sample_base": loss_base.detach(),
+            "sample_loss": combine_losses(sample_td, loss_base, valid, self.base_lambda).detach(),
+            "td_error": delta.detach(),
+        }, batch_size=[])
 
+    def _td_term(self, value: Tensor, loss_base: Tensor, level: Tensor, valid: Tensor, used: Tensor,
+                 nxt: TensorDictBase, next_value: Tensor) -> tuple[Tensor, Tensor]:
+        """(TD error delta, per-sample weighted TD loss) at the chains' start states, 0 where not TD-valid."""
+        tk = self.tensor_keys
+        B, T = used.shape
         # method.md §4, §7: delta = G - V_theta(s) with G the estimator's return at the start state (gamma 1, never
         # terminated, bootstrap from the target). td0: G = r + V-(s'), so delta = A_t (x0 - D) - A_t' (x0 - D-(x_t')).
         stop = ~torch.cat([used[:, 1:], used.new_zeros(B, 1)], dim=1)  # the chain ends after row j
@@ -232,20 +265,7 @@ class TDLoss(LossModule):
         A_t, _ = self.formulation.one_step_posterior(level, self.one_step, self.coupling)
         A_n, _ = self.formulation.one_step_posterior(level_end, self.one_step, self.coupling)
         w_td = td_weight(self.reweighting, A_t, A_n, self.formulation.preconditioning(level)[1]).to(value)
-        sample_td = torch.where(valid, w_td * mean_pixels(delta.pow(2)), torch.zeros_like(loss_base))
-        # method.md §5.5: two scalar terms whose sum is the batch mean of the per-sample loss
-        loss_td, loss_base_term = split_objective(sample_td, loss_base, valid, self.base_weight_lambda)
-        return TensorDict({
-            "loss_td": loss_td,
-            "loss_base": loss_base_term,
-            "valid_fraction": valid.float().mean(),
-            "base_mean": loss_base.mean().detach(),
-            "valid": valid,
-            "sample_td": sample_td.detach(),
-            "sample_base": loss_base.detach(),
-            "sample_loss": combine_losses(sample_td, loss_base, valid, self.base_weight_lambda).detach(),
-            "td_error": delta.detach(),
-        }, batch_size=[])
+        return delta, torch.where(valid, w_td * mean_pixels(delta.pow(2)), torch.zeros_like(loss_base))
 
 
 def _names(td: TensorDictBase) -> list:
@@ -257,6 +277,84 @@ def _names(td: TensorDictBase) -> list:
 
 def _as_tuple(key: NestedKey) -> tuple[str, ...]:
     return (key,) if isinstance(key, str) else tuple(key)
+
+
+@dataclass(frozen=True)
+class TDSettings:
+    """The TD agent's settings (method.md §4-§8), checked where they are made: `TDSettings(...)` checks what needs no
+    MRP, `for_mrp(env or MRPSettings)` what depends on its grid, stride and coupling, and resolves the formulation's
+    default reweighting. `TDEvaluator` builds one from its arguments; `diffusion_rl.build` builds one before any data
+    loads. Fields: as `TDEvaluator`'s arguments of the same names."""
+
+    estimator: str | ValueEstimatorBase = "td0"
+    n_steps: int = 1
+    lmbda: float = 0.95
+    reweighting: str | None = None
+    base_lambda: float = 0.5
+    target_update: str = "soft"
+    tau: float = 0.999
+    hard_period: int = 100
+    target_halflife_images: float | None = None
+    target_rampup: float | None = None
+    shared_until: float | None = None
+    full_reach: bool = False
+    td_term: bool = True
+
+    def __post_init__(self) -> None:
+        est = make_estimator(self.estimator, lmbda=self.lmbda)  # checks the name and lambda
+        check_positive("n_steps", self.n_steps)
+        if isinstance(est, TD0Estimator) and self.n_steps != 1:
+            raise ConfigError(f"n_steps={self.n_steps} needs a multi-step estimator; td0 trains on single "
+                              f"transitions (n_steps=1); accepted estimators for n_steps > 1: nstep, td_lambda")
+        if self.full_reach and isinstance(est, TD0Estimator):
+            raise ConfigError("full_reach=True applies to the multi-step estimators (nstep, td_lambda); td0's "
+                              "return always reaches one stride")
+        if self.reweighting is not None:
+            check_choice("reweighting", self.reweighting, REWEIGHTINGS)
+        check_non_negative("base_lambda", self.base_lambda)
+        check_choice("target_update", self.target_update, TARGET_UPDATES)
+        if self.shared_until is not None:
+            check_range("shared_until", self.shared_until, 0.0, 1.0)
+        check_range("target_tau", self.tau, 0.0, 1.0)  # the command line's --target-tau
+        for name in ("target_halflife_images", "target_rampup"):
+            v = getattr(self, name)
+            if v is not None:
+                check_positive(name, v, integer=False)
+                if self.target_update != "soft":
+                    raise ConfigError(f"{name} sets the soft update's rate; target_update={self.target_update!r} "
+                                      f"copies every hard_period steps instead")
+        check_positive("hard_period", self.hard_period)
+        for name, cast in (("n_steps", int), ("lmbda", float), ("base_lambda", float), ("tau", float),
+                           ("hard_period", int), ("target_halflife_images", float), ("target_rampup", float),
+                           ("shared_until", float)):
+            v = getattr(self, name)
+            object.__setattr__(self, name, None if v is None else cast(v))
+
+    def for_mrp(self, mrp) -> "TDSettings":
+        """These settings on an MRP (a DiffusionMRP or an envs.MRPSettings): checks the chain's reach on its grid, the
+        coupling schedule and TD-CT's pairs; returns them with the formulation's default reweighting filled in."""
+        form = mrp.formulation
+        # the longest TD-valid chain: n strides from index 0 need n k + delta <= N-1 (method.md §5.2, §7)
+        horizon = math.floor((form.steps - 1 - mrp.one_step) / mrp.stride + 1e-9)
+        if self.n_steps > horizon:
+            raise ConfigError(f"n_steps={self.n_steps} exceeds the {horizon} TD-valid strides of {mrp.stride:g} "
+                              f"index units (one-step {mrp.one_step:g}) on the {form.steps}-point grid; "
+                              f"accepted: 1..{horizon}")
+        if self.shared_until is not None and mrp.coupling == "shared":
+            raise ConfigError("shared_until switches from shared to the env's coupling; this env's coupling is "
+                              "already 'shared' (use coupling='markov')")
+        if form.consistency:  # method.md §10: the consistency pair is (sigma(n), sigma(n+1)) with shared noise
+            if mrp.coupling != "shared":
+                raise ConfigError(f"TD-CT needs an env with coupling 'shared' (method.md §10), got {mrp.coupling!r}")
+            if float(mrp.stride) != 1.0:
+                raise ConfigError(f"TD-CT needs an env with stride 1 (adjacent grid points, method.md §10), "
+                                  f"got {mrp.stride}")
+        reweighting = form.default_reweighting if self.reweighting is None else self.reweighting
+        return dataclasses.replace(self, reweighting=reweighting)
+
+    def kwargs(self) -> dict:
+        """The settings as `TDEvaluator` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 class TDEvaluator(Learner):
@@ -274,7 +372,7 @@ class TDEvaluator(Learner):
         lmbda: TD(lambda)'s lambda in [0, 1] (for "td_lambda").
         reweighting: TD weighting, "edm" | "pairwise" | "linear" | "none" (method.md §6); None picks the formulation's
             `default_reweighting`: "edm" (base_weight / A^2) for EDM and VP, "pairwise" for CT (method.md §10).
-        base_weight_lambda: the paper's lambda >= 0 weighting the BASE loss (0.5).
+        base_lambda: the paper's lambda >= 0 weighting the BASE loss (0.5).
         target_update: "soft" (EMA after each optimizer step, target <- tau target + (1 - tau) online) or "hard"
             (copy every `hard_period` optimizer steps).
         tau: EMA factor of the soft update in [0, 1] (0.999), used when neither of the next two is given.
@@ -293,65 +391,37 @@ class TDEvaluator(Learner):
 
     def __init__(self, env, *, denoiser: Denoiser | None = None, estimator: str | ValueEstimatorBase = "td0",
                  n_steps: int = 1, lmbda: float = 0.95, reweighting: str | None = None,
-                 base_weight_lambda: float = 0.5, target_update: str = "soft", tau: float = 0.999,
+                 base_lambda: float = 0.5, target_update: str = "soft", tau: float = 0.999,
                  hard_period: int = 100, target_halflife_images: float | None = None,
-                 target_rampup: float | None = None, shared_until: float | None = None,
-                 config: TrainConfig | None = None, out_dir: str | Path | None = None,
+                 target_rampup: float | None = None, shared_until: float | None = None, full_reach: bool = False,
+                 td_term: bool = True, config: TrainConfig | None = None, out_dir: str | Path | None = None,
                  device: str | torch.device = "auto",
                  critic_factory: Callable[..., TensorDictModule] | None = None) -> None:
-        # ---- validate everything before any work -----------------------------------------------------------------
         for attr in ("formulation", "stride", "one_step", "coupling", "sample_pairs", "sample_trajectories"):
             if not hasattr(env, attr):
                 raise ConfigError(f"env must be a DiffusionMRP (missing {attr!r}), got {type(env).__name__}")
+        # every TD setting is checked in TDSettings, before any work
+        settings = TDSettings(estimator=estimator, n_steps=n_steps, lmbda=lmbda, reweighting=reweighting,
+                              base_lambda=base_lambda, target_update=target_update, tau=tau, hard_period=hard_period,
+                              target_halflife_images=target_halflife_images, target_rampup=target_rampup,
+                              shared_until=shared_until, full_reach=full_reach, td_term=td_term).for_mrp(env)
         form: Formulation = env.formulation
-        est = make_estimator(estimator, lmbda=lmbda, device=resolve_device(device))  # checks name and lambda
-        check_positive("n_steps", n_steps)
-        if isinstance(est, TD0Estimator) and n_steps != 1:
-            raise ConfigError(f"n_steps={n_steps} needs a multi-step estimator; td0 trains on single transitions "
-                              f"(n_steps=1); accepted estimators for n_steps > 1: nstep, td_lambda")
-        # the longest TD-valid chain: n strides from index 0 need n k + delta <= N-1 (method.md §5.2, §7)
-        horizon = math.floor((env.formulation.steps - 1 - env.one_step) / env.stride + 1e-9)
-        if n_steps > horizon:
-            raise ConfigError(f"n_steps={n_steps} exceeds the {horizon} TD-valid strides of {env.stride:g} index "
-                              f"units (one-step {env.one_step:g}) on the {env.formulation.steps}-point grid; "
-                              f"accepted: 1..{horizon}")
-        reweighting = form.default_reweighting if reweighting is None else reweighting
-        check_choice("reweighting", reweighting, REWEIGHTINGS)
-        base_weight_lambda = check_non_negative("base_weight_lambda", base_weight_lambda)
-        check_choice("target_update", target_update, TARGET_UPDATES)
-        if shared_until is not None:
-            check_range("shared_until", shared_until, 0.0, 1.0)
-            if env.coupling == "shared":
-                raise ConfigError("shared_until switches from shared to the env's coupling; this env's coupling is "
-                                  "already 'shared' (use coupling='markov')")
-        check_range("tau", tau, 0.0, 1.0)
-        for name, v in (("target_halflife_images", target_halflife_images), ("target_rampup", target_rampup)):
-            if v is not None:
-                check_positive(name, v, integer=False)
-                if target_update != "soft":
-                    raise ConfigError(f"{name} sets the soft update's rate; target_update={target_update!r} "
-                                      f"copies every hard_period steps instead")
-        check_positive("hard_period", hard_period)
-        if form.consistency:
-            # method.md §10: the consistency pair is (sigma(n), sigma(n+1)) with shared noise
-            if env.coupling != "shared":
-                raise ConfigError(f"TD-CT needs an env with coupling 'shared' (method.md §10), got {env.coupling!r}")
-            if float(env.stride) != 1.0:
-                raise ConfigError(f"TD-CT needs an env with stride 1 (adjacent grid points, method.md §10), "
-                                  f"got {env.stride}")
+        est = make_estimator(estimator, lmbda=lmbda, device=resolve_device(device))
         from envs.critic import check_critic_keys, make_critic
 
         critic_factory = critic_factory or make_critic
         super().__init__(env, denoiser=denoiser, config=config, out_dir=out_dir, device=device)
 
-        self.method = f"td-{form.name}"
+        self.settings = settings
+        self.td_term = settings.td_term
+        self.method = f"{'td' if settings.td_term else 'tdoff'}-{form.name}"
         self.estimator_name = estimator if isinstance(estimator, str) else estimator_name(estimator)
-        self.n_steps, self.lmbda = int(n_steps), float(lmbda)
-        self.reweighting, self.base_weight_lambda = reweighting, base_weight_lambda
-        self.target_update, self.tau, self.hard_period = target_update, float(tau), int(hard_period)
-        self.target_halflife_images = None if target_halflife_images is None else float(target_halflife_images)
-        self.target_rampup = None if target_rampup is None else float(target_rampup)
-        self.shared_until, self.final_coupling = (None if shared_until is None else float(shared_until)), env.coupling
+        self.n_steps, self.lmbda = settings.n_steps, settings.lmbda
+        self.reweighting, self.base_lambda = settings.reweighting, settings.base_lambda
+        self.target_update, self.tau, self.hard_period = settings.target_update, settings.tau, settings.hard_period
+        self.target_halflife_images, self.target_rampup = settings.target_halflife_images, settings.target_rampup
+        self.shared_until, self.final_coupling = settings.shared_until, env.coupling
+        self.full_reach = settings.full_reach
 
         # ---- critics: online over the denoiser, target over a frozen deep copy in eval mode ------------------------
         self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
@@ -362,10 +432,11 @@ class TDEvaluator(Learner):
             check_critic_keys(getattr(c, "in_keys", []))
         self.uses_trajectories = not isinstance(est, TD0Estimator)
         self.loss_module = TDLoss(self.critic, self.target_critic, form, one_step=env.one_step,
-                                  coupling=env.coupling, estimator=est, reweighting=reweighting,
-                                  base_weight_lambda=base_weight_lambda, n_steps=n_steps)
+                                  coupling=env.coupling, estimator=est, reweighting=settings.reweighting,
+                                  base_lambda=settings.base_lambda, n_steps=settings.n_steps,
+                                  full_reach=settings.full_reach, td_term=settings.td_term)
         self._buffer_pairs = list(zip(self.target.buffers(), self.denoiser.buffers()))
-        if target_update == "soft":
+        if settings.target_update == "soft":
             with warnings.catch_warnings():  # TorchRL warns about rates below 0.5, which ramp-ups and iCT use
                 warnings.filterwarnings("ignore", message="Found an eps value")
                 self.target_updater = FastSoftUpdate(self.loss_module, eps=self.tau)
@@ -426,7 +497,7 @@ class TDEvaluator(Learner):
     def method_config(self) -> dict:
         return {"estimator": self.estimator_name, "n_steps": self.n_steps,
                 "lmbda": self.lmbda if self.estimator_name == "td_lambda" else None,
-                "reweighting": self.reweighting, "lambda": self.base_weight_lambda,
+                "reweighting": self.reweighting, "base_lambda": self.base_lambda,
                 "target_update": self.target_update,
                 "tau": self.tau if self.target_update == "soft" and self.target_halflife_images is None
                 and self.target_rampup is None else None,
@@ -434,7 +505,9 @@ class TDEvaluator(Learner):
                 "shared_until": self.shared_until,
                 "hard_period": self.hard_period if self.target_update == "hard" else None,
                 "stride": float(self.env.stride), "one_step": float(self.env.one_step),
-                "coupling": self.final_coupling}
+                "coupling": self.final_coupling,
+                **({"full_reach": True} if self.full_reach else {}),  # absent when off: older checkpoints still fit
+                **({"td_term": False} if not self.td_term else {})}
 
     def load_state_dict(self, ckpt: dict, strict_config: bool = True, **kwargs) -> None:
         super().load_state_dict(ckpt, strict_config, **kwargs)

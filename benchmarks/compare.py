@@ -3,13 +3,17 @@
     python -m benchmarks.compare --variants baseline td --seeds 0 1 2 --steps 1500 \
         --out benchmarks/results/digits_td_vs_edm.json
 
-A variant is `baseline`, `td`, or `td:key=value,key=value` with keys of `diffusion_rl.cli.Args`, e.g.
-`td:estimator=td_lambda,n_steps=3`, `td:coupling=shared`, `td:reweighting=none`, `td:stride=6`.
+A variant is `baseline`, `td`, `tdoff`, or `method:key=value,key=value` with keys of `diffusion_rl.config.Args`,
+e.g. `td:estimator=td_lambda,n_steps=3`, `td:coupling=shared`, `td:reweighting=none`, `td:stride=6`
+(`benchmarks.variant.Variant` parses it). `tdoff:stride=6` is `td:stride=6`'s matched control: the same batches,
+TD-valid mask and base-loss weights without the TD term (method.md §5.5); `td:estimator=nstep,n_steps=2,
+full_reach=true` and `td:stride=6` (at stride 3) are an equal-reach pair (method.md §7).
 Every variant sees the same seeds, budget, data order (each run's env is seeded with its seed) and evaluation
 protocol. The table prints mean +- std over seeds; nothing is hidden when TD loses.
 
 Resumable: each (variant, seed) result is written to --out as soon as it finishes, and a restarted command skips
-the pairs already there (it refuses a file made with other settings). Every record carries its run's settings.
+the pairs already there (it refuses a file made with other settings or by another code version: one file, one
+commit). Every record carries its run's settings and the commit.
 
 `--samplers default,dpmpp_2m,ipndm` scores every trained model under each solver (same samples' seed, same
 budgets): rows are labelled `variant @solver` ("default" is the family's Heun, Euler at even NFE), so a table shows
@@ -52,44 +56,31 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import quote
 
-from diffusion_rl.cli import Args, cast_field, check_seed, make_learner, parse_nfe_grid, validate_args
+from diffusion_rl.build import check_command, make_learner
+from diffusion_rl.config import Args, check_seed, parse_nfe_grid
 from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
 
 from .grid import ResultGrid, summarise
+from .variant import Variant
 
 T = TypeVar("T")
 
 # the settings every record carries as fields (issue: records must not rest on a variant label alone)
-SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "coupling",
-                  "reweighting", "base_lambda", "target_tau", "target_halflife_images", "target_rampup", "shared_until",
-                  "steps", "batch_size", "lr", "width", "seed", "device")
+SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "full_reach",
+                  "coupling", "reweighting", "base_lambda", "target_tau", "target_halflife_images", "target_rampup",
+                  "shared_until", "steps", "batch_size", "lr", "width", "seed", "device")
 
 
-def parse_variant(spec: str, base: Args) -> tuple[str, Args]:
-    """'td:estimator=nstep,n_steps=2' -> (label, Args with those overrides); bad keys or values raise ConfigError."""
-    method, _, opts = spec.partition(":")
-    args = dataclasses.replace(base, method=method)
-    for item in filter(None, opts.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"variant option {item!r} in {spec!r} must be key=value")
-        setattr(args, key, cast_field(Args, key, value))
-    return spec, args
-
-
-def variant_options(spec: str) -> dict[str, str]:
-    """The options a variant sets, as written ('td:stride=6,n_steps=2' -> {'stride': '6', 'n_steps': '2'})."""
-    return dict(item.partition("=")[::2] for item in filter(None, spec.partition(":")[2].split(",")))
-
-
-def args_given(spec: str) -> list[str]:
-    """The option names a variant sets ('td:stride=6,n_steps=2' -> ['stride', 'n_steps'])."""
-    return list(variant_options(spec))
+def parse_variant(label: str, base: Args) -> tuple[Variant, Args]:
+    """'td:estimator=nstep,n_steps=2' -> (its Variant, Args with those overrides); bad keys or values raise
+    ConfigError."""
+    variant = Variant.parse(label)
+    return variant, variant.args(base)
 
 
 def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int, T]]:
@@ -99,16 +90,10 @@ def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int
     return [(seed, v) for seed in seeds for v in variants]
 
 
-def safe_name(label: str) -> str:
-    """A variant label as a folder name, one to one ('td:stride=6,n_steps=2' -> 'td@stride=6+n_steps=2'; other
-    characters than letters, digits, '_.-~=' are %-escaped)."""
-    escaped = label.replace("%", "%25").replace("@", "%40").replace("+", "%2B")  # frees '@' and '+' for ':' and ','
-    return quote(escaped.replace(":", "@").replace(",", "+"), safe="@+=%")
-
-
-def code_version() -> str | None:
-    """The git commit of this checkout (with '+dirty' when tracked files other than benchmarks/results/ differ from
-    it), or None outside git: each record names the code that made it, so a grid filled across commits says so."""
+def code_version() -> str:
+    """The git commit of this checkout, with '+dirty' when tracked files other than benchmarks/results/ differ from
+    it; 'unknown (no git checkout)' outside git. Each record names the code that made it, and a grid file holds
+    one version."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -119,7 +104,7 @@ def code_version() -> str | None:
                                 ":!benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return "unknown (no git checkout)"
     return head + ("+dirty" if dirty else "")
 
 
@@ -135,6 +120,7 @@ def run_settings(learner, args: Args) -> dict:
     mc = learner.method_config()
     for k in ("estimator", "stride", "one_step", "n_steps", "lmbda", "coupling", "reweighting"):
         s[k] = mc.get(k)
+    s["full_reach"] = mc.get("full_reach", False) if mc.get("estimator") else None
     if not mc:  # the baseline has no TD settings
         s.update(base_lambda=None, target_tau=None, target_halflife_images=None, target_rampup=None,
                  shared_until=None)
@@ -153,15 +139,9 @@ def table(summary: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def at_budget(label: str, steps: int) -> str:
-    """The variant that trains `label` for `steps` steps: 'td' -> 'td:steps=N', 'td:stride=6' -> 'td:stride=6,steps=N'
-    (what a run scored on its way, `--score-at`, is equal to)."""
-    return f"{label}{',' if ':' in label else ':'}steps={steps}"
-
-
-def score_run(learner, args: Args, evaluators: dict, label: str, sample_dir: Path | None) -> list[dict]:
-    """The records of `learner`'s EMA network at its current step under each solver's Evaluator, labelled
-    `label` ('label @solver' for solvers other than the family's default) and carrying the run's settings.
+def score_run(learner, args: Args, evaluators: dict, variant: Variant, sample_dir: Path | None) -> list[dict]:
+    """The records of `learner`'s EMA network at its current step under each solver's Evaluator, labelled with
+    `variant` on that solver and carrying the run's settings.
 
     The global random state is restored afterwards, so scoring mid-run leaves the rest of training (dropout draws)
     as it would have been without it."""
@@ -176,29 +156,29 @@ def score_run(learner, args: Args, evaluators: dict, label: str, sample_dir: Pat
             sweep = evaluator.sweep(learner.ema, learner.method, learner.step,
                                     None if sample_dir is None else sample_dir / name, learner.device, progress=False)
             for r in sweep:
-                r.update(fields, variant=label if name == "default" else f"{label} @{name}")
+                r.update(fields, variant=variant.on_solver(name).label)
             recs += sweep
     return recs
 
 
-def kept_model(folder: str | Path, label: str, seed: int) -> Path:
-    """Where `--keep-models folder` keeps the final checkpoint of the run (label, seed)."""
-    return Path(folder) / safe_name(label) / f"seed{seed}" / "checkpoint.pt"
+def kept_model(folder: str | Path, variant: Variant, seed: int) -> Path:
+    """Where `--keep-models folder` keeps the final checkpoint of the run (variant, seed)."""
+    return Path(folder) / variant.folder() / f"seed{seed}" / "checkpoint.pt"
 
 
-def load_kept(folder: str | Path, label: str, args: Args, dataset):
+def load_kept(folder: str | Path, variant: Variant, args: Args, dataset):
     """A learner holding the kept model of the run `args` describes (seed set); ConfigError when the checkpoint is
     another run's (the learner's config check) or was trained for another number of steps."""
     learner = make_learner(args, dataset=dataset)
     learner.out_dir = None
-    path = kept_model(folder, label, args.seed)
+    path = kept_model(folder, variant, args.seed)
     learner.resume(path)
     if learner.step != args.steps:
         raise ConfigError(f"{path} was trained for {learner.step} steps, the grid's runs for {args.steps}")
     return learner
 
 
-def check_score_at(text: str, steps: int, variants: list[tuple[str, Args]]) -> list[int]:
+def check_score_at(text: str, steps: int, variants: list[tuple[Variant, Args]]) -> list[int]:
     """The step counts of `--score-at` (increasing, each below --steps); ConfigError for bad values, and for
     variants that set their own steps or whose training follows the run's total (a curriculum, a coupling
     schedule), which a run scored on its way would not equal."""
@@ -211,20 +191,20 @@ def check_score_at(text: str, steps: int, variants: list[tuple[str, Args]]) -> l
         raise ConfigError(f"--score-at {bad} must lie in [1, {steps - 1}] (below --steps {steps})")
     from diffusion_rl.formulations import make_formulation
 
-    for label, args in variants if budgets else ():
-        if "steps" in args_given(label):
-            raise ConfigError(f"variant {label!r} sets its own steps; with --score-at every variant trains for "
-                              "--steps and is scored on its way")
+    for variant, args in variants if budgets else ():
+        if "steps" in variant.given:
+            raise ConfigError(f"variant {variant.label!r} sets its own steps; with --score-at every variant trains "
+                              "for --steps and is scored on its way")
         if hasattr(make_formulation(args.formulation), "set_training_progress"):
-            raise ConfigError(f"variant {label!r} follows a curriculum over the run's total steps, so a run scored "
-                              "on its way does not equal a shorter run; --score-at cannot score it")
-        if args.method == "td" and args.shared_until:
-            raise ConfigError(f"variant {label!r} switches coupling at a fraction of the run's total steps, so a run "
+            raise ConfigError(f"variant {variant.label!r} follows a curriculum over the run's total steps, so a run "
                               "scored on its way does not equal a shorter run; --score-at cannot score it")
+        if args.method != "baseline" and args.shared_until:
+            raise ConfigError(f"variant {variant.label!r} switches coupling at a fraction of the run's total steps, "
+                              "so a run scored on its way does not equal a shorter run; --score-at cannot score it")
     return budgets
 
 
-def main() -> None:
+def parse_command(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=["baseline", "td"], help="variants (see the module docstring)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds, shared by every variant")
@@ -247,10 +227,43 @@ def main() -> None:
                         "training per seed gives a budget curve, labelled like separate runs ('baseline:steps=750')")
     p.add_argument("--order", choices=("seed", "variant"), default="seed",
                    help="run the grid seed by seed (default) or variant by variant (all seeds of one first)")
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+@dataclass
+class Grid:
+    """A checked grid command: its variants, budgets, solvers, data and results file."""
+
+    a: argparse.Namespace
+    variants: list[tuple[Variant, Args]]
+    score_at: list[int]
+    nfe_grid: tuple[int, ...]
+    samplers: list[str]
+    dataset: object
+    kept: set[tuple[int, Variant]]
+    results: ResultGrid
+    _evaluators: dict = dataclasses.field(default_factory=dict)
+
+    def evaluators(self, seed: int) -> dict[str, Evaluator]:
+        """Solver -> its Evaluator for one seed (the samples' noise follows the seed), made once per seed."""
+        if seed not in self._evaluators:
+            self._evaluators[seed] = self._make_evaluators(seed)
+        return self._evaluators[seed]
+
+    def _make_evaluators(self, seed: int) -> dict[str, Evaluator]:
+        return {name: Evaluator(self.dataset, EvalConfig(nfe_grid=self.nfe_grid, n_samples=self.a.n_samples, seed=seed,
+                                                         sampler=None if name == "default" else name))
+                for name in self.samplers}
+
+
+def check_grid(a: argparse.Namespace, version: str) -> Grid:
+    """Every setting of the command checked, and the kept models too, before any training; the results file opened
+    (a file made with other settings or code is refused)."""
+    from diffusion_rl.formulations import make_formulation
+    from diffusion_rl.samplers import sampler_for_nfe
+
     base = Args(data=a.data, steps=a.steps, n_samples=a.n_samples, nfe_grid=a.nfe_grid, progress=False)
-    version = code_version()  # once, before any work: the code this command runs
-    variants = [parse_variant(v, base) for v in a.variants]  # every variant validated before any work
+    variants = [parse_variant(v, base) for v in a.variants]
     score_at = check_score_at(a.score_at, a.steps, variants)
     if a.from_models is not None and (score_at or a.keep_models is not None):
         raise ConfigError("--from-models scores kept models without training: it takes neither --score-at nor "
@@ -259,101 +272,104 @@ def main() -> None:
     for seed in a.seeds:
         check_seed(seed)
     samplers = [x.strip() for x in a.samplers.split(",") if x.strip()]
-    settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid)}
-    if samplers != ["default"]:
-        settings["samplers"] = samplers
-    if score_at:
-        settings["score_at"] = score_at
-    if a.from_models is not None:
-        settings["from_models"] = True
-    from diffusion_rl.formulations import make_formulation
-    from diffusion_rl.samplers import sampler_for_nfe
-
-    for _, args in variants:  # every solver must reach every budget: refused before any training
+    for variant, args in variants:  # every setting that needs no data, every solver at every budget
+        check_command(args, given=set(variant.given), methods=(args.method,))
         for name in samplers:
             for nfe in nfe_grid:
                 sampler_for_nfe(make_formulation(args.formulation), nfe, None if name == "default" else name)
-    for label, args in variants:  # every setting that needs no data, before the data loads
-        validate_args(args, given=set(args_given(label)), methods=(args.method,))
-    dataset = load_dataset(a.data)  # one data set for every seed (a 2-D toy set is drawn with seed 0); each run's
-    for label, args in variants:    # env draws its batches with the run's seed; the learners check the rest (the
-        make_learner(args, dataset=dataset)  # env's TD-valid rule too) before anything is written
+    dataset = load_dataset(a.data)  # one data set for every seed (a 2-D toy set is drawn with seed 0)
+    for variant, args in variants:  # the learners check the rest (the env's TD-valid rule too)
+        make_learner(args, dataset=dataset)
     for option, folder in (("--sample-grids", a.sample_grids), ("--keep-models", a.keep_models)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{option} {folder!r} is a file, not a folder")
-    kept: set[tuple[int, str]] = set()  # the (seed, label) runs --from-models scores
-    if a.from_models is not None:  # every kept model checked before any scoring; the missing ones named
-        planned = run_order(a.seeds, variants, a.order)
-        for seed, (label, args) in planned:
-            if kept_model(a.from_models, label, seed).is_file():
-                load_kept(a.from_models, label, dataclasses.replace(args, seed=seed), dataset)
-                kept.add((seed, label))
-        if not kept:
-            raise ConfigError(f"--from-models {a.from_models!r} holds none of this grid's models")
-        missing = [f"{label} seed {seed}" for seed, (label, _) in planned if (seed, label) not in kept]
-        if missing:
-            print(f"no kept model, skipped: {', '.join(missing)}", file=sys.stderr)
+    kept = set() if a.from_models is None else check_kept(a, variants, dataset)
+    settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid),
+                "code": version, **({"samplers": samplers} if samplers != ["default"] else {}),
+                **({"score_at": score_at} if score_at else {}),
+                **({"from_models": True} if a.from_models is not None else {})}
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
-    grid = ResultGrid(a.out, settings, command)  # refuses a file made with other settings, before any training
-    done = grid.runs()
+    results = ResultGrid(a.out, settings, command)  # refuses a file made with other settings, before any training
+    return Grid(a, variants, score_at, nfe_grid, samplers, dataset, kept, results)
+
+
+def check_kept(a: argparse.Namespace, variants: list[tuple[Variant, Args]], dataset) -> set[tuple[int, Variant]]:
+    """The (seed, variant) runs --from-models scores, each checked; the missing ones named."""
+    planned = run_order(a.seeds, variants, a.order)
+    kept = set()
+    for seed, (variant, args) in planned:
+        if kept_model(a.from_models, variant, seed).is_file():
+            load_kept(a.from_models, variant, dataclasses.replace(args, seed=seed), dataset)
+            kept.add((seed, variant))
+    if not kept:
+        raise ConfigError(f"--from-models {a.from_models!r} holds none of this grid's models")
+    missing = [f"{v.label} seed {seed}" for seed, (v, _) in planned if (seed, v) not in kept]
+    if missing:
+        print(f"no kept model, skipped: {', '.join(missing)}", file=sys.stderr)
+    return kept
+
+
+def run_one(g: Grid, seed: int, variant: Variant, args: Args, version: str) -> None:
+    """Train (or load) one run and score it at each of its budgets, writing each result as it finishes."""
+    a = g.a
+    # each result this run gives: the budgets of --score-at, then --steps
+    stops = [(b, variant.at_steps(b)) for b in g.score_at] + [
+        (args.steps, variant.at_steps(args.steps) if g.score_at else variant)]
+    key = f"{stops[-1][1].label}|seed={seed}"  # the run's last result: claimed for the whole run
+    if not g.results.claim(key):  # finished, or another worker runs it
+        return
+    evaluators = g.evaluators(seed)
+    args = dataclasses.replace(args, seed=seed)
+    resumed_at = None  # the step a killed run continued from
+    if a.from_models is not None:
+        learner = load_kept(a.from_models, variant, args, g.dataset)  # trained already: only scored below
+    else:
+        learner = make_learner(args, dataset=g.dataset)
+        learner.out_dir = None
+        if a.keep_models is not None and not g.score_at:  # trains in its kept folder, checkpointing on its way
+            learner.out_dir = kept_model(a.keep_models, variant, seed).parent
+            if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it exactly
+                resumed_at = learner.resume().step
+    train_s = 0.0
+    for budget, shown in stops:
+        ts = time.perf_counter()
+        if a.from_models is None:
+            for _ in learner.train(budget, progress=False):
+                pass
+        train_s += time.perf_counter() - ts
+        scored_key = f"{shown.label}|seed={seed}"
+        if scored_key != key and scored_key in g.results.runs():  # scored before a restart: only retrained
+            continue
+        sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / shown.folder() / f"seed{seed}"
+        recs = score_run(learner, args, evaluators, shown, sample_dir)
+        # a kept model was trained by the grid that kept it: no training time here
+        provenance = ({"train_seconds": round(train_s, 1)} if a.from_models is None else
+                      {"train_seconds": None, "scored_from": str(kept_model(a.from_models, variant, seed))})
+        if resumed_at is not None:  # its training time counts only the steps after the resume
+            provenance["resumed_at_step"] = resumed_at
+        for r in recs:
+            r.update(code=version, **provenance)
+        if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model
+            learner.save(kept_model(a.keep_models, variant, seed))
+        g.results.finish(scored_key, recs)
+        how = "kept model" if a.from_models is not None else f"trained {train_s:.0f} s"
+        print(f"seed {seed} {shown.label}: {how}; " + ", ".join(
+            f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
+            file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_command(argv)
+    version = code_version()  # once, before any work: the code this command runs
+    g = check_grid(a, version)
+    done = g.results.runs()
     if done:
         print(f"resuming {a.out}: {len(done)} finished runs kept", file=sys.stderr)
-    evaluators: dict[int, dict] = {}  # seed -> solver -> its Evaluator (the samples' noise follows the seed)
-    for seed, (label, args) in run_order(a.seeds, variants, a.order):
-        # (steps, label) of each result this run gives: the budgets of --score-at, then --steps
-        stops = [(b, at_budget(label, b)) for b in score_at] + [
-            (args.steps, at_budget(label, args.steps) if score_at else label)]
-        key = f"{stops[-1][1]}|seed={seed}"  # the run's last result: claimed for the whole run
-        if a.from_models is not None and (seed, label) not in kept:
-            continue  # named above
-        if not grid.claim(key):  # finished, or another worker runs it
-            continue
-        if seed not in evaluators:
-            evaluators[seed] = {
-                name: Evaluator(dataset, EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=seed,
-                                                    sampler=None if name == "default" else name))
-                for name in samplers}
-        args = dataclasses.replace(args, seed=seed)
-        resumed_at = None  # the step a killed run continued from
-        if a.from_models is not None:
-            learner = load_kept(a.from_models, label, args, dataset)  # trained already: the loop below scores it
-        else:
-            learner = make_learner(args, dataset=dataset)
-            learner.out_dir = None
-            if a.keep_models is not None and not score_at:  # trains in its kept folder, checkpointing on its way
-                learner.out_dir = kept_model(a.keep_models, label, seed).parent
-                if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it exactly
-                    resumed_at = learner.resume().step
-        train_s = 0.0
-        for budget, shown in stops:
-            ts = time.perf_counter()
-            if a.from_models is None:
-                for _ in learner.train(budget, progress=False):
-                    pass
-            train_s += time.perf_counter() - ts
-            scored_key = f"{shown}|seed={seed}"
-            if scored_key != key and scored_key in grid.runs():  # scored before a restart: only retrained
-                continue
-            sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / safe_name(shown) / f"seed{seed}"
-            recs = score_run(learner, args, evaluators[seed], shown, sample_dir)
-            # a kept model was trained by the grid that kept it: no training time here
-            provenance = ({"train_seconds": round(train_s, 1)} if a.from_models is None else
-                          {"train_seconds": None, "scored_from": str(kept_model(a.from_models, label, seed))})
-            if resumed_at is not None:  # its training time counts only the steps after the resume
-                provenance["resumed_at_step"] = resumed_at
-            for r in recs:
-                r.update(code=version, **provenance)
-            if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model
-                learner.save(kept_model(a.keep_models, label, seed))
-            grid.finish(scored_key, recs)
-            how = "kept model" if a.from_models is not None else f"trained {train_s:.0f} s"
-            print(f"seed {seed} {shown}: {how}; " + ", ".join(
-                f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
-                file=sys.stderr, flush=True)
-    runs = grid.runs()
-    records = [r for rs in runs.values() for r in rs]
-    metric = "fid" if dataset.kind == "image" else "sw2"
-    print(table(summarise(records), metric))
+    for seed, (variant, args) in run_order(a.seeds, g.variants, a.order):
+        if a.from_models is None or (seed, variant) in g.kept:  # the missing kept models were named
+            run_one(g, seed, variant, args, version)
+    records = [r for rs in g.results.runs().values() for r in rs]
+    print(table(summarise(records), "fid" if g.dataset.kind == "image" else "sw2"))
     print(f"wrote {a.out}")
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion_rl.cli import Args, add_dataclass_args, dataclass_from_args, make_learner, opt
+from diffusion_rl.build import make_learner
+from diffusion_rl.config import Args, add_dataclass_args, dataclass_from_args, opt
 from diffusion_rl.errors import ConfigError, check_choice
 from diffusion_rl.evaluation import EvalConfig, Evaluator
 from diffusion_rl.inception import InceptionV3FID

@@ -24,7 +24,7 @@ import shlex
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.compare import variant_options
+from benchmarks.variant import Variant
 from diffusion_rl.cli import Args
 from diffusion_rl.formulations import make_formulation
 
@@ -54,12 +54,12 @@ def cell_text(s: dict) -> str:
 
 def split_label(variant: str) -> tuple[str, str]:
     """'td:stride=2 @dpmpp_2m' -> ('td:stride=2', 'dpmpp_2m'); no '@' means the family's default solver."""
-    base, _, solver = variant.partition(" @")
-    return base, solver or "default"
+    v = Variant.parse(variant)
+    return v.base, v.solver
 
 
 def is_baseline(variant: str) -> bool:
-    return split_label(variant)[0].partition(":")[0] == "baseline"
+    return Variant.parse(variant).is_baseline
 
 
 def describe(fields: dict) -> str:
@@ -99,7 +99,7 @@ def reference_baseline(variant: str, baselines: list[str]) -> str | None:
     (a grid of CT and iCT pairs 'td:formulation=ict' with 'baseline:formulation=ict', never with CT's); None when
     none matches. Two equally specific matches are an error, not a silent pick."""
     def options(v: str) -> dict[str, str]:
-        return variant_options(split_label(v)[0])
+        return Variant.parse(v).given
 
     opts = options(variant)
     fits = [b for b in baselines if options(b).items() <= opts.items()]
@@ -377,12 +377,11 @@ def sample_grid_rows(d: dict, seed: int, nfes: tuple[int, ...] = (3, 5, 9),
     folder = command_option(d["command"], "--sample-grids")
     if folder is None or not (ROOT / folder).is_dir():
         return [], ()
-    from benchmarks.compare import safe_name
 
     rows = []
     for base in list(dict.fromkeys(split_label(s["variant"])[0] for s in d["summary"]))[:variants]:
         for solver in _solvers(d["summary"]):
-            pngs = [next((ROOT / folder / safe_name(base) / f"seed{seed}" / solver / "samples").glob(
+            pngs = [next((ROOT / folder / Variant.parse(base).folder() / f"seed{seed}" / solver / "samples").glob(
                 f"*_nfe{n:03d}.png"), None) for n in nfes]
             if any(pngs):
                 rows.append((d["labels"].get(base, base) + f", {solver_name(d, solver)}", pngs))

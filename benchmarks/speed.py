@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from agents.functional import combine_losses, mean_pixels, td_weight
-from diffusion_rl.cli import Args, add_dataclass_args, dataclass_from_args, make_learner, opt
+from diffusion_rl.build import make_learner
+from diffusion_rl.config import Args, add_dataclass_args, dataclass_from_args, opt
 from diffusion_rl.data import load_dataset
 from diffusion_rl.samplers import sample
 
@@ -59,7 +60,7 @@ class FusedTDStep:
         self.form, self.data, self.device = agent.formulation, agent.dataset, agent.device
         self.env = env = agent.env
         self.one_step = env.one_step
-        self.lam, self.tau, self.batch = agent.base_weight_lambda, agent.tau, agent.config.batch_size
+        self.lam, self.tau, self.batch = agent.base_lambda, agent.tau, agent.config.batch_size
         self.ema_beta = 0.5 ** (self.batch / agent.config.ema_halflife_images)
         self.g = torch.Generator(device=self.device).manual_seed(0)
         self.g_data = torch.Generator().manual_seed(1)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion_rl.cli import PRESETS, Args, add_dataclass_args, dataclass_from_args, make_learner, opt
+from diffusion_rl.build import make_learner
+from diffusion_rl.config import PRESETS, Args, add_dataclass_args, dataclass_from_args, opt
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice
 from diffusion_rl.runs import atomic_write_text

@@ -520,10 +520,6 @@ class VPFormulation(Formulation):
         ab = expand_as_image(self.alpha_bar(level), x)
         return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
-    def x0_from_eps(self, x: Tensor, eps: Tensor, level: Tensor) -> Tensor:
-        ab = expand_as_image(self.alpha_bar(level), x)
-        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
-
     def sample_training_level(self, n, generator=None, device="cpu"):
         return torch.randint(1, self.timesteps + 1, (n,), generator=generator, device=device).float()
 

@@ -10,6 +10,7 @@ states, step and config; they are written atomically and loaded with `torch.load
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -21,7 +22,7 @@ import uuid
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .diagnostics import LevelStats
+from .level_stats import LevelStats
 from .errors import ConfigError, check_choice, check_positive
 from .limits import check_limit
 from .networks import Denoiser, build_network
 from .runs import atomic_save, remove_stale_temporaries
 
 __all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint",
-           "objective"]
+           "load_denoiser", "batch_from_env", "split_batch", "objective"]
 
 
 def objective(losses: TensorDict) -> torch.Tensor:
@@ -92,7 +93,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class TrainConfig:
     """Optimisation settings shared by every learner."""
 
-    batch_size: int = 128           # samples per optimizer step
+    batch_size: int | None = None   # samples per optimizer step (None: the env's batch size, else 128)
     lr: float = 1e-3                # Adam learning rate after warm-up
     warmup_steps: int = 200         # linear learning-rate warm-up from 0
     ema_halflife_images: float = 20_000.0  # evaluation EMA half-life, in training images (EDM)
@@ -108,7 +109,8 @@ class TrainConfig:
     tf32: bool = True               # TF32 matmuls and convolutions on CUDA in fp32
 
     def __post_init__(self) -> None:
-        check_positive("batch_size", self.batch_size)
+        if self.batch_size is not None:
+            check_positive("batch_size", self.batch_size)
         check_positive("lr", self.lr, integer=False)
         check_positive("ema_halflife_images", self.ema_halflife_images, integer=False)
         for name in ("warmup_steps", "checkpoint_every", "grad_clip", "checkpoint_seconds"):
@@ -121,11 +123,6 @@ class TrainConfig:
         check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard=True needs the tensorboard package: pip install 'diffusion-rl[tensorboard]'")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -143,9 +140,59 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[Denoiser, dict]:
+    """(EMA denoiser in eval mode, or the online one with ema=False; the checkpoint's config) from a checkpoint."""
+    from .formulations import make_formulation
+    from .networks import network_from_config
+
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    fcfg = dict(cfg["formulation"])
+    formulation = make_formulation(fcfg.pop("name"), **fcfg)
+    denoiser = Denoiser(network_from_config(cfg["network"]), formulation)
+    try:
+        denoiser.load_state_dict(ckpt["ema" if ema else "model"])
+    except (RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"checkpoint {str(path)!r}: its tensors do not fit its network config ({first})") from None
+    denoiser.step = int(ckpt["step"])
+    return denoiser.to(device).eval(), cfg
+
+
 # train settings a resume may change without changing the run's identity
 RESUME_MAY_CHANGE: tuple[str, ...] = ("lr", "checkpoint_every", "checkpoint_seconds", "log_every", "tensorboard",
                                       "precision", "compile", "channels_last", "tf32")
+
+
+DEFAULT_BATCH = 128  # the batch of an env with no batch size of its own (batch_size=()) and a config with none
+
+
+def split_batch(batch_size: int, world_size: int) -> int:
+    """Each process's share of the global batch under DDP; ConfigError unless it divides evenly."""
+    if batch_size % world_size:
+        raise ConfigError(f"batch_size {batch_size} does not divide over {world_size} processes; give a multiple of "
+                          f"{world_size}")
+    return batch_size // world_size
+
+
+def batch_from_env(env, config: TrainConfig | None, world_size: int = 1) -> int:
+    """The global batch of a learner on `env`: the env's batch size (times the processes under DDP), which a
+    config's explicit batch_size must equal; for an unbatched env (batch_size=()) the config's, else 128."""
+    env_batch = tuple(env.batch_size)
+    given = None if config is None else config.batch_size
+    if len(env_batch) > 1:
+        raise ConfigError(f"the env's batch_size {env_batch} has {len(env_batch)} dims; a learner trains on a flat "
+                          f"batch: accepted () or (B,)")
+    if not env_batch:
+        batch = DEFAULT_BATCH if given is None else given
+        split_batch(batch, world_size)
+        return batch
+    batch = env_batch[0] * world_size
+    if given is not None and given != batch:
+        raise ConfigError(f"the config's batch_size {given} differs from the env's batch {env_batch[0]}"
+                          + (f" x {world_size} processes" if world_size > 1 else "")
+                          + f"; the env's batch is the batch: drop the config's batch_size or give {batch}")
+    return batch
 
 
 class Learner(ABC):
@@ -153,7 +200,8 @@ class Learner(ABC):
 
     Args:
         env: the `envs.DiffusionMRP` that produces every training batch; its data set, formulation and pair of
-            generators (data order and noise) are the learner's. Its batch_size must be () or (config.batch_size,).
+            generators (data order and noise) are the learner's. Its batch size is the batch (a config that
+            gives another is refused); an unbatched env (batch_size=()) takes config.batch_size (default 128).
         denoiser: the online preconditioned network; None builds the default network for the data set, seeded
             by `config.seed`. Its formulation must equal the env's.
         config: optimisation settings.
@@ -168,16 +216,10 @@ class Learner(ABC):
         for attr in ("formulation", "dataset", "reset_training", "generators"):
             if not hasattr(env, attr):
                 raise ConfigError(f"env must be a DiffusionMRP (missing {attr!r}), got {type(env).__name__}")
-        self.config = config or TrainConfig()
         self.dist = distributed.current()  # DDP (diffusion_rl/distributed.py): the global batch split over ranks
-        if self.config.batch_size % self.dist.world_size:
-            raise ConfigError(f"batch_size {self.config.batch_size} does not divide over {self.dist.world_size} "
-                              f"processes; give a multiple of {self.dist.world_size}")
+        self.config = dataclasses.replace(config or TrainConfig(),
+                                          batch_size=batch_from_env(env, config, self.dist.world_size))
         self.local_batch = self.config.batch_size // self.dist.world_size
-        env_batch = tuple(env.batch_size)
-        if env_batch not in ((), (self.local_batch,)):
-            raise ConfigError(f"the env's batch_size {env_batch} differs from this process's batch "
-                              f"{self.local_batch}; accepted: () or ({self.local_batch},)")
         if denoiser is None:
             torch.manual_seed(self.config.seed)  # the initialisation follows the seed
             ds = env.dataset
@@ -498,6 +540,9 @@ def _identity(config: dict) -> dict:
     """A run's config without the train settings a resume may change (RESUME_MAY_CHANGE)."""
     out = dict(config)
     out["train"] = {k: v for k, v in config.get("train", {}).items() if k not in RESUME_MAY_CHANGE}
+    mc = config.get("method_config")
+    if isinstance(mc, dict) and "lambda" in mc:  # checkpoints before the base weight had one name
+        out["method_config"] = {("base_lambda" if k == "lambda" else k): v for k, v in mc.items()}
     return out
 
 

@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 from .critic import CRITIC_IN_KEYS, CRITIC_OUT_KEYS, ValueNet, make_critic
-from .diffusion_mrp import (OBSERVATION_KEYS, STARTS, STATE_KEYS, DiffusionMRP, check_stride_one_step,
+from .diffusion_mrp import (OBSERVATION_KEYS, STARTS, STATE_KEYS, DiffusionMRP, MRPSettings, check_stride_one_step,
                             single_action_policy)
 from .gym_env import ENV_ID, DiffusionMRPGym, register_envs
 
 __all__ = [
-    "DiffusionMRP", "DiffusionMRPGym", "ENV_ID", "ValueNet", "make_critic", "single_action_policy",
+    "DiffusionMRP", "MRPSettings", "DiffusionMRPGym", "ENV_ID", "ValueNet", "make_critic", "single_action_policy",
     "check_stride_one_step", "STARTS", "OBSERVATION_KEYS", "STATE_KEYS", "CRITIC_IN_KEYS", "CRITIC_OUT_KEYS",
 ]
 

@@ -33,6 +33,7 @@ every step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -43,9 +44,9 @@ from torchrl.envs.utils import step_mdp
 
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice, check_positive
-from diffusion_rl.formulations import Formulation, make_formulation, parse_coupling
+from diffusion_rl.formulations import Formulation, make_formulation
 
-__all__ = ["DiffusionMRP", "check_stride_one_step", "single_action_policy", "STARTS", "OBSERVATION_KEYS",
+__all__ = ["DiffusionMRP", "MRPSettings", "check_stride_one_step", "single_action_policy", "STARTS", "OBSERVATION_KEYS",
            "STATE_KEYS"]
 
 STARTS: tuple[str, ...] = ("max", "random", "train")
@@ -62,6 +63,29 @@ def check_stride_one_step(stride, one_step, steps: int) -> tuple[float, float]:
         raise ConfigError(f"stride + one_step = {stride} + {one_step} = {stride + one_step} exceeds N-1 = {steps - 1} "
                           f"index units of the {steps}-point grid; need stride + one_step <= {steps - 1}")
     return float(stride), float(one_step)
+
+
+@dataclass(frozen=True)
+class MRPSettings:
+    """What defines the MRP apart from its data (method.md §2, §3, §8): the formulation, the stride k, the one-step
+    shift delta and the coupling, resolved to the formulation's defaults and checked. `resolve` is the one place
+    these checks live: the env calls it, and `diffusion_rl.build` calls it before any data loads."""
+
+    formulation: Formulation
+    stride: float
+    one_step: float
+    coupling: str
+
+    @classmethod
+    def resolve(cls, formulation: str | Formulation = "edm", stride: float | None = None,
+                one_step: float | None = None, coupling: str | None = None) -> "MRPSettings":
+        """None picks the formulation's default; bad values raise ConfigError naming the accepted range."""
+        form = make_formulation(formulation)
+        if coupling is not None:
+            form.check_coupling(coupling)  # markov | shared | mixed:M with M on the grid
+        stride, one_step = check_stride_one_step(form.default_stride if stride is None else stride,
+                                                 form.default_one_step if one_step is None else one_step, form.steps)
+        return cls(form, stride, one_step, coupling or form.default_coupling)
 
 
 def single_action_policy(td: TensorDictBase) -> TensorDictBase:
@@ -113,25 +137,19 @@ class DiffusionMRP(EnvBase):
                  device: str | torch.device = "cpu", seed: int | None = None,
                  dtype: torch.dtype = torch.float32, hflip: bool = False) -> None:
         # --- validate everything cheap before loading data ---
-        if coupling is not None:
-            parse_coupling(coupling)  # markov | shared | mixed:M, before any data loads
+        settings = MRPSettings.resolve(formulation, stride, one_step, coupling)
         check_choice("start", start, STARTS)
         batch_size = _as_batch_size(batch_size)
         if not isinstance(dataset, str) and not callable(getattr(dataset, "draw", None)):
             raise ConfigError(f"dataset must be a data set name or a Dataset, got {type(dataset).__name__}")
-        form = make_formulation(formulation)
-        if coupling is not None:
-            form.check_coupling(coupling)  # a mixture's switch index must lie on the grid
-        stride, one_step = check_stride_one_step(form.default_stride if stride is None else stride,
-                                                 form.default_one_step if one_step is None else one_step, form.steps)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed must be an int or None, got {seed!r}")
         check_choice("dtype", dtype, (torch.float32, torch.float64))
 
         super().__init__(device=device, batch_size=batch_size)
-        self.formulation = form
-        self.stride, self.one_step = stride, one_step
-        self.coupling, self.start = coupling or form.default_coupling, start
+        self.formulation = settings.formulation
+        self.stride, self.one_step = settings.stride, settings.one_step
+        self.coupling, self.start = settings.coupling, start
         self.dataset = load_dataset(dataset, seed=0 if seed is None else seed) if isinstance(dataset, str) else dataset
         self.sample_shape = tuple(self.dataset.sample_shape)
         self.num_classes = int(getattr(self.dataset, "num_classes", 0) or 0)

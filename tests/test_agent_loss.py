@@ -78,7 +78,7 @@ def make_agent(coupling="markov", reweighting="edm", formulation="edm", **kw):
     env = DiffusionMRP(toy_data(), formulation, coupling=coupling, seed=0,
                        **({} if formulation != "edm" else {"stride": STRIDE, "one_step": ONE_STEP}))
     den = random_denoiser(env.formulation)
-    ag = TDEvaluator(env, denoiser=den, reweighting=reweighting, base_weight_lambda=LAM,
+    ag = TDEvaluator(env, denoiser=den, reweighting=reweighting, base_lambda=LAM,
                      config=TrainConfig(batch_size=8), device="cpu", **kw)
     # make the target differ from the online net, so that using the wrong one shows
     with torch.no_grad():
@@ -268,7 +268,7 @@ def test_td_ct_loss():
     form = CTFormulation()
     env = DiffusionMRP(toy_data(), form, coupling="shared", seed=0, dtype=torch.float64)
     assert (env.stride, env.one_step) == (1.0, 0.25)
-    ag = TDEvaluator(env, denoiser=random_denoiser(form), base_weight_lambda=LAM,
+    ag = TDEvaluator(env, denoiser=random_denoiser(form), base_lambda=LAM,
                      config=TrainConfig(batch_size=8), device="cpu")
     assert ag.reweighting == "pairwise" and ag.method == "td-ct"
     batch = env.sample_pairs(256)
@@ -356,3 +356,50 @@ def test_gaussian_oracle(coupling):
         se = du.std(0) / math.sqrt(du.shape[0])
         assert torch.all((du.mean(0) - pred.mean()).abs() < 4.5 * se)  # matches the derivation
         assert torch.all(pred.mean() > 10 * se)  # and is measurably nonzero: not Bellman-consistent
+
+
+# ---- matched controls (method.md §5.5, §7) --------------------------------------------------------------------------
+@pytest.mark.parametrize("coupling", ["markov", "shared"])
+def test_tdoff_is_the_td_runs_base_part_with_no_td_gradient(coupling):
+    """tdoff (td_term=False) on the same batch: its loss is the TD agent's base part (the same TD-valid mask and
+    per-sample weights lambda / 1 + lambda), its TD term is 0 and carries no gradient, and it never calls the target."""
+    _, td = make_agent(coupling)
+    _, off = make_agent(coupling, td_term=False)
+    off.denoiser.load_state_dict(td.denoiser.state_dict())
+    assert (td.method, off.method) == ("td-edm", "tdoff-edm") and off.method_config()["td_term"] is False
+    batch = fixed_batch(SIGMAS, coupling)
+    seen = []
+    off.target.register_forward_hook(lambda *a: seen.append(1))
+    out_td, out_off = td.loss(batch), off.loss(batch)
+    assert seen == []
+    torch.testing.assert_close(out_off["loss_base"], out_td["loss_base"], rtol=0, atol=0)
+    assert out_off["valid"].tolist() == out_td["valid"].tolist() == batch["valid"].tolist()
+    assert float(out_off["loss_td"]) == 0.0 and not out_off["loss_td"].requires_grad
+    per, base, _, _ = spec_loss(td, batch, coupling, "edm")
+    weights = torch.where(batch["valid"], LAM, 1 + LAM)
+    torch.testing.assert_close(objective(out_off), (weights * base).mean(), rtol=1e-6, atol=1e-9)
+    # its gradient is the TD run's base-part gradient: the TD agent's total minus its TD part's
+    grad = lambda agent, loss: torch.autograd.grad(loss, list(agent.denoiser.parameters()))  # noqa: E731
+    g_off = grad(off, objective(off.loss(batch)))
+    g_base = grad(td, td.loss(batch)["loss_base"])
+    for a, b in zip(g_off, g_base):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    g_td = grad(td, td.loss(batch)["loss_td"])
+    assert any(float(t.abs().sum()) > 0 for t in g_td)  # the TD run's gradient has a TD part; tdoff's has none
+
+
+def test_full_reach_trains_nstep_only_where_the_whole_chain_is_valid():
+    """full_reach (method.md §7): n-step(2) at stride k applies TD exactly where TD(0) at stride 2k does (same start
+    levels), and every TD sample's return reaches both strides; without it the first hop decides."""
+    env = DiffusionMRP("digits", batch_size=256, stride=3, seed=0)
+    batch = env.sample_trajectories(2)
+    kw = dict(estimator="nstep", n_steps=2, config=TrainConfig(batch_size=256), device="cpu")
+    full = TDEvaluator(env, full_reach=True, **kw).loss(batch)
+    first = TDEvaluator(env, **kw).loss(batch)
+    index = batch["index"][:, 0]
+    wide = env.formulation.steps - 1 - env.one_step
+    torch.testing.assert_close(full["valid"], index + 6 <= wide)  # TD(0) at stride 6's rule on the same starts
+    torch.testing.assert_close(first["valid"], index + 3 <= wide)
+    assert 0 < int(full["valid"].sum()) < int(first["valid"].sum())
+    with pytest.raises(ConfigError, match="full_reach=True applies to the multi-step estimators"):
+        TDEvaluator(env, full_reach=True, device="cpu")

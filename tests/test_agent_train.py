@@ -43,11 +43,11 @@ def test_defaults_are_the_paper_recipe():
     ag = make()
     assert ag.method == "td-edm"
     assert (ag.env.formulation.steps, ag.env.stride, ag.env.one_step, ag.env.coupling) == (18, 3.0, 0.2, "markov")
-    assert (ag.estimator_name, ag.reweighting, ag.base_weight_lambda, ag.target_update, ag.tau) == (
+    assert (ag.estimator_name, ag.reweighting, ag.base_lambda, ag.target_update, ag.tau) == (
         "td0", "edm", 0.5, "soft", 0.999)
     assert isinstance(ag.loss_module, TDLoss) and isinstance(ag.target_updater, SoftUpdate)
     mc = ag.method_config()
-    for key in ("estimator", "reweighting", "lambda", "tau", "stride", "one_step", "coupling"):
+    for key in ("estimator", "reweighting", "base_lambda", "tau", "stride", "one_step", "coupling"):
         assert key in mc
     # the target is a frozen deep copy, in eval mode, distinct from the evaluation EMA
     assert ag.target is not ag.denoiser and ag.target is not ag.ema
@@ -128,8 +128,8 @@ def _leaky_critic(denoiser, formulation, one_step, coupling):
     ({"estimator": 3}, "3"),
     ({"estimator": "td_lambda", "lmbda": 1.5}, "1.5"),
     ({"estimator": "td_lambda", "lmbda": -0.2}, "-0.2"),
-    ({"base_weight_lambda": -0.1}, "-0.1"),
-    ({"base_weight_lambda": float("nan")}, "nan"),
+    ({"base_lambda": -0.1}, "-0.1"),
+    ({"base_lambda": float("nan")}, "nan"),
     ({"reweighting": "sqrt"}, "'sqrt'"),
     ({"target_update": "polyak"}, "'polyak'"),
     ({"tau": 1.5}, "1.5"),

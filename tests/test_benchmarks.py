@@ -6,13 +6,13 @@ import pytest
 from benchmarks.compare import parse_variant, summarise
 from benchmarks.report import (describe, markdown_table, reach_controls, reference_baseline, render_block,
                                update_readme, wins_everywhere)
-from diffusion_rl.cli import Args
+from diffusion_rl.config import Args
 from diffusion_rl.errors import ConfigError
 
 
 def test_parse_variant_casts_with_the_cli_caster():
-    label, args = parse_variant("td:estimator=td_lambda,n_steps=3,lmbda=0.25,stride=6", Args())
-    assert label == "td:estimator=td_lambda,n_steps=3,lmbda=0.25,stride=6"
+    variant, args = parse_variant("td:estimator=td_lambda,n_steps=3,lmbda=0.25,stride=6", Args())
+    assert variant.label == "td:estimator=td_lambda,n_steps=3,lmbda=0.25,stride=6"
     assert (args.method, args.estimator, args.n_steps, args.lmbda, args.stride) == ("td", "td_lambda", 3, 0.25, "6")
     with pytest.raises(ConfigError, match="unknown option 'bogus'"):
         parse_variant("td:bogus=1", Args())
@@ -20,6 +20,19 @@ def test_parse_variant_casts_with_the_cli_caster():
         parse_variant("td:n_steps=x", Args())
     with pytest.raises(ConfigError, match="key=value"):
         parse_variant("td:n_steps", Args())
+
+
+def test_a_variant_label_round_trips_and_names_its_parts():
+    from benchmarks.variant import Variant
+
+    for label in ("baseline", "td:stride=6", "tdoff:stride=6 @dpmpp_2m", "td:estimator=nstep,n_steps=2,full_reach=true"):
+        assert Variant.parse(label).label == label
+    v = Variant.parse("td:stride=6,coupling=mixed:6 @ipndm")
+    assert (v.method, v.given, v.solver, v.base) == ("td", {"stride": "6", "coupling": "mixed:6"}, "ipndm",
+                                                     "td:stride=6,coupling=mixed:6")
+    assert v.on_solver("default").label == "td:stride=6,coupling=mixed:6" and not v.is_baseline
+    args = Variant.parse("tdoff:stride=3,full_reach=false").args(Args())
+    assert (args.method, args.stride, args.full_reach) == ("tdoff", "3", False)
 
 
 def test_summary_and_table_give_mean_and_spread_over_seeds():
@@ -221,12 +234,16 @@ def test_one_seed_has_no_spread_to_show_or_to_win_beyond():
 
 
 def test_grid_order_and_sample_folders():
-    from benchmarks.compare import run_order, safe_name
+    from benchmarks.compare import run_order
+    from benchmarks.variant import Variant
+
+    def safe_name(label):
+        return Variant.parse(label).folder()
 
     assert run_order([0, 1], ["a", "b"], "seed") == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
     assert run_order([0, 1], ["a", "b"], "variant") == [(0, "a"), (1, "a"), (0, "b"), (1, "b")]
     assert safe_name("td:estimator=td_lambda,n_steps=3,lmbda=0.5") == "td@estimator=td_lambda+n_steps=3+lmbda=0.5"
-    labels = ["td:coupling=mixed:6", "td:coupling=mixed,6", "td:a=1,b_c=2", "td:a=1_b_c=2", "td:x=a/b", "td@x", "td+x",
+    labels = ["td:coupling=mixed:6", "td:coupling=mixed_6", "td:a=1,b_c=2", "td:a=1_b_c=2", "td:x=a/b", "td@x", "td+x",
               "td%40x"]
     assert len({safe_name(v) for v in labels}) == len(labels)  # one folder per label
     assert all("/" not in safe_name(v) and ":" not in safe_name(v) for v in labels)
@@ -381,8 +398,9 @@ def test_expected_runs_counts_variants_seeds_and_the_budgets_scored_on_the_way()
 def test_scoring_a_run_on_its_way_leaves_its_training_unchanged():
     import torch
 
-    from benchmarks.compare import at_budget, score_run
-    from diffusion_rl.cli import make_learner
+    from benchmarks.compare import score_run
+    from benchmarks.variant import Variant
+    from diffusion_rl.build import make_learner
 
     class Drawing:  # an evaluator whose scoring draws from the global random state, as KID's subsets do
         def sweep(self, net, method, step, out, device, progress):
@@ -396,7 +414,7 @@ def test_scoring_a_run_on_its_way_leaves_its_training_unchanged():
     scored = make_learner(args)
     scored.out_dir = None
     list(scored.train(10, progress=False))
-    recs = score_run(scored, args, {"default": Drawing(), "ipndm": Drawing()}, at_budget("baseline", 10), None)
+    recs = score_run(scored, args, {"default": Drawing(), "ipndm": Drawing()}, Variant.parse("baseline").at_steps(10), None)
     list(scored.train(20, progress=False))
     assert [r["variant"] for r in recs] == ["baseline:steps=10", "baseline:steps=10 @ipndm"]
     assert recs[0]["steps"] == 10 and recs[0]["method"] == "edm-baseline"
@@ -405,9 +423,11 @@ def test_scoring_a_run_on_its_way_leaves_its_training_unchanged():
 
 
 def test_score_at_labels_and_refusals():
-    from benchmarks.compare import at_budget, check_score_at
+    from benchmarks.compare import check_score_at
+    from benchmarks.variant import Variant
 
-    assert at_budget("td", 750) == "td:steps=750" and at_budget("td:stride=6", 750) == "td:stride=6,steps=750"
+    assert Variant.parse("td").at_steps(750).label == "td:steps=750"
+    assert Variant.parse("td:stride=6").at_steps(750).label == "td:stride=6,steps=750"
     variants = [parse_variant(v, Args(steps=3000)) for v in ("baseline", "td:stride=6")]
     assert check_score_at("1500,750,750", 3000, variants) == [750, 1500]
     assert check_score_at("", 3000, variants + [parse_variant("td:shared_until=0.5", Args())]) == []
@@ -471,7 +491,7 @@ def test_score_at_restarts_without_losing_a_result_and_equals_separate_runs(tmp_
 def test_a_kept_model_rescored_by_evaluate_gives_the_grid_records(tmp_path, monkeypatch):
     """compare --keep-models saves each run's checkpoint; `diffusion-rl evaluate` on it, with the run's seed, sample
     count and solver, gives the grid's numbers, so new solvers can be scored later without retraining."""
-    from benchmarks.compare import safe_name
+    from benchmarks.variant import Variant
     from diffusion_rl.cli import main as cli
 
     (tmp_path / "file").write_text("")
@@ -480,7 +500,7 @@ def test_a_kept_model_rescored_by_evaluate_gives_the_grid_records(tmp_path, monk
     with pytest.raises(ConfigError, match="--keep-models .* is a file, not a folder"):
         _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "file"), "--out", str(tmp_path / "g.json"))
     runs = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "models"), "--out", str(tmp_path / "g.json"))
-    checkpoint = tmp_path / "models" / safe_name("td:stride=2") / "seed0" / "checkpoint.pt"
+    checkpoint = tmp_path / "models" / Variant.parse("td:stride=2").folder() / "seed0" / "checkpoint.pt"
     for sampler, variant in (("", "td:stride=2"), ("ipndm", "td:stride=2 @ipndm")):  # '': Euler at 2, Heun at 3
         out = tmp_path / f"eval_{sampler}"
         assert cli(["evaluate", "--checkpoint", str(checkpoint), "--seed", "0", "--n-samples", "64", "--nfe-grid",
@@ -496,7 +516,11 @@ def test_from_models_scores_kept_models_as_the_grid_did_and_refuses_another_runs
     solver adds rows, a run with no kept model is skipped, and a checkpoint of another variant is refused."""
     import shutil
 
-    from benchmarks.compare import kept_model
+    from benchmarks.compare import kept_model as kept
+    from benchmarks.variant import Variant
+
+    def kept_model(folder, label, seed):
+        return kept(folder, Variant.parse(label), seed)
 
     common = ["--data", "8gaussians", "--variants", "baseline", "td:stride=2", "--seeds", "0", "--steps", "6",
               "--n-samples", "64", "--nfe-grid", "3"]

@@ -78,7 +78,8 @@ def test_readme_test_command_is_what_ci_runs():
 
 def test_td_ct_from_the_command_line_uses_family_defaults(tmp_path):
     """--formulation ct --method td picks shared coupling, stride 1 and the pairwise weight (method.md §10)."""
-    from diffusion_rl.cli import Args, make_learner
+    from diffusion_rl.build import make_learner
+    from diffusion_rl.config import Args
 
     learner = make_learner(Args(data="moons", formulation="ct", method="td", out=str(tmp_path), device="cpu"))
     assert (learner.env.coupling, learner.env.stride, learner.reweighting) == ("shared", 1.0, "pairwise")

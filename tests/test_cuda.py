@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from diffusion_rl.cli import Args, make_learner
+from diffusion_rl.build import make_learner
+from diffusion_rl.config import Args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

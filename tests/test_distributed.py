@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diffusion_rl.cli import Args, make_learner
+from diffusion_rl.build import make_learner
+from diffusion_rl.config import Args
 from diffusion_rl.distributed import rank_seed
 from envs import DiffusionMRP
 

@@ -110,12 +110,18 @@ def test_vp_posterior_is_not_ve_shortcut():
     assert abs((A + kappa).item() - 1) > 1e-3  # method.md §12.3: VP needs its own A and kappa
 
 
+def x0_from_eps(f: VPFormulation, x, eps, t):
+    """x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), by hand (method.md §9)."""
+    ab = f.alpha_bar(t)[:, None]
+    return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
 def test_vp_eps_x0_round_trip_and_eps_loss_weight():
     f = VPFormulation()
     x0, eps, t = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([1.0, 10.0, 500.0, 999.0])
     x = f.add_noise(x0, t, eps)
     assert torch.allclose(f.eps_from_x0(x, x0, t), eps, atol=1e-8)
-    assert torch.allclose(f.x0_from_eps(x, eps, t), x0, atol=1e-6)
+    assert torch.allclose(x0_from_eps(f, x, eps, t), x0, atol=1e-6)
     # the base loss on D equals the eps loss on the implied eps prediction
     d = x0 + 0.1 * torch.randn(4, 3)
     eps_hat = f.eps_from_x0(x, d, t)
@@ -128,7 +134,7 @@ def test_vp_preconditioning_gives_x0_from_eps():
     x, eps = torch.randn(2, 5), torch.randn(2, 5)
     c_skip, c_out, c_in, _ = f.preconditioning(t)
     d = c_skip[:, None] * x + c_out[:, None] * eps
-    assert torch.allclose(d, f.x0_from_eps(x, eps, t))
+    assert torch.allclose(d, x0_from_eps(f, x, eps, t))
 
 
 def test_cosine_schedule_alpha_bar_decreasing():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffusion_rl.cli import PRESETS, Args, apply_preset
+from diffusion_rl.config import PRESETS, Args, apply_preset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.networks import UNet, _SelfAttention, build_network, network_from_config
 

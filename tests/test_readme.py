@@ -1,10 +1,20 @@
-"""The README runs as written (its RL example, with fewer training steps) and its claims match the JSON."""
+"""The README runs as written (its RL example, with fewer training steps), the numbers it and the docs pages quote
+match the JSON, and it stays a front page whose links lead somewhere."""
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+GENERATED = {"results.md"}  # written by `python -m benchmarks.report` from the JSON itself
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # the target of a markdown link or image
+
+
+def hand_written_pages() -> list[Path]:
+    """The README and every docs page written by hand: where quoted numbers live."""
+    return [README, *sorted(p for p in DOCS.glob("*.md") if p.name not in GENERATED)]
 
 
 def test_readme_python_example_runs(capsys):
@@ -33,22 +43,51 @@ def test_readme_training_is_reproducible(capsys):
 
 
 def test_readme_result_tables_equal_their_json():
-    """Every `<!-- report FILE -->` block in the README is exactly the table `benchmarks.report` renders from FILE:
-    no number in the README can drift from the JSON it cites."""
+    """Every `<!-- report FILE -->` block in the README and in the hand-written docs pages is exactly the table
+    `benchmarks.report` renders from FILE: no quoted number can drift from the JSON it cites, wherever it moved."""
     from benchmarks.report import BLOCK, render_block
 
-    blocks = BLOCK.findall(README.read_text())
-    assert blocks, "the README lost its result tables"
-    for spec, options, table in blocks:
-        assert table == render_block(spec, options), f"README table of {spec} differs from the JSON"
+    found = 0
+    for page in hand_written_pages():
+        for spec, options, table in BLOCK.findall(page.read_text()):
+            found += 1
+            assert table == render_block(spec, options), f"{page.relative_to(ROOT)}: table of {spec} differs from JSON"
+    assert found, "the README and docs/ lost their result tables"
+
+
+def test_readme_is_a_front_page_whose_docs_exist():
+    """The README stays short, every docs page it links exists, and its documentation map names every docs page."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 220, "the README is no longer a front page: move detail into docs/"
+    linked = {t.split("#")[0] for t in LINK.findall(text)}
+    linked = {t for t in linked if t.startswith("docs/") and t.endswith(".md")}
+    assert linked, "the README links no docs page"
+    for target in sorted(linked):
+        assert (ROOT / target).is_file(), f"the README links {target}, which does not exist"
+    unlisted = sorted(f"docs/{p.name}" for p in DOCS.glob("*.md") if f"docs/{p.name}" not in linked)
+    assert not unlisted, f"the README's documentation map leaves out {unlisted}"
+
+
+def test_relative_links_resolve():
+    """Every relative link or image in the README and the hand-written docs pages points at a file that exists
+    (docs pages link each other as `usage.md` and the repository as `../benchmarks/...`)."""
+    broken = []
+    for page in hand_written_pages():
+        for target in LINK.findall(page.read_text()):
+            path = target.split("#")[0]
+            if not path or re.match(r"[a-z][a-z0-9+.-]*:", path):  # an anchor on the same page, or a URL
+                continue
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, f"broken links: {broken}"
 
 
 def test_a_run_scored_on_its_way_equals_the_grid_run_it_claims_to_equal():
-    """The README says the mnist5k budget curve's 3,000-step points are the grid's separately trained baselines, bit
-    for bit: every seed the two committed files share gives the same FIDs."""
+    """docs/findings.md says the mnist5k budget curve's 3,000-step points are the grid's separately trained
+    baselines, bit for bit: every seed the two committed files share gives the same FIDs."""
     import json
 
-    results = README.parent / "benchmarks" / "results"
+    results = ROOT / "benchmarks" / "results"
     curve = json.loads((results / "mnist5k_baseline_plateau.json").read_text())["runs"]
     grid = json.loads((results / "mnist5k_sweep.json").read_text())["runs"]
     shared = [k.rpartition("|")[2] for k in curve if k.startswith("baseline:steps=3000|")
@@ -64,12 +103,12 @@ def test_a_run_scored_on_its_way_equals_the_grid_run_it_claims_to_equal():
 
 @pytest.mark.parametrize("name", ["mnist5k_lof_rescore.json", "mnist5k_lof_baseline.json"])
 def test_a_rescored_or_retrained_model_equals_the_grid_run_it_claims_to_equal(name):
-    """The README says the dpmpp_2m_lof files' DPM-Solver++ records equal the mnist5k grid's bit for bit (kept models
-    rescored, and the seed-1 baseline trained again): every record of a run both files hold, under a solver both
-    scored, is the same."""
+    """docs/findings.md says the dpmpp_2m_lof files' DPM-Solver++ records equal the mnist5k grid's bit for bit
+    (kept models rescored, and the seed-1 baseline trained again): every record of a run both files hold, under a
+    solver both scored, is the same."""
     import json
 
-    results = README.parent / "benchmarks" / "results"
+    results = ROOT / "benchmarks" / "results"
     key = lambda r: (r["sampler"], r["nfe"], r["metric"])  # noqa: E731
     grid = json.loads((results / "mnist5k_sweep.json").read_text())["runs"]
     runs = json.loads((results / name).read_text())["runs"]

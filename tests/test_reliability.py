@@ -302,7 +302,8 @@ sys.exit(main(["train", "--data", "moons", "--batch-size", "16", "--width", "16"
 def test_sigkill_during_checkpoint_writes_resumes_bit_identically(tmp_path):
     """Kill a run at random moments while it checkpoints every step; the resumed run ends where an uninterrupted
     run ends, bit for bit."""
-    from diffusion_rl.cli import Args, make_learner
+    from diffusion_rl.build import make_learner
+    from diffusion_rl.config import Args
 
     args = dict(data="moons", batch_size=16, width=16, progress=False, eval=False, steps=400, checkpoint_every=1)
     ref = make_learner(Args(out=str(tmp_path / "ref"), **args), "baseline")

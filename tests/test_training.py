@@ -112,8 +112,10 @@ def test_shape_mismatch_and_bad_config_fail_before_training():
     d = Denoiser(build_network((1, 16, 16)), make_formulation("edm"))
     with pytest.raises(ConfigError, match=r"\(1, 8, 8\)"):
         DiffusionBaseline(DiffusionMRP(ds, seed=0), denoiser=d, device="cpu")
-    with pytest.raises(ConfigError, match=r"batch_size \(4,\) differs.*128"):
-        DiffusionBaseline(DiffusionMRP(ds, batch_size=4, seed=0), device="cpu")
+    with pytest.raises(ConfigError, match=r"batch_size 128 differs from the env's batch 4.*give 4"):
+        DiffusionBaseline(DiffusionMRP(ds, batch_size=4, seed=0), config=TrainConfig(batch_size=128), device="cpu")
+    with pytest.raises(ConfigError, match=r"\(2, 3\) has 2 dims"):
+        DiffusionBaseline(DiffusionMRP(ds, batch_size=(2, 3), seed=0), device="cpu")
     with pytest.raises(ConfigError, match="formulation"):
         DiffusionBaseline(DiffusionMRP(ds, "vp", seed=0), denoiser=Denoiser(build_network((1, 8, 8)),
                                                                               make_formulation("edm")))
@@ -225,3 +227,18 @@ def test_wall_clock_checkpoints(tmp_path):
     L = make(tmp_path, checkpoint_seconds=1e-9)  # every step is "due"
     for rec in L.train(10, progress=False):
         assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == rec["step"]
+
+
+@pytest.mark.parametrize("env_batch, config, batch", [((), None, 128), ((), TrainConfig(batch_size=8), 8),
+                                                      ((16,), None, 16), ((16,), TrainConfig(batch_size=16), 16),
+                                                      ((16,), TrainConfig(lr=1e-3), 16)])
+def test_the_env_batch_is_the_learner_batch(env_batch, config, batch):
+    """An env with a batch size sets the learner's batch (a config may repeat it, never contradict it); an unbatched
+    env takes the config's, 128 by default. The TD agent's batches then have that size."""
+    from agents import TDEvaluator
+
+    agent = TDEvaluator(DiffusionMRP("digits", batch_size=env_batch, seed=0), config=config, device="cpu")
+    assert agent.config.batch_size == agent.local_batch == batch
+    assert agent.collect().batch_size == (batch,)
+    out = agent.update(agent.collect())
+    assert torch.isfinite(out["loss"]) if "loss" in out.keys() else True

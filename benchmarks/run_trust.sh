@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The grids of "Comparisons a researcher can trust": matched controls (tdoff, equal reach), five paired seeds,
+# three solvers, independent image metrics, the ground-truth mixture and TD's budget curve.
+#
+#   COMMIT=<rev> WORKERS=2 bash benchmarks/run_trust.sh [digits] [gmm] [budget] [mnist5k]
+#
+# Every grid runs from a clean checkout of one commit (a git worktree under ${WORKTREES:-/tmp}), so every record of a
+# file carries the same code version; results land in this checkout's benchmarks/results/trust/ as they finish,
+# and a restart skips the finished runs (a file is refused by a command of another commit). Times on a 2-core CPU:
+#   digits: 7 variants x 5 seeds, ~4 min of one core a run (~2.3 core-hours);
+#   gmm:    gmm:digits, 3 variants x 3 seeds with the ground-truth metrics (~40 core-minutes);
+#   budget: baseline, TD and tdoff at 750 / 1,500 / 3,000 / 6,000 steps, 3 seeds (~1.5 core-hours);
+#   mnist5k: baseline, TD and tdoff, 3 seeds at 3,000 steps (~1.2 core-hours a run: a GPU is the place for it).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+COMMIT=${COMMIT:-$(git -C "$HERE" rev-parse HEAD)}
+WORKERS=${WORKERS:-1}
+TREE="${WORKTREES:-/tmp}/diffusion-rl-$(git -C "$HERE" rev-parse --short=12 "$COMMIT")"
+[ -d "$TREE" ] || git -C "$HERE" worktree add --detach "$TREE" "$COMMIT" >/dev/null
+OUT="$HERE/benchmarks/results/trust"
+mkdir -p "$OUT"
+cd "$TREE"  # the worktree's code, not the editable install's: python -m puts the working folder first
+run() {  # the same command in $WORKERS processes: they share the grid file
+    for _ in $(seq 2 "$WORKERS"); do OMP_NUM_THREADS=1 python "$@" & sleep 10; done
+    OMP_NUM_THREADS=1 python "$@"; wait
+}
+SOLVERS="--nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm"
+GRIDS=("$@")
+[ ${#GRIDS[@]} -gt 0 ] || GRIDS=(digits gmm budget)
+for grid in "${GRIDS[@]}"; do
+  case $grid in
+    digits) run -m benchmarks.compare --variants baseline td tdoff td:stride=6 tdoff:stride=6 \
+              td:estimator=nstep,n_steps=2,full_reach=true td:estimator=nstep,n_steps=2 \
+              --seeds 0 1 2 3 4 --steps 1500 $SOLVERS --out "$OUT/digits.json" ;;
+    gmm) run -m benchmarks.compare --data gmm:digits --variants baseline td tdoff --seeds 0 1 2 --steps 1500 \
+           $SOLVERS --ground-truth --out "$OUT/gmm_digits.json" ;;
+    budget) run -m benchmarks.compare --variants baseline td tdoff --seeds 0 1 2 --steps 6000 \
+              --score-at 750,1500,3000 --nfe-grid 3,5,9,35 --samplers default,dpmpp_2m --out "$OUT/digits_budget.json" ;;
+    mnist5k) run -m benchmarks.compare --data mnist5k --variants baseline td tdoff --seeds 0 1 2 --steps 3000 \
+               $SOLVERS --order variant --out "$OUT/mnist5k.json" ;;
+    *) echo "unknown grid $grid; accepted: digits gmm budget mnist5k" >&2; exit 2 ;;
+  esac
+done

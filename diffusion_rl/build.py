@@ -1,0 +1,185 @@
+"""The composition root: the one place where settings (`config.Args`) become objects.
+
+    plan(args, method)          -> RunPlan: the formulation, the MRP's settings, the TD agent's settings, the
+                                   optimisation, the network's settings and the evaluation, each built (and so
+                                   checked, by its own constructor) before any data loads;
+    build_learner(plan, data)   -> the learner: env, network, and the baseline, TD agent or tdoff control;
+    make_learner(args, ...)     -> both at once (the benchmarks' entry);
+    check_command(args, given)  -> one plan per method, after the checks that only a command line can fail (an
+                                   option the chosen method would ignore).
+
+Library modules never import this one, nor `cli`; the command line and the benchmarks do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import CT_BASELINE_OPTIONS, METHODS, TD_OPTIONS, Args, auto_float, check_seed, int_list, parse_nfe_grid
+from .errors import ConfigError, check_choice, check_non_negative, check_positive
+
+__all__ = ["RunPlan", "plan", "build_learner", "make_learner", "check_command", "train_config"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What an `Args` describes for one method, built without data.
+
+    Attributes:
+        args: the settings it was made from.
+        method: "baseline", "td" or "tdoff".
+        mrp: `envs.MRPSettings` (formulation, stride, one-step shift, coupling).
+        td: `agents.TDSettings` for td and tdoff (and the CT baseline's target settings); None for a plain baseline.
+        train: `training.TrainConfig`.
+        network: keyword arguments of `networks.build_network` besides the data's shape and classes.
+        evaluation: `evaluation.EvalConfig`, or None with args.eval False.
+    """
+
+    args: Args
+    method: str
+    mrp: object
+    td: object | None
+    train: object
+    network: dict
+    evaluation: object | None
+
+
+def train_config(args: Args):
+    """The optimisation settings of `args` (TrainConfig checks them)."""
+    from .training import TrainConfig
+
+    return TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                       ema_halflife_images=args.ema_halflife_images, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
+                       tensorboard=args.tensorboard, precision=args.precision, compile=args.compile,
+                       channels_last=args.channels_last)
+
+
+def _network(args: Args) -> dict:
+    from .networks import check_dropout
+
+    check_positive("width", args.width)
+    check_positive("depth", args.depth)
+    check_dropout(args.dropout)
+    return dict(width=args.width, depth=args.depth, dropout=args.dropout,
+                channel_mult=int_list("channel_mult", args.channel_mult) or None,
+                attn_resolutions=int_list("attention", args.attention), skip_scale=args.skip_scale)
+
+
+def _target(args: Args) -> dict:
+    """The target network's rate: tau, or a half-life / ramp-up (0 on the command line means off)."""
+    return dict(tau=args.target_tau, target_halflife_images=args.target_halflife_images or None,
+                target_rampup=args.target_rampup or None)
+
+
+def plan(args: Args, method: str | None = None) -> RunPlan:
+    """The `RunPlan` of `args` for `method` (default args.method); every constructor checks its own settings."""
+    from agents import TDSettings
+    from envs import MRPSettings
+
+    from .evaluation import EvalConfig
+
+    method = check_choice("method", method or args.method, METHODS)
+    check_seed(args.seed)
+    mrp = MRPSettings.resolve(args.formulation, auto_float("stride", args.stride),
+                              auto_float("one_step", args.one_step), args.coupling or None)
+    td = None
+    if method != "baseline":
+        td = TDSettings(estimator=args.estimator, n_steps=1 if args.estimator == "td0" else args.n_steps,
+                        lmbda=args.lmbda, reweighting=args.reweighting or None, base_lambda=args.base_lambda,
+                        shared_until=args.shared_until or None, full_reach=args.full_reach,
+                        td_term=method == "td", **_target(args)).for_mrp(mrp)
+    elif mrp.formulation.consistency:  # CT: the same pairs and target as TD-CT, no TD term
+        td = TDSettings(**_target(args)).for_mrp(mrp)
+    evaluation = None
+    if args.eval:
+        evaluation = EvalConfig(nfe_grid=parse_nfe_grid(args.nfe_grid), n_samples=args.n_samples, seed=args.seed,
+                                features=args.features, inception_weights=args.inception_weights or None,
+                                device=args.device)
+    return RunPlan(args, method, mrp, td, train_config(args), _network(args), evaluation)
+
+
+def build_learner(p: RunPlan, dataset):
+    """The learner of a plan on `dataset`: one env seeded with the run's seed (per rank under DDP), the network
+    seeded alike, and the baseline, the TD agent or the tdoff control. Its out_dir is `args.out / learner.method`."""
+    import torch
+
+    from agents import ConsistencyBaseline, DiffusionBaseline, TDEvaluator
+    from envs import DiffusionMRP
+
+    from . import distributed
+    from .networks import Denoiser, build_network
+    from .training import resolve_device, split_batch
+
+    args = p.args
+    device = resolve_device(args.device)
+    info = distributed.current()  # under torchrun: this rank's device, data streams and share of the batch
+    if info.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if args.conditional and dataset.labels is None:
+        raise ConfigError(f"--conditional needs a labelled data set; {args.data!r} has no labels")
+    torch.manual_seed(args.seed)
+    net = build_network(dataset.sample_shape, num_classes=dataset.num_classes if args.conditional else 0,
+                        **p.network)
+    denoiser = Denoiser(net, p.mrp.formulation)
+    # one env per learner, seeded alike: the baseline and the TD agent draw the same x0 and levels at every step;
+    # its batch is the learner's (this process's share under DDP)
+    env = DiffusionMRP(dataset, p.mrp.formulation, batch_size=[split_batch(p.train.batch_size, info.world_size)],
+                       coupling=p.mrp.coupling, stride=p.mrp.stride, one_step=p.mrp.one_step,
+                       seed=distributed.rank_seed(args.seed, info.rank), device=device, hflip=args.hflip)
+    common = dict(denoiser=denoiser, config=p.train, device=device)
+    if p.method == "baseline" and p.td is not None:
+        learner = ConsistencyBaseline(env, **_target(args), **common)
+    elif p.method == "baseline":
+        learner = DiffusionBaseline(env, **common)
+    else:
+        learner = TDEvaluator(env, **p.td.kwargs(), **common)
+    learner.out_dir = Path(args.out) / learner.method  # each method and formulation in its own folder
+    return learner
+
+
+def make_learner(args: Args, method: str | None = None, dataset=None):
+    """`build_learner(plan(args, method), dataset)`, loading the data set when none is given (after the plan)."""
+    from .data import load_dataset
+
+    p = plan(args, method)
+    return build_learner(p, dataset if dataset is not None else load_dataset(args.data, seed=args.seed))
+
+
+def check_command(args: Args, given: set[str] = frozenset(), methods: tuple[str, ...] = ()) -> list[RunPlan]:
+    """The plans of a demo/train command (one per method) before any data loads, after the checks only a command
+    line can fail: `given` names the options written on it, and an option the chosen method or estimator would
+    ignore is refused with the reason, never dropped silently."""
+    from .evaluation import check_features
+    from .limits import check_limit
+
+    if not str(args.out).strip():
+        raise ConfigError("--out is empty; give a folder")
+    for name in ("target_halflife_images", "target_rampup"):
+        if check_non_negative(name, getattr(args, name), " (0: off)") and "target_tau" in given:
+            raise ConfigError(f"--target-tau and --{name.replace('_', '-')} exclude each other: the half-life or "
+                              f"ramp-up sets the target's rate")
+    if not args.eval:
+        stray = [f"--{k.replace('_', '-')}" for k in ("n_samples", "nfe_grid", "features", "inception_weights")
+                 if k in given]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} set the evaluation, which --no-eval skips")
+    check_positive("steps", args.steps)
+    check_limit("steps", args.steps, "steps")
+    check_limit("n_samples", args.n_samples, "samples")
+    if args.eval:
+        check_features(args.features, args.inception_weights or None, load=True)
+    methods = tuple(check_choice("method", m, METHODS) for m in methods or (args.method,))
+    if "baseline" in methods and len(methods) == 1:
+        consistency = args.formulation in ("ct", "ict")  # the CT baseline has the TD agent's pairs and target
+        stray = [f"--{k.replace('_', '-')}" for k in TD_OPTIONS if k in given
+                 and not (consistency and k in CT_BASELINE_OPTIONS)]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} applies to --method td only; the baseline would ignore it")
+    if set(methods) & {"td", "tdoff"}:
+        if args.estimator == "td0" and "n_steps" in given and args.n_steps != 1:
+            raise ConfigError(f"--n-steps {args.n_steps} applies to the nstep and td_lambda estimators; td0 trains "
+                              f"on single transitions")
+        if args.estimator != "td_lambda" and "lmbda" in given:
+            raise ConfigError(f"--lmbda applies to --estimator td_lambda only; {args.estimator} would ignore it")
+    return [plan(args, m) for m in methods]

@@ -1,0 +1,273 @@
+"""Settings: the documented dataclasses every command and benchmark reads (`Args`, `SampleArgs`, `EvalArgs`,
+`DiagnoseArgs`), their --flags, presets, and the parsers of their string-valued fields.
+
+Each field's help text is its `metadata["help"]`, so `--help` and the benchmarks' --help show the same words.
+Nothing here builds an object from a string beyond plain values: `diffusion_rl.build` turns settings into objects.
+This module imports no torch, so `--help` and argument errors answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError, check_choice
+
+__all__ = ["Args", "SampleArgs", "EvalArgs", "DiagnoseArgs", "METHODS", "PRESETS", "opt", "apply_preset",
+           "cast_field", "field_help", "add_dataclass_args", "dataclass_from_args", "parse_nfe_grid", "check_seed",
+           "int_list", "auto_float", "TD_OPTIONS", "CT_BASELINE_OPTIONS"]
+
+METHODS = ("baseline", "td", "tdoff")
+
+
+def opt(default, help: str):
+    """A dataclass field whose help text reaches --help (and the benchmarks' --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    """Training settings (`diffusion-rl train`, `diffusion-rl demo`)."""
+
+    data: str = opt("digits", "data set name (digits, mnist5k, checkerboard, 8gaussians, swissroll, moons, mnist, "
+                              "cifar10) or a path (.npz / image folder)")
+    formulation: str = opt("edm", "edm | vp (ddpm) | ct | ict (improved CT: curriculum, log-normal levels, "
+                                  "pseudo-Huber)")
+    method: str = opt("baseline", "baseline (the formulation's own loss) | td (TDEvaluator, the paper's TD objective) "
+                                  "| tdoff (td's batches, TD-valid mask and base-loss weights without the TD term: "
+                                  "td's matched control)")
+    steps: int = opt(2000, "optimizer steps")
+    batch_size: int = opt(128, "samples per step")
+    lr: float = opt(2e-3, "Adam learning rate")
+    warmup_steps: int = opt(100, "linear learning-rate warm-up")
+    ema_halflife_images: float = opt(20000.0, "evaluation EMA half-life in images")
+    width: int = opt(32, "base channels of the UNet / hidden width of the MLP")
+    depth: int = opt(1, "residual blocks per UNet level")
+    dropout: float = opt(0.0, "dropout inside residual blocks")
+    channel_mult: str = opt("", "UNet channel multipliers per resolution, e.g. 2,2,2 ('': 1,2 up to 16x16, else "
+                                "1,2,2)")
+    attention: str = opt("", "UNet feature-map sides with self-attention, e.g. 16 ('': none)")
+    skip_scale: float = opt(1.0, "UNet residual outputs times this (DDPM++: 0.7071)")
+    hflip: bool = opt(False, "augment training images by random horizontal flips")
+    preset: str = opt("", "network and optimisation recipe: cifar10 (EDM's DDPM++ CIFAR-10 recipe: width 128, "
+                          "multipliers 2,2,2, 4 blocks, attention at 16, dropout 0.13, batch 512, lr 1e-3, EMA "
+                          "half-life 0.5M images); options given explicitly win")
+    conditional: bool = opt(False, "class-conditional network (needs labels)")
+    seed: int = opt(0, "seeds initialisation, the env (data order, levels, noise) and sampling")
+    device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+    precision: str = opt("fp32", "training forwards of the network: fp32 | bf16 (CPU and recent GPUs) | fp16 (CUDA)")
+    compile: bool = opt(False, "torch.compile the network (online and target)")
+    channels_last: bool = opt(False, "channels_last memory format for image networks (faster convolutions on GPU)")
+    out: str = opt("runs/train", "output folder: results.json and plots; each method's checkpoint.pt and "
+                                 "metrics.jsonl in out/<method>-<formulation> (e.g. out/td-edm)")
+    resume: bool = opt(False, "continue the run held in --out (it may change lr, checkpoint and logging settings)")
+    overwrite: bool = opt(False, "replace the run held in --out (its checkpoints, logs and grids are deleted)")
+    checkpoint_every: int = opt(250, "steps between checkpoints (0: only at the end and by --checkpoint-seconds)")
+    checkpoint_seconds: float = opt(300.0, "also checkpoint after this many seconds of training (0: off)")
+    estimator: str = opt("td0", "TD: td0 | nstep | td_lambda")
+    n_steps: int = opt(2, "TD: transitions per trajectory for nstep / td_lambda (td0 uses 1)")
+    lmbda: float = opt(0.95, "TD: lambda of td_lambda, in [0, 1]")
+    full_reach: bool = opt(False, "TD: nstep / td_lambda: the TD term only on samples whose whole n-step chain is "
+                                  "TD-valid (the others train on the base loss), so each return reaches n strides: "
+                                  "the equal-reach pair of td0 at stride n k")
+    reweighting: str = opt("", "TD: edm | pairwise | linear | none ('': the formulation's default, edm; pairwise "
+                               "for CT)")
+    base_lambda: float = opt(0.5, "TD: weight of the base loss (the paper's lambda)")
+    coupling: str = opt("", "TD: markov | shared | mixed:M (shared below grid index M, Markov from M on) ('': the "
+                            "formulation's default, markov; shared for CT)")
+    shared_until: float = opt(0.0, "TD: coupling schedule: shared-noise coupling for this fraction of the steps, "
+                                   "then --coupling (0: off)")
+    stride: str = opt("auto", "TD: MRP stride in index units > 0 (auto: the formulation's default, 3 for EDM)")
+    one_step: str = opt("auto", "TD: one-step shift delta in index units > 0 (auto: the formulation's default, "
+                                "0.2 for EDM)")
+    target_tau: float = opt(0.999, "TD: target-network EMA rate (unless a half-life or ramp-up is given)")
+    target_halflife_images: float = opt(0.0, "TD: target-network EMA half-life in training images (0: off)")
+    target_rampup: float = opt(0.0, "TD: cap the target's half-life at this fraction of the images seen so far "
+                                    "(0: off)")
+    nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated (even budgets use Euler)")
+    n_samples: int = opt(1000, "evaluation samples per NFE")
+    features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
+    inception_weights: str = opt("", "the FID Inception-v3 weights file (a state dict: torch-fidelity's or "
+                                     "pytorch-fid's) for --features inception ('': $DIFFUSION_RL_INCEPTION_WEIGHTS "
+                                     "or torch hub's checkpoints folder)")
+    eval: bool = opt(True, "run the evaluation sweep after training (--no-eval skips it)")
+    progress: bool = opt(True, "progress bars")
+    tensorboard: bool = opt(False, "also log TensorBoard scalars (pip install 'diffusion-rl[tensorboard]')")
+
+
+@dataclass
+class SampleArgs:
+    """`diffusion-rl sample`: draw samples from a checkpoint."""
+
+    checkpoint: str = opt("", "path to checkpoint.pt")
+    nfe: int = opt(35, "sampling budget")
+    sampler: str = opt("", "heun | euler | dpmpp_2m | dpmpp_2m_lof | ipndm | ddim | ddpm | onestep | multistep "
+                           "('': the formulation's default)")
+    n: int = opt(64, "number of samples")
+    seed: int = opt(0, "sampling seed")
+    out: str = opt("samples.png", ".png (grid) or .npz (array in [-1, 1])")
+    device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+    overwrite: bool = opt(False, "replace an existing --out file")
+
+
+@dataclass
+class EvalArgs:
+    """`diffusion-rl evaluate`: sweep NFE budgets for one or more checkpoints."""
+
+    checkpoint: list = field(default_factory=list, metadata={"help": "one or more checkpoint.pt paths"})
+    nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated")
+    sampler: str = opt("", "heun | euler | dpmpp_2m | dpmpp_2m_lof | ipndm | ddim | ddpm | onestep | multistep "
+                           "('': the formulation's default)")
+    n_samples: int = opt(1000, "evaluation samples per NFE")
+    features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
+    inception_weights: str = opt("", "the FID Inception-v3 weights file (a state dict: torch-fidelity's or "
+                                     "pytorch-fid's) for --features inception ('': $DIFFUSION_RL_INCEPTION_WEIGHTS "
+                                     "or torch hub's checkpoints folder)")
+    seed: int = opt(0, "sampling seed")
+    out: str = opt("runs/eval", "output folder: results.json and plots")
+    device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+    overwrite: bool = opt(False, "replace the results, plots and grids in --out")
+
+
+@dataclass
+class DiagnoseArgs:
+    """`diffusion-rl diagnose`: per-noise-level diagnostics of a checkpoint."""
+
+    checkpoint: str = opt("", "path to checkpoint.pt (its folder's metrics.jsonl gives the per-level training curves)")
+    n: int = opt(256, "data samples and sampler trajectories")
+    seed: int = opt(0, "seed of the noise and of the trajectories")
+    data: str = opt("", "data set (default: the one named in the checkpoint)")
+    out: str = opt("", "output folder for diagnose.png and diagnose.json (default: the checkpoint's folder)")
+    device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+_CASTS = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def cast_field(cls, name: str, text: str):
+    """A command-line string cast to the type of field `name` of dataclass `cls`: the one caster of the CLI and the
+    benchmark scripts. Raises ConfigError naming the field and the accepted fields or type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ConfigError(f"unknown option {name!r}; accepted: {', '.join(fields)}")
+    typ = _type_name(fields[name])
+    try:
+        return _CASTS.get(typ, str)(text)
+    except ValueError:
+        raise ConfigError(f"option {name}={text!r} must be of type {typ}") from None
+
+
+def _caster(cls, name: str, typ: str):
+    def cast(text: str):
+        return cast_field(cls, name, text)
+
+    cast.__name__ = typ  # argparse names it in "invalid int value"
+    return cast
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The help text of a dataclass field: its `metadata["help"]`."""
+    return f.metadata.get("help", "")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
+    """One --flag per field of dataclass `cls`, with the field's help (and default) in --help."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        flag = "--" + f.name.replace("_", "-")
+        typ = _type_name(f)
+        text = field_help(f) + " (default: %(default)s)"
+        if typ == "bool":
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=field_help(f))
+        elif typ == "list":
+            parser.add_argument(flag, default=default, nargs="+", required=not default, help=text,
+                                type=f.metadata.get("item", str))
+        else:
+            parser.add_argument(flag, type=_caster(cls, f.name, typ), default=default, help=text,
+                                metavar=typ.upper())
+
+
+def dataclass_from_args(cls, ns: argparse.Namespace):
+    """The dataclass `cls` from the parsed flags `add_dataclass_args` made."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def parse_nfe_grid(text: str) -> tuple[int, ...]:
+    """'3,5,9' -> (3, 5, 9); ConfigError for anything but comma-separated positive integers within the limits."""
+    try:
+        grid = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, "
+                          f"e.g. 1,2,3,5,9,17,35") from None
+    if not grid or min(grid) < 1:
+        raise ConfigError(f"nfe grid {text!r} must be comma-separated positive integers, e.g. 1,2,3,5,9,17,35")
+    from .limits import check_limit
+
+    for nfe in grid:
+        check_limit("nfe", nfe, "nfe")
+    return grid
+
+
+def check_seed(seed) -> int:
+    """A seed must be an integer in [0, 2^63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    return seed
+
+
+PRESETS: dict[str, dict] = {
+    # EDM's DDPM++ recipe for CIFAR-10
+    "cifar10": {"data": "cifar10", "width": 128, "depth": 4, "channel_mult": "2,2,2", "attention": "16",
+                "dropout": 0.13, "skip_scale": 0.7071, "batch_size": 512, "lr": 1e-3,
+                "ema_halflife_images": 500_000.0, "hflip": True},
+}
+
+
+def apply_preset(args: Args, given: set[str]) -> Args:
+    """The preset's values for every option not written on the command line."""
+    if not args.preset:
+        return args
+    check_choice("preset", args.preset, tuple(PRESETS))
+    return dataclasses.replace(args, **{k: v for k, v in PRESETS[args.preset].items() if k not in given})
+
+
+def int_list(name: str, text: str) -> tuple[int, ...]:
+    """'2,2,2' -> (2, 2, 2); '' -> (); anything else is a ConfigError naming the option."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated positive integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ConfigError(f"{name} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def auto_float(name: str, text: str) -> float | None:
+    """'auto' -> None; otherwise a float (its range is checked where it is used)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be 'auto' or a number, got {text!r}") from None
+
+
+TD_OPTIONS = ("estimator", "n_steps", "lmbda", "full_reach", "reweighting", "base_lambda", "coupling", "stride",
+              "one_step", "target_tau", "target_halflife_images", "target_rampup", "shared_until")
+CT_BASELINE_OPTIONS = ("coupling", "stride", "one_step", "target_tau", "target_halflife_images", "target_rampup")
+
