@@ -8,7 +8,7 @@ library's own. To read them, this scores sets of real training images with the e
 model that samples training images uniformly would score), blurred (Gaussian, sigma in pixels), with added Gaussian
 noise (std in the [-1, 1] data units, clamped), and with half the classes missing (mode dropping). Each seed draws
 other images (and noise). Written as JSON with its command; `benchmarks.report` renders it into docs/results.md and
-the README.
+the tables quoted in the README or docs/ (docs/evaluation.md).
 """
 from __future__ import annotations
 

@@ -1,9 +1,15 @@
-"""Render the committed benchmark JSON into docs/results.md, the README's tables and plots.
+"""Render the committed benchmark JSON into docs/results.md, the tables quoted in the README and docs/, and plots.
 
-    python -m benchmarks.report                    # docs/results.md + its plots, and the README's result blocks
-    python -m benchmarks.report FILE.json [--metric fid] [--nfe 3,5,9] [--plot out.png]   # one file's table
+    python -m benchmarks.report                    # docs/results.md + its plots, and every page's result blocks
+    python -m benchmarks.report --blocks-only      # only the result blocks of README.md and docs/*.md
+    python -m benchmarks.report FILE.json [--metric fid] [--nfe 3,5,9] [--plot out.png]   # one file's tables
 
-Every table is mean ± std over seeds of a JSON written by `benchmarks.compare`. The README holds blocks
+Every table is mean ± std over seeds of a JSON written by `benchmarks.compare`, and every comparison is paired by
+seed (`benchmarks.paired`: each TD variant against its baseline, its tdoff control and its equal-reach control;
+mean difference, 95% interval, seeds won). A comparison of records made by different or unknown code versions is
+refused unless allowed (`--mixed-code`, or `MIXED_CODE_FILES` for the committed files made before records carried
+one); a (solver, NFE) cell where the solver fails with an exact denoiser (solver_check.json) is marked † and left
+out of verdicts (`--include-failing-solvers` keeps it). README.md and the hand-written docs/*.md pages hold blocks
 
     <!-- report FILE.json [nfe=3,5,9] [variants=baseline;td:stride=2,n_steps=2;td+@dpmpp_2m] -->
     ...table...
@@ -12,7 +18,7 @@ Every table is mean ± std over seeds of a JSON written by `benchmarks.compare`.
 (variants are separated by ';', since a variant holds commas; '+' stands for a space)
 
 whose tables this script regenerates from FILE.json; tests/test_readme.py checks that every block equals what the
-JSON gives, so no number in the README can drift from its JSON.
+JSON gives, so no number quoted in the README or docs/ can drift from its JSON.
 """
 from __future__ import annotations
 
@@ -22,10 +28,13 @@ import math
 import re
 import shlex
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
+from benchmarks.paired import (FAILS_ABOVE, MixedCodeError, SolverRegime, block_footnote, code_note, comparison_lines,
+                               md_table, reference_baseline, regime_note, solver_regime)
 from benchmarks.variant import Variant
-from diffusion_rl.cli import Args
+from diffusion_rl.config import Args
 from diffusion_rl.formulations import make_formulation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +46,12 @@ BLOCK = re.compile(r"<!-- report (\S+)((?: \w+=\S+)*) -->\n(.*?)<!-- /report -->
 CALIBRATION = "metric_calibration"  # the "kind" of a benchmarks.metric_check JSON
 SOLVER_CHECK = "solver_check"  # the "kind" of a benchmarks.solver_check JSON
 DEFAULT_TARGET_TAU = Args().target_tau  # a label names the target rate only where a run set another
-FEW_STEP = 9  # "wins everywhere" means at every NFE <= 9 (NFE 1-2 excluded: see the README's "Reading the results")
+GENERATED, GENERATED_PATH = "results.md", "docs/results.md"  # written whole by this script: it has no blocks
+# committed grids whose records carry no code version, or several (filled before records named one, or across
+# commits): their comparisons are rendered with a "code versions: mixed/unknown" note instead of being refused
+MIXED_CODE_FILES = ("digits_ct_vs_td_ct.json", "digits_sweep.json", "digits_target_lag_4500.json",
+                    "digits_td_vs_edm.json", "digits_td_vs_edm_solvers.json", "digits_vp_td_vs_ddpm.json",
+                    "digits_vp_td_vs_ddpm_solvers.json", "mnist5k_sweep.json")
 
 
 def fmt(x: float) -> str:
@@ -77,6 +91,8 @@ def describe(fields: dict) -> str:
     parts = [f"{head} k={fields.get('stride'):g}"]
     if name != "edm":
         parts[0] = f"TD-{name.upper()} " + parts[0]
+    if fields.get("full_reach"):
+        parts.append("full reach")
     if fields.get("one_step") is not None and not math.isclose(fields["one_step"], form.default_one_step):
         parts.append(f"δ {fields['one_step']:g}")
     if fields.get("coupling") and fields["coupling"] != form.default_coupling:
@@ -91,25 +107,9 @@ def describe(fields: dict) -> str:
         parts.append(f"target half-life {fields['target_halflife_images']:g} img")
     elif tau_text:
         parts.append(tau_text)
+    if str(fields.get("method", "")).startswith("tdoff"):  # the matched control: the TD run without its TD term
+        parts.append("TD term off")
     return ", ".join(parts)
-
-
-def reference_baseline(variant: str, baselines: list[str]) -> str | None:
-    """The baseline a TD variant is measured against: the most specific baseline whose options the variant shares
-    (a grid of CT and iCT pairs 'td:formulation=ict' with 'baseline:formulation=ict', never with CT's); None when
-    none matches. Two equally specific matches are an error, not a silent pick."""
-    def options(v: str) -> dict[str, str]:
-        return Variant.parse(v).given
-
-    opts = options(variant)
-    fits = [b for b in baselines if options(b).items() <= opts.items()]
-    if not fits:
-        return None
-    most = max(len(options(b)) for b in fits)
-    best = [b for b in fits if len(options(b)) == most]
-    if len(best) > 1:
-        raise ValueError(f"{variant!r} matches several baselines equally well: {best}; name the options that differ")
-    return best[0]
 
 
 def load(path: str | Path) -> dict:
@@ -128,50 +128,25 @@ def load(path: str | Path) -> dict:
     return d
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table: a header row, its separator, then one line per row of cells."""
-    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-                     + ["| " + " | ".join(cells) + " |" for cells in rows])
-
-
 def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | None = None,
-                   labels: dict[str, str] | None = None, variants: list[str] | None = None) -> str:
-    """One row per variant (in first-seen order, or `variants`' order), one column per NFE: 'mean ± std'. A row
-    over fewer seeds than the table's most (an unfinished grid) names its count: 'TD(0) k=1 (2 seeds)'."""
+                   labels: dict[str, str] | None = None, variants: list[str] | None = None,
+                   fails: Collection[tuple[str, int]] = ()) -> str:
+    """One row per variant (in first-seen order, or `variants`' order), one column per NFE: 'mean ± std', with ' †'
+    where (solver, NFE) is in `fails` (the solver fails there). A row over fewer seeds than the table's most (an
+    unfinished grid) names its count: 'TD(0) k=1 (2 seeds)'."""
     rows = [s for s in summary if s["metric"] == metric]
     nfes = nfes or sorted({s["nfe"] for s in rows})
     lines = []
     most = max((s.get("n_seeds", 1) for s in rows), default=1)
     for v in variants or dict.fromkeys(s["variant"] for s in rows):
-        cell = {s["nfe"]: cell_text(s) for s in rows if s["variant"] == v}
         base, solver = split_label(v)
+        cell = {s["nfe"]: cell_text(s) + (" †" if (solver, s["nfe"]) in fails else "")
+                for s in rows if s["variant"] == v}
         name = (labels or {}).get(base, base) + ("" if solver == "default" else f", {SOLVERS.get(solver, solver)}")
         seeds = max((s.get("n_seeds", 1) for s in rows if s["variant"] == v), default=most)
         name += f" ({seeds} seeds)" if 1 < seeds < most else ""  # one seed shows in every cell already
         lines.append([name] + [cell.get(n, "-") for n in nfes])
     return md_table(["variant"] + [f"NFE {n}" for n in nfes], lines)
-
-
-def wins_everywhere(summary: list[dict], metric: str = "fid", max_nfe: int = FEW_STEP) -> dict[str, dict]:
-    """Per solver, each TD variant's verdict against the baseline at every NFE in [3, max_nfe]: 'wins' when its mean
-    is below the baseline's at every such NFE, and 'beyond the spread' when also by more than both stds."""
-    rows = {(s["variant"], s["nfe"]): s for s in summary if s["metric"] == metric and 3 <= s["nfe"] <= max_nfe}
-    out: dict[str, dict] = {}
-    for (v, nfe) in rows:
-        base, solver = split_label(v)
-        if is_baseline(v):
-            continue
-        baselines = list(dict.fromkeys(u for u, _ in rows if is_baseline(u) and split_label(u)[1] == solver))
-        ref = reference_baseline(v, baselines)
-        if ref is None:
-            continue
-        nfes = sorted(n for (u, n) in rows if u == v)
-        diffs = [(rows[(ref, n)]["mean"] - rows[(v, n)]["mean"], rows[(ref, n)]["std"] + rows[(v, n)]["std"])
-                 for n in nfes if (ref, n) in rows]
-        spread = min(rows[(u, n)].get("n_seeds", 2) for u in (ref, v) for n in nfes if (u, n) in rows) >= 2
-        out.setdefault(solver, {})[base] = {"wins": all(d > 0 for d, _ in diffs), "nfes": nfes,
-                                            "beyond_spread": spread and all(d > s for d, s in diffs)}
-    return out
 
 
 def reach_controls(d: dict, metric: str = "fid") -> str:
@@ -213,13 +188,23 @@ def solver_name(d: dict, solver: str) -> str:
     return ", ".join(SOLVERS.get(u, u) for u in sorted(used))
 
 
+def solver_names(d: dict) -> dict[str, str]:
+    """Each solver of a compare JSON -> its table name."""
+    return {solver: solver_name(d, solver) for solver in _solvers(d["summary"])}
+
+
 def _solvers(summary: list[dict]) -> list[str]:
     return list(dict.fromkeys(split_label(s["variant"])[1] for s in summary))
 
 
-def plot_vs_nfe(d: dict, path: Path, metric: str = "fid") -> None:
+FAILS_HATCH = dict(facecolor="0.88", edgecolor="0.55", hatch="//", lw=0)  # how plots grey out "solver fails here"
+FAILS_TITLE = f"hatched: solver fails here (exact-denoiser error > {FAILS_ABOVE:g})"
+
+
+def plot_vs_nfe(d: dict, path: Path, metric: str = "fid", fails: Collection[tuple[str, int]] = ()) -> None:
     """FID vs NFE, one panel per solver, one line per variant (mean ± std over seeds), log axes; the baseline in
-    thick black, up to 20 distinct colours and varying markers for the rest."""
+    thick black, up to 20 distinct colours and varying markers for the rest; the NFEs where the solver fails (the
+    (solver, NFE) of `fails`) hatched grey."""
     plt = _pyplot()
     summary = [s for s in d["summary"] if s["metric"] == metric]
     solvers = _solvers(summary)
@@ -236,7 +221,11 @@ def plot_vs_nfe(d: dict, path: Path, metric: str = "fid") -> None:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
                         capsize=3, label=d["labels"].get(base, base), lw=2.5 if is_baseline(v) else 1.2,
                         color=colour, ms=4)
-        ax.set(xscale="log", yscale="log", xlabel="NFE", title=solver_name(d, solver))
+        failing = [n for n in nfes if (solver, n) in fails]
+        for n in failing:
+            ax.axvspan(n / 1.15, n * 1.15, zorder=0, **FAILS_HATCH)
+        ax.set(xscale="log", yscale="log", xlabel="NFE",
+               title=solver_name(d, solver) + (f"\n{FAILS_TITLE}" if failing else ""))
         ax.set_xticks(nfes, [str(n) for n in nfes])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
@@ -247,9 +236,10 @@ def plot_vs_nfe(d: dict, path: Path, metric: str = "fid") -> None:
     plt.close(fig)
 
 
-def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid") -> bool:
+def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid", fails: Collection[tuple[str, int]] = ()) -> bool:
     """Each variant's mean FID over the baseline's (same solver, same NFE), one panel per solver: blue cells (< 1) are
-    wins, red cells losses; the numbers are the ratios. False (nothing written) without a baseline."""
+    wins, red cells losses; the numbers are the ratios; the columns where the solver fails (`fails`) hatched and
+    marked †. False (nothing written) without a baseline."""
     summary = [s for s in d["summary"] if s["metric"] == metric]
     solvers = [sv for sv in _solvers(summary)
                if any(is_baseline(s["variant"]) and split_label(s["variant"])[1] == sv for s in summary)]
@@ -257,6 +247,7 @@ def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid") -> bool:
         return False
     import numpy as np
     from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
 
     plt = _pyplot()
     mean = {(s["variant"], s["nfe"]): s["mean"] for s in summary}
@@ -277,8 +268,14 @@ def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid") -> bool:
             for j in range(len(nfes)):
                 if np.isfinite(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(nfes)), [f"NFE {n}" for n in nfes], fontsize=7)
-        ax.set_title(f"{solver_name(d, solver)}: {metric.upper()} / baseline's", fontsize=9)
+        for j, n in enumerate(nfes):
+            if (solver, n) in fails:
+                ax.add_patch(Rectangle((j - 0.5, -0.5), 1, len(bases), fill=False, hatch="//", edgecolor="0.45", lw=0))
+        ax.set_xticks(range(len(nfes)), [f"NFE {n}" + (" †" if (solver, n) in fails else "") for n in nfes],
+                      fontsize=7)
+        failing = any((solver, n) in fails for n in nfes)
+        ax.set_title(f"{solver_name(d, solver)}: {metric.upper()} / baseline's"
+                     + (f"\n† {FAILS_TITLE}" if failing else ""), fontsize=9)
     axes[0][0].set_yticks(range(len(bases)), [d["labels"].get(b, b) for b in bases], fontsize=7)
     bar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     bar.set_ticks([0.5, 0.7, 1.0, 1.4, 2.0], labels=["0.5", "0.7", "1", "1.4", "2"])
@@ -288,9 +285,10 @@ def plot_ratio_heatmap(d: dict, path: Path, metric: str = "fid") -> bool:
     return True
 
 
-def plot_vs_stride(d: dict, path: Path, metric: str = "fid") -> bool:
+def plot_vs_stride(d: dict, path: Path, metric: str = "fid", fails: Collection[tuple[str, int]] = ()) -> bool:
     """FID vs the TD(0) stride k (paper defaults otherwise), one line per NFE, the baseline as dashed lines, one
-    panel per solver. False (nothing written) when the file has fewer than two TD(0) strides."""
+    panel per solver; an NFE where the solver fails (`fails`) drawn pale and dotted, its label saying so. False
+    (nothing written) when the file has fewer than two TD(0) strides."""
     runs = {split_label(r["variant"])[0]: r for recs in d["runs"].values() for r in recs}
     td0 = {v: r["stride"] for v, r in runs.items() if re.fullmatch(r"td(:stride=[\d.]+)?", v)
            and r.get("estimator") == "td0"}
@@ -305,8 +303,10 @@ def plot_vs_stride(d: dict, path: Path, metric: str = "fid") -> bool:
         for i, nfe in enumerate(sorted({s["nfe"] for s in summary})):
             pts = sorted((td0[v], s["mean"], s["std"]) for v in td0 for s in summary
                          if s["variant"] == v + suffix and s["nfe"] == nfe)
+            failing = (solver, nfe) in fails
             line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                               capsize=3, label=f"NFE {nfe}")
+                               capsize=3, label=f"NFE {nfe}" + (" (solver fails here)" if failing else ""),
+                               ls=":" if failing else "-", alpha=0.45 if failing else 1.0)
             base = [s for s in summary if s["variant"] == "baseline" + suffix and s["nfe"] == nfe]
             if base:
                 ax.axhline(base[0]["mean"], ls="--", lw=1, color=line[0].get_color())
@@ -320,9 +320,10 @@ def plot_vs_stride(d: dict, path: Path, metric: str = "fid") -> bool:
     return True
 
 
-def plot_vs_steps(d: dict, path: Path, metric: str = "fid") -> bool:
+def plot_vs_steps(d: dict, path: Path, metric: str = "fid", fails: Collection[tuple[str, int]] = ()) -> bool:
     """FID vs training steps (a budget curve: is the baseline near its plateau?), one line per NFE and method, for
-    files whose variants differ in `steps` (at least three budgets). False (nothing written) otherwise."""
+    files whose variants differ in `steps` (at least three budgets); an NFE where the default solver fails (`fails`)
+    drawn pale and dotted, its label saying so. False (nothing written) otherwise."""
     runs = {split_label(r["variant"])[0]: r for recs in d["runs"].values() for r in recs}
     if len({r["steps"] for r in runs.values()}) < 3:
         return False
@@ -334,8 +335,10 @@ def plot_vs_steps(d: dict, path: Path, metric: str = "fid") -> bool:
         for nfe in sorted({s["nfe"] for s in summary}):
             pts = sorted((runs[v]["steps"], s["mean"], s["std"]) for v in runs if family[v] == fam
                          for s in summary if s["variant"] == v and s["nfe"] == nfe)
+            failing = ("default", nfe) in fails
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        label=f"{fam}, NFE {nfe}")
+                        label=f"{fam}, NFE {nfe}" + (" (solver fails here)" if failing else ""),
+                        ls=":" if failing else "-", alpha=0.45 if failing else 1.0)
     ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel=f"{metric.upper()} (mean ± std over seeds)",
            title=solver_name(d, "default"))
     steps = sorted({r["steps"] for r in runs.values()})
@@ -419,23 +422,42 @@ def expected_runs(command: str) -> int | None:
     return len(lists["--variants"]) * len(lists["--seeds"]) * (1 + len(set(score_at)))
 
 
-def file_section(path: Path, plots: Path) -> str:
-    """docs/results.md's section for one compare JSON: provenance, one table per solver, verdicts, plots."""
+def exact_denoiser_check() -> list[dict] | None:
+    """The records of benchmarks/results/solver_check.json (each solver's error with an exact denoiser), or None."""
+    path = RESULTS / "solver_check.json"
+    return json.loads(path.read_text())["records"] if path.is_file() else None
+
+
+def regime(d: dict) -> SolverRegime:
+    """Where the solvers of a compare JSON fail with an exact denoiser (`paired.solver_regime`)."""
+    return solver_regime([r for recs in d.get("runs", {}).values() for r in recs], exact_denoiser_check())
+
+
+def file_section(path: Path, plots: Path, mixed_code: bool = False, include_failing: bool = False) -> str:
+    """docs/results.md's section for one compare JSON: provenance (code versions, solver regime), one table per
+    solver, the paired comparisons and their verdict, plots. MixedCodeError when a comparison would mix code
+    versions and `mixed_code` is False."""
     d = load(path)
     metric = "fid" if any(s["metric"] == "fid" for s in d["summary"]) else "sw2"
+    name = str(path.relative_to(RESULTS) if path.is_relative_to(RESULTS) else path.name)
+    reg = regime(d)
+    fails = set(reg.fails)
+    compared = comparison_lines(d, metric, solver_names(d), reg, name, mixed_code, include_failing)  # before plots
     first = next(iter(d["runs"].values()))[0]
     budgets = sorted({r.get("steps") for recs in d["runs"].values() for r in recs} - {None})
     seeds = sorted({int(k.rpartition("seed=")[2]) for k in d["runs"]})
     devices = Counter(recs[0].get("device") for recs in d["runs"].values())  # a grid filled on several says so
     device = (f"device {first.get('device')}" if len(devices) == 1
               else "devices " + ", ".join(f"{dev} ({n} run{'s' if n > 1 else ''})" for dev, n in devices.items()))
-    out = [f"## {path.relative_to(RESULTS) if path.is_relative_to(RESULTS) else path.name}", "",
+    out = [f"## {name}", "",
            f"`{d['command']}`", "",
            f"Data {first.get('data')}, {' / '.join(map(str, budgets)) or '?'} training steps of "
            f"{first.get('batch_size')} images, "
            f"width {first.get('width')}, {device}; {first.get('n_samples')} samples per NFE; "
            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; {len(d['runs'])} "
-           f"run{'s' if len(d['runs']) > 1 else ''}. {metric.upper()}, mean ± std over seeds.", ""]
+           f"run{'s' if len(d['runs']) > 1 else ''}. {metric.upper()}, mean ± std over seeds.", "",
+           code_note(d, compared=mixed_code and bool(compared)), "",
+           regime_note(reg, SOLVERS, include_failing, verdicts=bool(compared)), ""]
     expected = expected_runs(d["command"])
     if expected and len(d["runs"]) < expected:  # a grid still being filled: say so, never pass it off as whole
         out[2:2] = [f"**Partial grid: {len(d['runs'])} of {expected} runs finished**; the same command resumes it.",
@@ -445,17 +467,8 @@ def file_section(path: Path, plots: Path) -> str:
     for solver in _solvers(d["summary"]):
         variants = [v for v in dict.fromkeys(s["variant"] for s in d["summary"]) if split_label(v)[1] == solver]
         out += [f"**{solver_name(d, solver)}**", "", markdown_table(d["summary"], metric, None, d["labels"],
-                                                                         variants), ""]
-    verdict = wins_everywhere(d["summary"], metric)
-    if verdict:
-        out += [f"Variants whose mean {metric.upper()} is below the baseline's at every NFE in [3, {FEW_STEP}] "
-                f"(a variant marked \"beyond the spread\" is lower by more than the sum of the two stds at each; the "
-                f"others are lower in mean only):", ""]
-        for solver, per in verdict.items():
-            win = [d["labels"].get(v, v) + (" (beyond the spread)" if r["beyond_spread"] else "")
-                   for v, r in per.items() if r["wins"]]
-            out.append(f"- {solver_name(d, solver)}: " + ("; ".join(win) if win else "**none**"))
-        out.append("")
+                                                                         variants, fails), ""]
+    out += compared
     controls = reach_controls(d, metric)
     if controls:
         out += ["Multi-step estimators against their TD(0) controls (n-step(n) at stride k vs TD(0) at stride n k, "
@@ -463,16 +476,16 @@ def file_section(path: Path, plots: Path) -> str:
                 controls, ""]
     plots.mkdir(parents=True, exist_ok=True)
     png = plots / f"{path.stem}_{metric}_vs_nfe.png"
-    plot_vs_nfe(d, png, metric)
+    plot_vs_nfe(d, png, metric, fails)
     out += [f"![{metric} vs NFE]({png.relative_to(ROOT / 'docs').as_posix()})", ""]
     ratio_png = plots / f"{path.stem}_{metric}_over_baseline.png"
-    if plot_ratio_heatmap(d, ratio_png, metric):
+    if plot_ratio_heatmap(d, ratio_png, metric, fails):
         out += [f"![{metric} over the baseline's]({ratio_png.relative_to(ROOT / 'docs').as_posix()})", ""]
     stride_png = plots / f"{path.stem}_{metric}_vs_stride.png"
-    if plot_vs_stride(d, stride_png, metric):
+    if plot_vs_stride(d, stride_png, metric, fails):
         out += [f"![{metric} vs stride]({stride_png.relative_to(ROOT / 'docs').as_posix()})", ""]
     steps_png = plots / f"{path.stem}_{metric}_vs_steps.png"
-    if plot_vs_steps(d, steps_png, metric):
+    if plot_vs_steps(d, steps_png, metric, fails):
         out += [f"![{metric} vs training steps]({steps_png.relative_to(ROOT / 'docs').as_posix()})", ""]
     by_seed = {seed: sample_grid_rows(d, seed) for seed in seeds}
     seed = max(seeds, key=lambda s: (len(by_seed[s][0]), -s), default=None)  # the most rows, then the lowest seed
@@ -559,25 +572,31 @@ APPENDICES = {CALIBRATION: calibration_section, SOLVER_CHECK: solver_check_secti
 KIND_TABLES = {CALIBRATION: (calibration_table, "fid"), SOLVER_CHECK: (solver_check_table, "error")}
 
 
-def results_page(files: list[Path], plots: Path, appendices: list[tuple[Path, str]] = ()) -> str:
+def results_page(files: list[Path], plots: Path, appendices: list[tuple[Path, str]] = (),
+                 mixed_code: bool | Collection[Path] = (), include_failing: bool = False) -> str:
     """docs/results.md: a section per compare JSON in `files`, then one per (path, kind) in `appendices`
-    (metric_check and solver_check JSON: how to read the numbers)."""
+    (metric_check and solver_check JSON: how to read the numbers). `mixed_code`: the files whose comparisons may
+    mix code versions (True: all of them)."""
+    allowed = None if mixed_code is True else {Path(f).resolve() for f in mixed_code or ()}
     head = ["# Benchmark results", "",
             "Generated by `python -m benchmarks.report` from the JSON files in `benchmarks/results/` (do not edit by "
             "hand). Each file records the command that made it; each record carries its run's full settings. "
-            "NFE 1-2 of the EDM family measure the untrained-at-that-budget regime, not quality (see the README's "
-            "\"Reading the results\").", ""]
-    return "\n".join(head + [file_section(f, plots) for f in files]
-                     + [APPENDICES[kind](f) for f, kind in appendices])
+            "NFE 1-2 of the EDM family measure the untrained-at-that-budget regime, not quality (see \"Reading the "
+            "results\" in [evaluation.md](evaluation.md#reading-the-results)). Comparisons are paired by seed: each TD "
+            "variant against its baseline, its matched control (tdoff: the same batches, TD-valid mask and base-loss "
+            "weights without the TD term) and, for a full-reach n-step variant, its equal-reach TD(0) control.", ""]
+    return "\n".join(head + [file_section(f, plots, allowed is None or Path(f).resolve() in allowed, include_failing)
+                             for f in files] + [APPENDICES[kind](f) for f, kind in appendices])
 
 
 def render_block(spec: str, options: str) -> str:
-    """The table of one README block: `spec` the JSON file, options 'nfe=3,5 variants=baseline;td+@ipndm'."""
+    """The table of one README or docs block: `spec` the JSON file, options 'nfe=3,5 variants=baseline;td+@ipndm';
+    a compare JSON's cells where the solver fails are marked †, with a footnote under the table."""
     opts = dict(o.split("=", 1) for o in options.split())
     d = load(spec)
     if d.get("kind") in KIND_TABLES:
         if set(opts) - {"metric"}:
-            raise ValueError(f"README block for {spec} sets {sorted(set(opts) - {'metric'})}; a {d['kind']} table "
+            raise ValueError(f"report block for {spec} sets {sorted(set(opts) - {'metric'})}; a {d['kind']} table "
                              f"takes only metric=")
         table, default_metric = KIND_TABLES[d["kind"]]
         return table(d, opts.get("metric", default_metric)) + "\n"
@@ -586,40 +605,78 @@ def render_block(spec: str, options: str) -> str:
     metric = opts.get("metric", "fid")
     unknown = [v for v in variants or () if v not in {s["variant"] for s in d["summary"]}]
     if unknown:
-        raise ValueError(f"README block for {spec} names variants {unknown} that the file does not hold")
-    return markdown_table(d["summary"], metric, nfes, d["labels"], variants) + "\n"
+        raise ValueError(f"report block for {spec} names variants {unknown} that the file does not hold")
+    reg = regime(d)
+    table = markdown_table(d["summary"], metric, nfes, d["labels"], variants, set(reg.fails))
+    return table + "\n" + (f"\n{block_footnote(reg)}\n" if "†" in table else "")
 
 
 def update_readme(text: str) -> str:
-    """Every `<!-- report ... -->` block's table regenerated from its JSON."""
+    """Every `<!-- report ... -->` block of a page's text regenerated from its JSON."""
     return BLOCK.sub(lambda m: f"<!-- report {m[1]}{m[2]} -->\n{render_block(m[1], m[2])}<!-- /report -->", text)
+
+
+def block_pages() -> list[Path]:
+    """README.md and every docs/*.md page except the generated results.md: the pages whose blocks are refreshed."""
+    return [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != GENERATED)]
+
+
+def refresh_blocks(pages: list[Path] | None = None) -> list[Path]:
+    """Regenerate the report blocks of `pages` (default: `block_pages()`) in place; the pages that changed."""
+    changed = []
+    for page in block_pages() if pages is None else pages:
+        text = page.read_text()
+        fresh = update_readme(text)
+        if fresh != text:
+            page.write_text(fresh)
+            changed.append(page)
+    return changed
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="*", help="JSON files written by benchmarks.compare (default: every committed "
-                                            "one, into docs/results.md and the README)")
+                                            "one, into docs/results.md, and the blocks of README.md and docs/*.md)")
     p.add_argument("--metric", default="fid", help="fid | kid | sw2 | ...")
     p.add_argument("--nfe", default="", help="comma-separated NFE columns (default: all)")
     p.add_argument("--plot", default="", help="also write a plot of the (last) file's metric vs NFE here (.png)")
+    p.add_argument("--mixed-code", action="store_true",
+                   help="compare records of different or unknown code versions (refused by default, except in the "
+                        "committed files of MIXED_CODE_FILES)")
+    p.add_argument("--include-failing-solvers", action="store_true",
+                   help=f"keep the (solver, NFE) cells where the solver's exact-denoiser error is above "
+                        f"{FAILS_ABOVE:g} in the verdicts (left out by default)")
+    p.add_argument("--blocks-only", action="store_true", help="only refresh the blocks of README.md and docs/*.md")
     a = p.parse_args()
-    if a.files:
-        nfes = [int(n) for n in a.nfe.split(",") if n] or None
-        for f in a.files:
-            d = load(f)
-            print(f"{f} ({a.metric}, mean ± std over seeds)\n\n"
-                  f"{markdown_table(d['summary'], a.metric, nfes, d['labels'])}\n")
-            if a.plot:
-                plot_vs_nfe(d, Path(a.plot), a.metric)
-        return
-    found = {f: json.loads(f.read_text())
-             for f in [*sorted(RESULTS.glob("*.json")), *sorted(RESULTS.glob("gpu/*.json"))]}  # GPU runs last
-    files = [f for f, d in found.items() if "runs" in d]
-    appendices = [(f, d["kind"]) for f, d in found.items() if d.get("kind") in APPENDICES]  # how to read: last
-    (ROOT / "docs" / "results.md").write_text(results_page(files, ROOT / "docs" / "plots", appendices))
-    readme = ROOT / "README.md"
-    readme.write_text(update_readme(readme.read_text()))
-    print(f"wrote docs/results.md ({len(files) + len(appendices)} files) and README.md's report blocks")
+    try:
+        if a.files:
+            nfes = [int(n) for n in a.nfe.split(",") if n] or None
+            for f in a.files:
+                d = load(f)
+                reg = regime(d)
+                table = markdown_table(d["summary"], a.metric, nfes, d["labels"], None, set(reg.fails))
+                rest = comparison_lines(d, a.metric, solver_names(d), reg, str(f), a.mixed_code,
+                                        a.include_failing_solvers)
+                note = regime_note(reg, SOLVERS, a.include_failing_solvers, verdicts=bool(rest))
+                print(f"{f} ({a.metric}, mean ± std over seeds)\n\n{table}\n\n{note}\n\n"
+                      + "\n".join(rest))
+                if a.plot:
+                    plot_vs_nfe(d, Path(a.plot), a.metric, set(reg.fails))
+            return
+        if not a.blocks_only:
+            found = {f: json.loads(f.read_text())
+                     for f in [*sorted(RESULTS.glob("*.json")), *sorted(RESULTS.glob("gpu/*.json"))]}  # GPU runs last
+            files = [f for f, d in found.items() if "runs" in d]
+            appendices = [(f, d["kind"]) for f, d in found.items() if d.get("kind") in APPENDICES]  # how to read
+            allowed = True if a.mixed_code else [RESULTS / name for name in MIXED_CODE_FILES]
+            (ROOT / GENERATED_PATH).write_text(results_page(files, ROOT / "docs" / "plots", appendices, allowed,
+                                                            a.include_failing_solvers))
+            print(f"wrote {GENERATED_PATH} ({len(files) + len(appendices)} files)")
+        changed = refresh_blocks()
+        print("refreshed the report blocks of " + (", ".join(str(c.relative_to(ROOT)) for c in changed) or
+                                                   "no page (all were current)"))
+    except MixedCodeError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

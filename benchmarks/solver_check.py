@@ -18,7 +18,8 @@ uses in the benchmarks, in float64, and is scored against x*:
   sigma_min^2, below what any sampler resolves, are left out). A band's RMS is dominated by its largest
   directions, hence three bands.
 
-Written as JSON with its command; `benchmarks.report` renders it into docs/results.md and the README.
+Written as JSON with its command; `benchmarks.report` renders it into docs/results.md and the tables quoted in the
+README or docs/ (docs/evaluation.md), and flags the (solver, NFE) cells of the result tables where a solver fails here.
 """
 from __future__ import annotations
 

@@ -100,6 +100,7 @@ class Formulation(ABC):
     """The noise process of one diffusion family; see the module docstring."""
 
     name: str = ""
+    level_name: str = "sigma"  # what a "level" is in this family: sigma (EDM, CT) or the timestep t (VP), method.md §1
     samplers: tuple[str, ...] = ()
     steps: int  # N, points of the index grid; index 0 is the noisiest level, N-1 the cleanest
 
@@ -392,6 +393,7 @@ class VPFormulation(Formulation):
     """
 
     name = "vp"
+    level_name = "t"
     samplers = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_lof", "ipndm")
     SCHEDULES = ("linear", "cosine")
 

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from benchmarks.compare import parse_variant, summarise
-from benchmarks.report import (describe, markdown_table, reach_controls, reference_baseline, render_block,
-                               update_readme, wins_everywhere)
+from benchmarks.paired import comparisons, few_step_verdicts
+from benchmarks.report import describe, markdown_table, reach_controls, reference_baseline, render_block, update_readme
 from diffusion_rl.config import Args
 from diffusion_rl.errors import ConfigError
 
@@ -53,15 +53,36 @@ def _summary(rows):
     return summarise([{"variant": v, "nfe": n, "metric": "fid", "value": x} for v, n, x in rows])
 
 
-def test_wins_everywhere_needs_every_few_step_budget():
+def _grid(rows, seeds=(0, 1, 2), spread=(0.0, 0.5, -0.5), code="abc123"):
+    """A compare JSON's runs and summary from (variant, nfe, value) rows: each seed's value is the row's plus
+    `spread[seed]`, shared by every variant (so paired differences are exact)."""
+    runs: dict[str, list[dict]] = {}
+    for v, n, x in rows:
+        for s in seeds:
+            runs.setdefault(f"{v.partition(' @')[0]}|seed={s}", []).append(
+                {"variant": v, "nfe": n, "metric": "fid", "value": x + spread[s], "seed": s, "code": code})
+    return {"runs": runs, "summary": summarise([r for recs in runs.values() for r in recs]), "labels": {}}
+
+
+def test_a_variant_wins_at_every_few_step_nfe_only_when_its_paired_interval_is_below_zero():
     rows = [("baseline", 3, 50.0), ("baseline", 9, 5.0), ("baseline", 35, 1.0),
             ("td", 3, 30.0), ("td", 9, 4.0), ("td", 35, 2.0),          # wins at 3 and 9; 35 is not a few-step NFE
             ("td:stride=6", 3, 30.0), ("td:stride=6", 9, 6.0),          # loses at 9
             ("baseline @ipndm", 3, 10.0), ("td @ipndm", 3, 12.0)]
-    v = wins_everywhere(_summary(rows))
+    v = few_step_verdicts(comparisons(_grid(rows)))
     assert v["default"]["td"]["wins"] and v["default"]["td"]["nfes"] == [3, 9]
     assert not v["default"]["td:stride=6"]["wins"]
     assert not v["ipndm"]["td"]["wins"]  # each solver against the baseline under the same solver
+    failing = few_step_verdicts(comparisons(_grid(rows)), fails={("default", 3)})  # cells where the solver fails
+    assert failing["default"]["td"] == {"wins": True, "nfes": [9], "excluded": [3]}  # are left out, and named
+    assert few_step_verdicts(comparisons(_grid(rows)), fails={("default", 3)}, include_failing=True)[
+        "default"]["td"]["nfes"] == [3, 9]
+    noisy = _grid(rows, spread=(0.0, 3.0, -2.5))  # td's seeds scatter around the same means: the interval spans 0
+    noisy["runs"]["td|seed=1"] = [{**r, "value": r["value"] - 3.0 if r["nfe"] == 9 else r["value"]}
+                                  for r in noisy["runs"]["td|seed=1"]]
+    noisy["runs"]["td|seed=2"] = [{**r, "value": r["value"] + 5.0 if r["nfe"] == 9 else r["value"]}
+                                  for r in noisy["runs"]["td|seed=2"]]
+    assert not few_step_verdicts(comparisons(noisy))["default"]["td"]["wins"]  # lower in mean, not shown lower
 
 
 def test_each_td_variant_is_set_against_its_own_baseline():
@@ -76,7 +97,7 @@ def test_each_td_variant_is_set_against_its_own_baseline():
     rows = [("baseline:formulation=ct", 3, 10.0), ("baseline:formulation=ict", 3, 50.0),
             ("td:formulation=ict", 3, 40.0), ("td:formulation=ct", 3, 12.0)]
     for order in (rows, rows[::-1]):
-        v = wins_everywhere(_summary(order))["default"]
+        v = few_step_verdicts(comparisons(_grid(order)))["default"]
         assert v["td:formulation=ict"]["wins"] and not v["td:formulation=ct"]["wins"]
 
 
@@ -98,7 +119,9 @@ def test_readme_blocks_are_regenerated_from_the_json():
     fresh = update_readme(stale)
     assert "stale" not in fresh and fresh.endswith("<!-- /report -->")
     assert render_block("digits_td_vs_edm.json", " nfe=3,35") in fresh
-    assert "| EDM baseline | 77.1 ± 1.28 | 1.16 ± 0.23 |" in fresh
+    assert "| EDM baseline | 77.1 ± 1.28 † | 1.16 ± 0.23 |" in fresh  # Heun fails at NFE 3 even with the exact
+    assert "\n\n† solver fails here: with the exact denoiser of a Gaussian fitted to digits" in fresh  # denoiser
+    assert "†" not in render_block("digits_td_vs_edm.json", " nfe=17,35")  # no flagged cell, no footnote
 
 
 def test_reach_controls_pair_each_nstep_variant_with_td0_at_n_times_the_stride():
@@ -227,10 +250,11 @@ def test_a_budget_curve_file_renders_with_its_budgets_in_the_labels(tmp_path, mo
 def test_one_seed_has_no_spread_to_show_or_to_win_beyond():
     from benchmarks.report import cell_text
 
-    one = _summary([("baseline", 3, 50.0), ("td", 3, 30.0)])
-    assert cell_text(one[0]) == "50.0 (1 seed)"
-    verdict = wins_everywhere(one)["default"]["td"]
-    assert verdict["wins"] and not verdict["beyond_spread"]  # a std of 0 over one seed is no spread
+    one = _grid([("baseline", 3, 50.0), ("td", 3, 30.0)], seeds=(0,))
+    assert cell_text(one["summary"][0]) == "50.0 (1 seed)"
+    (comp,) = comparisons(one)
+    assert comp.cells[3].interval is None and comp.cells[3].a_lower == 1  # lower, but one seed shows no interval
+    assert not few_step_verdicts([comp])["default"]["td"]["wins"]
 
 
 def test_grid_order_and_sample_folders():

@@ -242,3 +242,15 @@ def test_mixed_coupling_is_shared_below_the_switch_index_and_markov_above(name):
         f.posterior(lt, ls, "mixed:abc")
     with pytest.raises(ConfigError, match="past the grid's last index"):
         f.posterior(lt, ls, "mixed:40")
+
+
+def test_each_family_names_its_level_currency():
+    """A "level" is sigma for EDM and CT, the timestep t for VP (method.md §1); the index converts between them."""
+    from diffusion_rl.formulations import make_formulation
+
+    assert {n: make_formulation(n).level_name for n in ("edm", "ct", "ict", "vp")} == {
+        "edm": "sigma", "ct": "sigma", "ict": "sigma", "vp": "t"}
+    for name in ("edm", "vp"):
+        f = make_formulation(name)
+        idx = torch.tensor([0.0, 5.5, float(f.steps - 1)], dtype=torch.float64)
+        torch.testing.assert_close(f.index(f.level(idx)), idx, rtol=0, atol=1e-6)
