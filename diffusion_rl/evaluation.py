@@ -1,9 +1,11 @@
 """Evaluation across sampling budgets: samples at each NFE, metrics against the data, results.json, plots, grids.
 
 Images: FID and KID (torchmetrics) on the features of a classifier the library trains on the data set's labels
-(or Inception-v3 when its weights are installed and asked for). 2-D data: sliced Wasserstein-2 and energy
-distance against fresh true samples. Every record carries its protocol (method.md §11): FIDs compare only under equal
-protocol.
+(or Inception-v3 when its weights are installed and asked for), plus improved k-NN precision and recall, class
+coverage and a pixel-space memorisation check. The data set is split once (seeded, stratified): the classifier trains
+only on its feature-net part, and the reference statistics come only from the disjoint reference part. 2-D data:
+sliced Wasserstein-2 and energy distance against fresh true samples. Every record carries its protocol (method.md
+§11): FIDs compare only under equal protocol.
 """
 from __future__ import annotations
 
@@ -47,11 +49,17 @@ class EvalConfig:
     float64: bool = True                        # sample in float64 (the release's protocol)
     grid_size: int = 64                         # images in each sample grid PNG
     cache_dir: str | None = None                # feature-network cache (default ~/.cache/diffusion_rl)
+    reference_fraction: float = 0.5             # images: the data set's share in the reference part of the split
+    split_seed: int = 0                         # images: seeds the feature-net / reference split
+    pr_k: int = 3                               # images: the k-th neighbour setting precision/recall radii
 
     def __post_init__(self) -> None:
         self.nfe_grid = tuple(int(check_positive("nfe", n)) for n in self.nfe_grid)
         check_positive("n_samples", self.n_samples)
         check_positive("batch_size", self.batch_size)
+        check_positive("pr_k", self.pr_k)
+        if not 0.0 < float(self.reference_fraction) < 1.0:
+            raise ConfigError(f"reference_fraction must be in (0, 1), got {self.reference_fraction!r}")
         check_features(self.features, self.inception_weights)
         if self.n_samples < 2:
             raise ConfigError(f"n_samples must be >= 2 for FID/KID, got {self.n_samples}")
@@ -94,13 +102,26 @@ def _command_line() -> str:
 
 @dataclass
 class Evaluator:
-    """Scores samples of one data set; builds the reference features once and reuses them across NFEs."""
+    """Scores samples of one data set; builds the reference statistics once and reuses them across NFEs.
+
+    Images: the data set is split once by `metrics.split_dataset` (`config.reference_fraction`, `config.split_seed`;
+    stratified by label) into a feature-net part and a reference part (`split`). With classifier features the
+    classifier is trained (and validated) on the feature-net part only, and FID/KID/precision/recall/class coverage
+    are measured against the reference part only. Inception-v3 was not trained on the data, so with it the reference
+    is the whole data set (the usual FID protocol). Either way the memorisation check measures samples against the
+    feature-net part's images, on the scale of the reference part's images (`metrics.memorisation_ratio`).
+
+    `feature_info` goes into every record: the feature net, its held-out accuracy and the images it was trained on,
+    the reference, the split (seed, fraction, sizes), the precision/recall k, the memorisation gallery and its
+    held-out scale ("heldout_nn_distance"), the reference's class histogram, and the data hash.
+    """
 
     dataset: object
     config: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         self._fid = None
+        self.split = None
         self.feature_info: dict = {}
         if self.dataset.kind == "image":
             self._setup_image_metrics()
@@ -110,30 +131,62 @@ class Evaluator:
         self.feature_info["data_hash"] = hasher() if callable(hasher) else None  # every record names its data
 
     def _setup_image_metrics(self) -> None:
-        from .metrics import ImageFID, get_feature_net
+        from .metrics import ImageFID, get_feature_net, split_dataset
 
-        if self.config.features == "inception":
-            net = require_inception(self.config.inception_weights)
+        cfg, data = self.config, self.dataset
+        split = self.split = split_dataset(data, cfg.reference_fraction, cfg.split_seed)
+        x = data.x.detach().cpu()
+        n, n_feat, n_ref = len(x), split.feature_idx.numel(), split.reference_idx.numel()
+        part = f"split seed {split.seed}, {'stratified' if split.stratified else 'unstratified'}"
+        feature_part = x[split.feature_idx]
+        reference_part = x[split.reference_idx]
+        if cfg.features == "inception":
+            net = require_inception(cfg.inception_weights)
             from .training import resolve_device
 
-            net = net.to(resolve_device(self.config.device))  # 299 x 299 features for FID-50k belong on the GPU
+            net = net.to(resolve_device(cfg.device))  # 299 x 299 features for FID-50k belong on the GPU
             self.feature_info = {"feature_net": "inception-v3 (FID, 2015-12-05) pool3 (2048-d)",
-                                 "feature_net_accuracy": None}
+                                 "feature_net_accuracy": None,
+                                 "feature_net_trained_on": "ImageNet (not this data set: no split needed)",
+                                 "reference": f"{data.name} whole data set ({n} images; Inception-v3 was not trained "
+                                              "on it)"}
+            reference, labels = x, None
         else:
-            net = get_feature_net(self.dataset, cache_dir=self.config.cache_dir)
+            net = get_feature_net(data, cache_dir=cfg.cache_dir, split=split)
             self.feature_info = {
-                "feature_net": f"classifier trained on {self.dataset.name} ({net.num_features}-d, "
-                               f"data hash {self.dataset.content_hash()})",
-                "feature_net_accuracy": round(float(net.accuracy), 4)}
-        self.feature_info["reference"] = f"{self.dataset.name} training set ({len(self.dataset.x)} images)"
-        self._fid = ImageFID(self.dataset, net)
+                "feature_net": f"classifier trained on {data.name} ({net.num_features}-d, "
+                               f"data hash {data.content_hash()})",
+                "feature_net_accuracy": round(float(net.accuracy), 4),
+                "feature_net_trained_on": f"{data.name} feature-net part ({n_feat} of {n} images, {part}; "
+                                          "accuracy on its own 15% hold-out)",
+                "reference": f"{data.name} reference part ({n_ref} of {n} images, {part}; disjoint from the "
+                             "feature net's images)"}
+            reference, labels = reference_part, data.labels.detach().cpu()[split.reference_idx]
+        self._fid = ImageFID(reference, net, labels=labels, num_classes=data.num_classes or None,
+                             nn_gallery=feature_part, nn_heldout=reference_part, k=cfg.pr_k)
+        hist = self._fid.reference_class_histogram
+        self.feature_info.update({
+            **split.describe(),
+            "precision_recall_k": int(cfg.pr_k),
+            "memorisation_gallery": f"{data.name} feature-net part ({n_feat} images; per-pixel L2 to the nearest); "
+                                    f"held-out scale: the reference part's {n_ref} images against it",
+            "heldout_nn_distance": round(float(self._fid.heldout_nn_distance), 6),
+            "reference_class_histogram": None if hist is None else [round(float(v), 6) for v in hist]})
 
     def score(self, samples: Tensor) -> dict[str, float]:
-        """Metric name -> value for a batch of generated samples."""
+        """Metric name -> value for a batch of generated samples (images: "fid", "kid", "kid_std", "precision",
+        "recall", "class_tv" (classifier features), "nn_distance", "memorisation_ratio"; points: "sw2", "energy")."""
+        return self.score_details(samples)[0]
+
+    def score_details(self, samples: Tensor) -> tuple[dict[str, float], dict[str, dict]]:
+        """`score`, and per metric the extra record fields that are not one number (images with classifier
+        features: {"class_tv": {"class_histogram": [predicted-class counts over the samples]}})."""
         from .metrics import evaluate_samples
 
+        if self._fid is not None:
+            return self._fid.compute_details(samples.float().cpu())
         g = torch.Generator().manual_seed(self.config.seed + 12345)
-        return evaluate_samples(self.dataset, samples.float().cpu(), fid=self._fid, generator=g)
+        return evaluate_samples(self.dataset, samples.float().cpu(), fid=self._fid, generator=g), {}
 
     def generate(self, denoiser: Denoiser, nfe: int, device: torch.device | str = "cpu") -> tuple[Tensor, str]:
         """`n_samples` samples at budget `nfe` (seeded), and the sampler used."""
@@ -167,7 +220,7 @@ class Evaluator:
                         leave=False):
             t0 = time.perf_counter()
             x, name = self.generate(denoiser, nfe, device)
-            scores = self.score(x)
+            scores, details = self.score_details(x)
             wall = time.perf_counter() - t0
             if out_dir is not None:
                 shown = x[: self.config.grid_size] if x.dim() == 4 else x[:2000]
@@ -178,7 +231,7 @@ class Evaluator:
                     "method": method, "sampler": name, "nfe": nfe, "metric": metric, "value": float(value),
                     "dataset": self.dataset.name, "n_samples": self.config.n_samples, **self.feature_info,
                     "seed": self.config.seed, "training_steps": int(training_steps), "wall_time_s": round(wall, 3),
-                    "float64": self.config.float64, "command": _command_line()})
+                    "float64": self.config.float64, "command": _command_line(), **details.get(metric, {})})
         return records
 
 

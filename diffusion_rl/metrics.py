@@ -1,16 +1,24 @@
-"""Sample-quality metrics: FID/KID on images (with a small data-set-specific feature net or InceptionV3) and the
-sliced Wasserstein-2 and energy distances on point clouds.
+"""Sample-quality metrics: FID/KID on images (with a small data-set-specific feature net or InceptionV3), improved
+k-NN precision and recall, class coverage, a pixel-space memorisation check, and the sliced Wasserstein-2 and
+energy distances on point clouds.
 
 Without Inception weights, FID is computed in the feature space of a small CNN classifier trained on the data
 set's labels (`FeatureNet`). Such numbers compare models on the same data set and feature net only; they are
 not comparable with published Inception FIDs.
+
+The classifier must not grade its own homework: `split_dataset` splits the data set once (seeded, stratified by
+label) into a feature-net part, the only images the classifier trains and is validated on, and a disjoint reference
+part, the only images FID/KID/precision/recall are measured against. A sample set that copies the classifier's
+training images therefore does not land on the classifier's own training points in the reference statistics.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +29,96 @@ from .errors import ConfigError, check_positive
 from .runs import atomic_save
 
 __all__ = [
+    "DataSplit",
+    "split_dataset",
     "FeatureNet",
     "train_feature_net",
     "get_feature_net",
     "inception_feature_net",
     "ImageFID",
+    "knn_radii",
+    "precision_recall",
+    "class_histogram",
+    "total_variation",
+    "nearest_neighbour_distance",
+    "memorisation_ratio",
     "sliced_wasserstein2",
     "energy_distance",
     "evaluate_samples",
 ]
 
-FEATURE_NET_VERSION = 2  # bump when the architecture or the training recipe changes (invalidates the cache)
+FEATURE_NET_VERSION = 3  # bump when the architecture or the training recipe changes (invalidates the cache)
+# v3: trained only on the feature-net part of `split_dataset` (v2 trained on 85% of the whole data set)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The split between the feature net's images and the reference images.
+
+
+@dataclass(frozen=True, eq=False)
+class DataSplit:
+    """A seeded split of a data set's indices into two disjoint parts that together cover it.
+
+    Attributes:
+        feature_idx: sorted int64 indices of the feature-net part (the classifier trains and is validated on these;
+            they are also the gallery of the memorisation check).
+        reference_idx: sorted int64 indices of the reference part (FID/KID/precision/recall reference statistics).
+        seed: the seed of the split.
+        reference_fraction: the requested fraction of the data set in the reference part.
+        stratified: whether the split was stratified by class label.
+    """
+
+    feature_idx: Tensor
+    reference_idx: Tensor
+    seed: int
+    reference_fraction: float
+    stratified: bool
+
+    @property
+    def size(self) -> int:
+        return int(self.feature_idx.numel() + self.reference_idx.numel())
+
+    def key(self) -> str:
+        """12 hex digits naming this split (its seed, fraction, stratification and the feature-net indices); part of
+        the feature-net cache key, so a net trained on other images is never reused."""
+        h = hashlib.sha256(f"{self.seed}|{self.reference_fraction!r}|{self.stratified}|{self.size}|".encode())
+        h.update(self.feature_idx.to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
+
+    def describe(self) -> dict:
+        """Plain, JSON-ready fields naming the split (they go into every evaluation record)."""
+        return {"split_seed": int(self.seed), "split_reference_fraction": float(self.reference_fraction),
+                "split_stratified": bool(self.stratified), "split_feature_net_size": int(self.feature_idx.numel()),
+                "split_reference_size": int(self.reference_idx.numel()), "split_key": self.key()}
+
+
+def split_dataset(dataset: Dataset, reference_fraction: float = 0.5, seed: int = 0) -> DataSplit:
+    """Split `dataset` once, deterministically, into a feature-net part and a reference part.
+
+    Stratified by label when the data set has labels: the indices are ordered by (label, a seeded random rank) and
+    position i goes to the reference part when floor((i + 1) f) > floor(i f), f = `reference_fraction`; so the
+    reference part has floor(N f) images and every class contributes its share of them to within one image. Without
+    labels the order is a seeded random permutation. Global RNG state is left untouched.
+    """
+    f = float(reference_fraction)
+    if not 0.0 < f < 1.0:
+        raise ConfigError(f"reference_fraction must be in (0, 1), got {reference_fraction!r}")
+    n = len(dataset.x)
+    n_ref = math.floor(n * f)
+    if n_ref < 1 or n_ref > n - 1:
+        raise ConfigError(f"splitting {n} images with reference_fraction {f} leaves a part empty; both the feature-net "
+                          "part and the reference part need at least one image")
+    rank = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    labels = dataset.labels
+    stratified = labels is not None and dataset.num_classes >= 2
+    if stratified:
+        order = torch.argsort(labels.detach().cpu().to(torch.int64) * n + rank)  # by label, then randomly
+    else:
+        order = rank
+    pos = torch.arange(n, dtype=torch.float64)
+    to_ref = torch.floor((pos + 1) * f) > torch.floor(pos * f)
+    return DataSplit(feature_idx=order[~to_ref].sort().values, reference_idx=order[to_ref].sort().values,
+                     seed=int(seed), reference_fraction=f, stratified=stratified)
 
 
 class FeatureNet(nn.Module):
@@ -43,7 +130,9 @@ class FeatureNet(nn.Module):
 
     Attributes:
         num_features: feature dimension.
-        accuracy: held-out classification accuracy measured after training (nan if unknown).
+        accuracy: held-out classification accuracy measured after training (nan if unknown), on images of the
+            feature-net part that the net did not train on.
+        trained_on: `DataSplit.describe()` of the split whose feature-net part it was trained on (None if unknown).
     """
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, num_features: int = 64) -> None:
@@ -60,6 +149,7 @@ class FeatureNet(nn.Module):
         self.head = nn.Linear(num_features, num_classes)
         self.num_features = int(num_features)
         self.accuracy = float("nan")
+        self.trained_on: dict | None = None
 
     @staticmethod
     def default_arch(in_channels: int, num_classes: int, width: int = 16, num_features: int = 64) -> dict[str, int]:
@@ -72,6 +162,11 @@ class FeatureNet(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         return self.head(self.forward(x))
+
+    def classify_features(self, features: Tensor) -> Tensor:
+        """Class logits from already-extracted features [B, num_features] (= `logits` of the images)."""
+        w = self.head.weight
+        return self.head(features.to(device=w.device, dtype=w.dtype))
 
 
 def _split(n: int, holdout: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -98,17 +193,23 @@ def _check_labeled_images(dataset: Dataset) -> None:
 
 
 def train_feature_net(dataset: Dataset, seed: int = 0, verbose: bool = False, holdout: float = 0.15,
-                      device: str | torch.device | None = None) -> FeatureNet:
-    """Train a `FeatureNet` on the data set's labels (seeded split: 85% train, 15% held out) with Adam.
+                      device: str | torch.device | None = None, split: DataSplit | None = None) -> FeatureNet:
+    """Train a `FeatureNet` on the labels of the feature-net part of `split` (default `split_dataset(dataset)`:
+    half the data set, seed 0) with Adam; the reference part is never seen.
 
+    Within the feature-net part a seeded split keeps `holdout` (15%) aside; `accuracy` is measured on it.
     Epochs: ceil(60000 / n_train) clipped to [4, 40] (batch 128, one-cycle learning rate). Global RNG state is left
-    untouched. Sets `accuracy` to the held-out accuracy.
+    untouched. Sets `trained_on` to `split.describe()`.
     """
     _check_labeled_images(dataset)
+    split = split if split is not None else split_dataset(dataset)
+    if split.size != len(dataset.x):
+        raise ConfigError(f"the split covers {split.size} images; the data set {dataset.name!r} has {len(dataset.x)}")
     device = torch.device(device) if device is not None else dataset.x.device
     x, y = dataset.x.to(device), dataset.labels.to(device)
-    train_idx, val_idx = _split(x.shape[0], holdout, seed)
-    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
+    part = split.feature_idx
+    train_pos, val_pos = _split(part.numel(), holdout, seed)
+    train_idx, val_idx = part[train_pos].to(device), part[val_pos].to(device)
     n_train = train_idx.numel()
     batch_size = 128
     epochs = max(4, min(40, math.ceil(60_000 / n_train)))
@@ -134,21 +235,25 @@ def train_feature_net(dataset: Dataset, seed: int = 0, verbose: bool = False, ho
                 print(f"feature net epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
     net.eval()
     net.accuracy = _accuracy(net, x[val_idx], y[val_idx])
+    net.trained_on = split.describe()
     if verbose:
         print(f"feature net for {dataset.name!r}: held-out accuracy {net.accuracy:.3f} "
-              f"({epochs} epochs, {time.time() - t0:.1f} s)")
+              f"({n_train} training images of the feature-net part, {epochs} epochs, {time.time() - t0:.1f} s)")
     return net.cpu()
 
 
-def _load_cached(path: str, content_hash: str, arch: dict[str, int]) -> FeatureNet | None:
+def _load_cached(path: str, content_hash: str, arch: dict[str, int], split: DataSplit) -> FeatureNet | None:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         meta = blob["meta"]
         if meta.get("hash") != content_hash or meta.get("version") != FEATURE_NET_VERSION or meta.get("arch") != arch:
             return None
+        if (meta.get("split") or {}).get("split_key") != split.key():
+            return None
         net = FeatureNet(**meta["arch"])
         net.load_state_dict(blob["state_dict"])
         net.accuracy = float(meta["accuracy"])
+        net.trained_on = dict(meta["split"])
     except Exception as e:  # unreadable or stale cache file: retrain and overwrite
         warnings.warn(f"ignoring unreadable feature-net cache {path}: {e}", stacklevel=3)
         return None
@@ -156,27 +261,30 @@ def _load_cached(path: str, content_hash: str, arch: dict[str, int]) -> FeatureN
 
 
 def get_feature_net(dataset: Dataset, cache_dir: str | None = None, seed: int = 0,
-                    verbose: bool = False) -> FeatureNet:
-    """The feature net for `dataset`, loaded from the cache or trained (`train_feature_net`) and cached.
+                    verbose: bool = False, split: DataSplit | None = None) -> FeatureNet:
+    """The feature net for `dataset`, trained on the feature-net part of `split` (default `split_dataset(dataset)`),
+    loaded from the cache or trained (`train_feature_net`) and cached.
 
-    The cache file is keyed by the data set's content hash and `seed`, in `cache_dir` (default
-    `$DIFFUSION_RL_CACHE/features` or `~/.cache/diffusion_rl/features`); it is written atomically and holds
-    the state dict plus plain metadata (accuracy, feature dim, hash, architecture).
+    The cache file is keyed by the data set's content hash, `seed` and the split (`DataSplit.key`), in `cache_dir`
+    (default `$DIFFUSION_RL_CACHE/features` or `~/.cache/diffusion_rl/features`); it is written atomically and holds
+    the state dict plus plain metadata (accuracy, feature dim, hash, architecture, split).
     """
     _check_labeled_images(dataset)
+    split = split if split is not None else split_dataset(dataset)
     folder = os.path.expanduser(cache_dir) if cache_dir is not None else _default_cache()
     content_hash = dataset.content_hash()
-    path = os.path.join(folder, f"featurenet-v{FEATURE_NET_VERSION}-{content_hash}-seed{seed}.pt")
+    path = os.path.join(folder, f"featurenet-v{FEATURE_NET_VERSION}-{content_hash}-seed{seed}-split{split.key()}.pt")
     arch = FeatureNet.default_arch(dataset.sample_shape[0], dataset.num_classes)
     if os.path.isfile(path):
-        net = _load_cached(path, content_hash, arch)
+        net = _load_cached(path, content_hash, arch, split)
         if net is not None:
             if verbose:
                 print(f"feature net loaded from {path} (held-out accuracy {net.accuracy:.3f})")
             return net
-    net = train_feature_net(dataset, seed=seed, verbose=verbose)
+    net = train_feature_net(dataset, seed=seed, verbose=verbose, split=split)
     meta = {"version": FEATURE_NET_VERSION, "hash": content_hash, "name": str(dataset.name), "seed": int(seed),
-            "accuracy": float(net.accuracy), "num_features": int(net.num_features), "arch": dict(net.arch)}
+            "accuracy": float(net.accuracy), "num_features": int(net.num_features), "arch": dict(net.arch),
+            "split": split.describe()}
     atomic_save({"state_dict": net.state_dict(), "meta": meta}, path)
     if verbose:
         print(f"feature net cached at {path}")
@@ -202,7 +310,7 @@ def inception_feature_net(weights: str | None = None) -> nn.Module | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FID / KID on images.
+# Features for the image metrics.
 
 
 class _Passthrough(nn.Module):
@@ -229,12 +337,177 @@ def _features(net: nn.Module, images: Tensor, batch_size: int) -> Tensor:
     return torch.cat(out)
 
 
-class ImageFID:
-    """FID and KID of generated images against a fixed reference set, in a feature net's space.
+# ----------------------------------------------------------------------------------------------------------------
+# Improved precision and recall, class coverage, memorisation.
 
-    Real features are computed once. Uses torchmetrics' FrechetInceptionDistance (reset_real_features=False) and
-    KernelInceptionDistance (subset size min(1000, n_real, n_fake), cubic polynomial kernel). Features are computed
-    here in batches (images clamped to [-1, 1]) and handed to both metrics, so each image passes the net once.
+
+def _tolerance(features: Tensor) -> float:
+    """1e-6 of the features' RMS norm: distances this small count as zero (matrix-product distances of identical
+    points are not exactly 0 in floating point)."""
+    return 1e-6 * float(features.square().sum(1).mean().sqrt()) if features.numel() else 0.0
+
+
+def knn_radii(features: Tensor, k: int = 3, block: int = 1024) -> Tensor:
+    """The distance from each row of `features` [N, D] (N > k) to its k-th nearest neighbour among the other rows:
+    float64 [N]. Euclidean, computed in blocks of `block` rows (memory O(block N)); duplicates count as neighbours."""
+    f = _as_points("features", features)
+    check_positive("k", k)
+    check_positive("block", block)
+    n = f.shape[0]
+    if n <= k:
+        raise ConfigError(f"k-th nearest-neighbour radii need more than k = {k} points, got {n}")
+    out = torch.empty(n, dtype=torch.float64)
+    for i in range(0, n, block):
+        d = torch.cdist(f[i:i + block], f)
+        out[i:i + block] = d.kthvalue(k + 1, dim=1).values  # the row's own (zero) distance is the smallest
+    return out
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, real_radii: Tensor | None = None,
+                     block: int = 1024) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019) of `fake` [M, D] against `real` [N, D] features.
+
+    Every point gets a ball whose radius is the distance to its k-th nearest neighbour within its own set
+    (`knn_radii`). precision = the fraction of fake points inside at least one real ball (samples look like data);
+    recall = the fraction of real points inside at least one fake ball (the data is covered by the samples).
+    Identical sets give 1 and 1; sets farther apart than their radii give 0 and 0; samples from half of the data's
+    well-separated modes give precision ~1 and recall ~0.5. Needs N > k and M > k. `real_radii` (= `knn_radii(real,
+    k)`) may be passed to reuse them across calls. Distances are Euclidean (matrix-product form), in blocks of
+    `block` fake rows, so memory is O(block (N + M)); a distance within 1e-6 of the real features' RMS norm of a
+    radius counts as inside (rounding). NaN/inf in the input gives nan for both.
+    """
+    real, fake = _as_points("real", real), _as_points("fake", fake)
+    if real.shape[1] != fake.shape[1]:
+        raise ConfigError(f"real and fake features must have the same dimension, got {real.shape[1]} and "
+                          f"{fake.shape[1]}")
+    if _nonfinite(real, fake):
+        return {"precision": math.nan, "recall": math.nan}
+    r_real = knn_radii(real, k, block) if real_radii is None else real_radii.detach().double().cpu()
+    if r_real.shape != (real.shape[0],):
+        raise ConfigError(f"real_radii must have shape ({real.shape[0]},), got {tuple(r_real.shape)}")
+    r_fake = knn_radii(fake, k, block)
+    tol = _tolerance(real)
+    r_real, r_fake = r_real + tol, r_fake + tol
+    inside = torch.zeros(fake.shape[0], dtype=torch.bool)
+    covered = torch.zeros(real.shape[0], dtype=torch.bool)
+    for i in range(0, fake.shape[0], block):
+        d = torch.cdist(fake[i:i + block], real)  # [b, N]
+        inside[i:i + block] = (d <= r_real[None, :]).any(dim=1)
+        covered |= (d <= r_fake[i:i + block, None]).any(dim=0)
+    return {"precision": float(inside.double().mean()), "recall": float(covered.double().mean())}
+
+
+def class_histogram(predictions: Tensor, num_classes: int) -> Tensor:
+    """Counts [num_classes] (int64) of predicted classes: `predictions` are logits [M, C] (argmax taken) or class
+    indices [M]."""
+    check_positive("num_classes", num_classes)
+    p = predictions.detach().cpu()
+    if p.ndim == 2:
+        p = p.argmax(dim=1)
+    p = p.to(torch.int64)
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_classes):
+        raise ConfigError(f"class predictions must lie in [0, {num_classes}), got [{int(p.min())}, {int(p.max())}]")
+    return torch.bincount(p, minlength=num_classes)
+
+
+def total_variation(p: Tensor, q: Tensor) -> float:
+    """Total-variation distance 0.5 sum_c |p_c - q_c| between two histograms [C] (each normalised to sum 1 first):
+    0 for equal class frequencies, 1 for disjoint supports."""
+    p, q = torch.as_tensor(p).double().flatten(), torch.as_tensor(q).double().flatten()
+    if p.shape != q.shape or p.sum() <= 0 or q.sum() <= 0:
+        raise ConfigError(f"histograms must have the same length and positive mass, got {tuple(p.shape)} and "
+                          f"{tuple(q.shape)}")
+    return 0.5 * float((p / p.sum() - q / q.sum()).abs().sum())
+
+
+class _PixelGallery:
+    """Images [G, ...] flattened once (float32) with their squared norms, for repeated nearest-image queries."""
+
+    def __init__(self, images: Tensor) -> None:
+        if images.shape[0] < 1:
+            raise ConfigError("the nearest-image gallery needs at least one image")
+        self.images = images.detach().reshape(images.shape[0], -1).float().cpu().contiguous()
+        self.sq_norms = self.images.square().sum(dim=1)
+        self.item_shape = tuple(images.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def distances(self, x: Tensor, block: int | None = None) -> Tensor:
+        if tuple(x.shape[1:]) != self.item_shape:
+            raise ConfigError(f"images of shape {tuple(x.shape[1:])} cannot be compared with a gallery of "
+                              f"{self.item_shape}")
+        xf = x.detach().reshape(x.shape[0], -1).float().cpu()
+        block = block or max(1, 2 ** 22 // len(self))  # about 16 MB of distances per block
+        out = torch.empty(xf.shape[0], dtype=torch.float64)
+        for i in range(0, xf.shape[0], block):
+            xb = xf[i:i + block]
+            nearest = (self.sq_norms[None, :] - 2 * xb @ self.images.T).argmin(dim=1)  # |x|^2 is the same per row
+            out[i:i + block] = (xb.double() - self.images[nearest].double()).square().mean(dim=1).sqrt()  # exact
+        return out
+
+
+def nearest_neighbour_distance(x: Tensor, gallery: Tensor, block: int | None = None) -> Tensor:
+    """Per-pixel L2 distance from each image of `x` [M, ...] to its nearest image in `gallery` [G, ...]: [M] float64.
+
+    d(x_i) = min_g ||x_i - g||_2 / sqrt(P), P the number of values per image (C H W): the root-mean-square pixel
+    difference to the nearest gallery image, in the images' own units (0 for an exact copy; at most 2 for images in
+    [-1, 1]). The nearest image is found with float32 matrix products in blocks (about 16 MB each); its distance is
+    then recomputed exactly in float64.
+    """
+    return _PixelGallery(gallery).distances(x, block)
+
+
+def memorisation_ratio(samples: Tensor, gallery: Tensor, heldout: Tensor) -> dict[str, float]:
+    """A pixel-space memorisation check: how close samples come to training images, on the scale of new images.
+
+    Compares two means of `nearest_neighbour_distance` (per-pixel L2 to the nearest image of `gallery`):
+      nn_distance: over the generated `samples`, to the nearest `gallery` image;
+      heldout_nn_distance: over `heldout` images, real images that are not in `gallery`, to the nearest `gallery`
+          image: the distance at which a genuinely new image of the data distribution lies;
+      memorisation_ratio = nn_distance / heldout_nn_distance.
+    `gallery` should be images the model trained on. Exact copies of gallery images give a ratio of 0; fresh draws
+    from the data distribution give ~1 (exactly 1 for `samples` = `heldout`); well below 1 suggests copying; above
+    1, samples farther from the training images than real new images are (e.g. blurry or off-distribution ones).
+
+    In `Evaluator` the gallery is the feature-net part of the split and the held-out images are the reference part.
+    The model trained on the whole data set, so the reference part is held out from the gallery, not from the model:
+    a model that copies its training set uniformly puts the copies of reference-part images at the held-out distance
+    and the copies of feature-net-part images at 0, so a pure copier scores ~ the reference fraction (~0.5 with the
+    default 50/50 split), not 0.
+    """
+    g = _PixelGallery(gallery)
+    nn = float(g.distances(samples).mean())
+    held = float(g.distances(heldout).mean())
+    return {"nn_distance": nn, "heldout_nn_distance": held, "memorisation_ratio": nn / held if held > 0 else math.nan}
+
+
+def _seeded_subset(n: int, cap: int, seed: int) -> Tensor | None:
+    """Sorted indices of a seeded random subset of size `cap` of range(n), or None when n <= cap."""
+    if n <= cap:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FID / KID / precision / recall / class coverage / memorisation on images.
+
+
+class ImageFID:
+    """FID, KID and the companion metrics of generated images against a fixed reference set, in a feature net's
+    space (the memorisation check is in pixel space).
+
+    Everything about the reference is computed once: its features (FID/KID statistics), its k-NN radii (precision and
+    recall), its label histogram (class coverage) and the held-out images' nearest-gallery distance (memorisation).
+    Uses torchmetrics' FrechetInceptionDistance (reset_real_features=False) and KernelInceptionDistance (subset size
+    min(1000, n_real, n_fake), cubic polynomial kernel). Features are computed here in batches (images clamped to
+    [-1, 1]) and handed to all feature metrics, so each image passes the net once.
+
+    `compute` returns, in this order: "fid", "kid", "kid_std"; "precision", "recall" (`precision_recall` with k
+    = `k`; nan when either set has <= k points); "class_tv" when class coverage is on (`labels` known and the net has
+    `classify_features`, as `FeatureNet` does): the total-variation distance between the histogram of the net's
+    predicted classes over the samples and the reference's label histogram; "nn_distance" when `nn_gallery` is given
+    and "memorisation_ratio" when `nn_heldout` is too (see `memorisation_ratio`).
 
     Args:
         real: the reference data set (its images) or a tensor of reference images [N, C, H, W] in [-1, 1].
@@ -243,11 +516,21 @@ class ImageFID:
         batch_size: images per feature-net call (default: the net's `batch_size` attribute, else 500).
         kid_subsets: number of random subsets KID averages over. When the subset size equals both set sizes every
             subset is the whole of both sets (a permutation changes no term of the estimate), so one is computed.
-        seed: seeds KID's subset sampling (global RNG state is left untouched).
+        seed: seeds KID's subset sampling and the capped subsets below (global RNG state is left untouched).
+        labels: the reference images' class labels [N] for class coverage (default: `real.labels` of a data set).
+        num_classes: classes of the histograms (default: the data set's, else the classifier's outputs).
+        nn_gallery: images the model trained on [G, C, H, W]: the gallery of the memorisation check.
+        nn_heldout: real images not in `nn_gallery`: the memorisation check's scale of a genuinely new image.
+        k: the nearest neighbour that sets the precision/recall radii (3).
+        max_points: precision/recall use at most this many reference features (a seeded random subset) and the
+            first this many samples; the memorisation check at most this many held-out images (seeded subset) and
+            samples. Keeps the k-NN work bounded for FID-50k sized sets.
     """
 
     def __init__(self, real: Dataset | Tensor, feature_net: nn.Module, batch_size: int | None = None,
-                 kid_subsets: int = 100, seed: int = 0) -> None:
+                 kid_subsets: int = 100, seed: int = 0, *, labels: Tensor | None = None,
+                 num_classes: int | None = None, nn_gallery: Tensor | None = None, nn_heldout: Tensor | None = None,
+                 k: int = 3, max_points: int = 5000) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -260,12 +543,16 @@ class ImageFID:
         batch_size = batch_size if batch_size is not None else getattr(feature_net, "batch_size", 500)
         check_positive("batch_size", batch_size)
         check_positive("kid_subsets", kid_subsets)
+        check_positive("k", k)
+        check_positive("max_points", max_points)
         if images.shape[0] < 2:
             raise ConfigError(f"FID needs at least 2 reference images, got {images.shape[0]}")
         self.feature_net = feature_net.eval()
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.kid_subsets = int(kid_subsets)
+        self.k = int(k)
+        self.max_points = int(max_points)
         self.sample_shape = tuple(images.shape[1:])
         self.real_features = _features(feature_net, images, self.batch_size)
         with warnings.catch_warnings():
@@ -276,28 +563,88 @@ class ImageFID:
         self.fid.update(self.real_features, real=True)
         self.kid.update(self.real_features, real=True)
 
+        # precision / recall: the reference's k-NN radii, once
+        sub = _seeded_subset(self.num_real, self.max_points, self.seed)
+        self._pr_real = self.real_features if sub is None else self.real_features[sub]
+        self._pr_radii = knn_radii(self._pr_real, self.k) if self._pr_real.shape[0] > self.k else None
+
+        # class coverage: the reference's label histogram, once
+        if labels is None and isinstance(real, Dataset):
+            labels = real.labels
+        self.reference_class_histogram: Tensor | None = None  # fractions [num_classes]
+        self.num_classes = 0
+        if labels is not None and callable(getattr(feature_net, "classify_features", None)):
+            labels = labels.detach().cpu().to(torch.int64)
+            if labels.shape != (self.num_real,):
+                raise ConfigError(f"labels must have shape ({self.num_real},), got {tuple(labels.shape)}")
+            with torch.no_grad():
+                n_out = int(feature_net.classify_features(self.real_features[:1]).shape[1])
+            if num_classes is None:
+                num_classes = real.num_classes if isinstance(real, Dataset) else int(labels.max()) + 1
+            self.num_classes = max(int(num_classes), n_out)
+            self.reference_class_histogram = class_histogram(labels, self.num_classes).double() / self.num_real
+
+        # memorisation: the gallery and the held-out images' distance to it, once
+        self._gallery = _PixelGallery(nn_gallery) if nn_gallery is not None else None
+        self.heldout_nn_distance: float | None = None
+        if nn_heldout is not None:
+            if self._gallery is None:
+                raise ConfigError("nn_heldout needs nn_gallery (the images the held-out ones are measured against)")
+            sub = _seeded_subset(nn_heldout.shape[0], self.max_points, self.seed)
+            held = nn_heldout if sub is None else nn_heldout[sub.to(nn_heldout.device)]
+            self.heldout_nn_distance = float(self._gallery.distances(held).mean())
+
     @property
     def num_real(self) -> int:
         return int(self.real_features.shape[0])
 
-    def compute(self, fake: Tensor) -> dict[str, float]:
-        """{"fid", "kid", "kid_std"} of the generated images `fake` [M, C, H, W] (M >= 2) against the reference.
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys `compute` returns, in order."""
+        names = ["fid", "kid", "kid_std", "precision", "recall"]
+        if self.reference_class_histogram is not None:
+            names.append("class_tv")
+        if self._gallery is not None:
+            names.append("nn_distance")
+            if self.heldout_nn_distance is not None:
+                names.append("memorisation_ratio")
+        return tuple(names)
 
-        Images are clamped to [-1, 1]; if any value is NaN or infinite all three results are nan.
+    def compute(self, fake: Tensor) -> dict[str, float]:
+        """The metrics (`metric_names`) of the generated images `fake` [M, C, H, W] (M >= 2) against the reference.
+
+        Images are clamped to [-1, 1] for the feature net (the memorisation check uses them as they are); if any
+        value is NaN or infinite all results are nan.
         """
+        return self.compute_details(fake)[0]
+
+    def compute_details(self, fake: Tensor) -> tuple[dict[str, float], dict[str, dict]]:
+        """`compute`'s metrics, and details per metric that are not one number: {"class_tv": {"class_histogram":
+        [counts of the predicted classes over the samples]}} when class coverage is on, else {}."""
         if tuple(fake.shape[1:]) != self.sample_shape:
             raise ConfigError(f"generated images have shape {tuple(fake.shape[1:])}; the reference set has "
                               f"{self.sample_shape}")
         if fake.shape[0] < 2:
             raise ConfigError(f"FID needs at least 2 generated images, got {fake.shape[0]}")
         if not torch.isfinite(fake).all():  # a diverged sampler: report it instead of a meaningless number
-            warnings.warn("generated images contain NaN or infinite values; FID/KID reported as nan", stacklevel=2)
-            return {"fid": math.nan, "kid": math.nan, "kid_std": math.nan}
+            warnings.warn("generated images contain NaN or infinite values; FID/KID reported as nan", stacklevel=3)
+            return {name: math.nan for name in self.metric_names}, {}
         fake_features = _features(self.feature_net, fake, self.batch_size)
-        return self.compute_from_features(fake_features)
+        scores, details = self._from_features(fake_features)
+        if self._gallery is not None:
+            nn = float(self._gallery.distances(fake[:self.max_points]).mean())
+            scores["nn_distance"] = nn
+            if self.heldout_nn_distance is not None:
+                held = self.heldout_nn_distance
+                scores["memorisation_ratio"] = nn / held if held > 0 else math.nan
+        return scores, details
 
     def compute_from_features(self, fake_features: Tensor) -> dict[str, float]:
-        """Same as `compute` from already-extracted features [M, num_features]."""
+        """Same as `compute` from already-extracted features [M, num_features], without the pixel-space
+        memorisation check ("nn_distance", "memorisation_ratio")."""
+        return self._from_features(fake_features)[0]
+
+    def _from_features(self, fake_features: Tensor) -> tuple[dict[str, float], dict[str, dict]]:
         fake_features = fake_features.double().cpu()
         self.fid.reset()
         self.fid.update(fake_features, real=False)
@@ -310,7 +657,20 @@ class ImageFID:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(self.seed)  # KID's subsets use the CPU global RNG
             kid, kid_std = self.kid.compute()
-        return {"fid": fid, "kid": float(kid), "kid_std": float(kid_std)}
+        scores = {"fid": fid, "kid": float(kid), "kid_std": float(kid_std)}
+        pr_fake = fake_features[:self.max_points]
+        if self._pr_radii is not None and pr_fake.shape[0] > self.k:
+            scores.update(precision_recall(self._pr_real, pr_fake, self.k, real_radii=self._pr_radii))
+        else:
+            scores.update(precision=math.nan, recall=math.nan)
+        details: dict[str, dict] = {}
+        if self.reference_class_histogram is not None:
+            with torch.no_grad():
+                logits = self.feature_net.classify_features(fake_features)
+            counts = class_histogram(logits, self.num_classes)
+            scores["class_tv"] = total_variation(counts, self.reference_class_histogram)
+            details["class_tv"] = {"class_histogram": [int(c) for c in counts]}
+        return scores, details
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,8 +763,10 @@ def evaluate_samples(dataset: Dataset, samples: Tensor, fid: ImageFID | None = N
                      max_points: int = 5000) -> dict[str, float]:
     """Metrics of generated `samples` for `dataset`.
 
-    Images: `fid.compute(samples)` (an `ImageFID` is required). Points: "sw2" and "energy" against `reference`
-    (default: `dataset.fresh(len(samples))` for toys, else the data set's points), both capped at `max_points`.
+    Images: `fid.compute(samples)` (an `ImageFID` is required): "fid", "kid", "kid_std", "precision", "recall" and,
+    where the `ImageFID` has what they need, "class_tv", "nn_distance", "memorisation_ratio". Points: "sw2" and
+    "energy" against `reference` (default: `dataset.fresh(len(samples))` for toys, else the data set's points), both
+    capped at `max_points`.
     """
     if dataset.kind == "image":
         if fid is None:

@@ -15,7 +15,7 @@ from diffusion_rl import metrics
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.metrics import (FeatureNet, ImageFID, energy_distance, get_feature_net, inception_feature_net,
-                                  sliced_wasserstein2)
+                                  sliced_wasserstein2, split_dataset)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -177,7 +177,9 @@ def test_feature_net_digits_trains_and_is_cached(tmp_path, monkeypatch: pytest.M
         assert torch.allclose(again(d.x[:32]), net(d.x[:32]))
     assert tuple(net(d.x[:5]).shape) == (5, 64)
 
-    fid = ImageFID(d, net, kid_subsets=10)
+    split = split_dataset(d)  # the net trained on the feature-net part; the reference is the disjoint other part
+    assert net.trained_on == split.describe()
+    fid = ImageFID(d.x[split.reference_idx], net, kid_subsets=10)
     g = _gen(0)
     good = fid.compute(d.x[torch.randperm(len(d), generator=g)[:600]])
     bad = fid.compute(torch.rand(600, 1, 8, 8, generator=g) * 2 - 1)
