@@ -227,7 +227,47 @@ def parse_command(argv: list[str] | None = None) -> argparse.Namespace:
                         "training per seed gives a budget curve, labelled like separate runs ('baseline:steps=750')")
     p.add_argument("--order", choices=("seed", "variant"), default="seed",
                    help="run the grid seed by seed (default) or variant by variant (all seeds of one first)")
+    p.add_argument("--ground-truth", action="store_true",
+                   help="also score every run against the exact mixture of a gmm: data set (docs/groundtruth.md): "
+                        "per-level denoiser and consistency errors, and per solver and NFE the solver's and the "
+                        "network's part of the error to the exact ODE solution and distribution metrics")
     return p.parse_args(argv)
+
+
+GT_SAMPLES = 500  # samples of each ground-truth measurement (groundtruth.md §6)
+
+
+def ground_truth_records(learner, dataset, variant: Variant, samplers: list[str], nfe_grid: tuple[int, ...],
+                         seed: int) -> list[dict]:
+    """Records of `learner`'s EMA network against the data set's exact mixture (groundtruth.md §5): per solver and
+    NFE the distance of its samples to the exact ODE solution from the same start noise ("gt_error"), split into the
+    solver's part (the exact denoiser under the same solver) and the network's, and the samples' distribution metrics;
+    per level (as curves, with their means as values) the error against the exact posterior mean and the error of the
+    network's multi-step progress along exact trajectories (the quantity TD is meant to shrink)."""
+    from diffusion_rl.groundtruth import ground_truth_report
+    from diffusion_rl.samplers import sampler_for_nfe
+
+    recs, levels = [], None
+    for name in samplers:
+        by_sampler: dict[str, list[int]] = {}
+        for nfe in nfe_grid:
+            real = sampler_for_nfe(learner.formulation, nfe, None if name == "default" else name)
+            by_sampler.setdefault(real, []).append(nfe)
+        for real, nfes in by_sampler.items():
+            rep = ground_truth_report(learner.ema, dataset, samplers=(real,), nfe_grid=nfes, n=GT_SAMPLES, seed=seed)
+            levels = levels or rep
+            for cell in rep["solvers"]:
+                dist = cell["distribution"]
+                values = {"gt_error": cell["total"], "gt_solver_error": cell["solver"],
+                          "gt_network_error": cell["network"], "gt_loglik_gap": dist["loglik_gap"],
+                          "gt_mode_tv": dist["mode_tv"], "gt_frechet": dist["frechet"]}
+                recs += [{"variant": variant.on_solver(name).label, "sampler": real, "nfe": cell["nfe"],
+                          "metric": m, "value": float(v)} for m, v in values.items()]
+    for metric, curve in (("gt_denoiser_error", levels["denoiser_error"]),
+                          ("gt_consistency_error", levels["consistency_error"])):
+        recs.append({"variant": variant.label, "sampler": None, "nfe": None, "metric": metric,
+                     "value": float(sum(curve["error"]) / len(curve["error"])), "by_level": curve})
+    return [dict(r, dataset=dataset.name, n_samples=GT_SAMPLES, seed=seed, truth=levels["truth"]) for r in recs]
 
 
 @dataclass
@@ -278,6 +318,12 @@ def check_grid(a: argparse.Namespace, version: str) -> Grid:
             for nfe in nfe_grid:
                 sampler_for_nfe(make_formulation(args.formulation), nfe, None if name == "default" else name)
     dataset = load_dataset(a.data)  # one data set for every seed (a 2-D toy set is drawn with seed 0)
+    if a.ground_truth and getattr(dataset, "truth", None) is None:
+        raise ConfigError(f"--ground-truth needs a data set with a known distribution, got {a.data!r}; accepted: "
+                          "gmm:digits, gmm:mnist5k")
+    if a.ground_truth and any(args.formulation != "edm" for _, args in variants):
+        raise ConfigError("--ground-truth measures EDM-formulation networks (sigma levels); every variant must keep "
+                          "formulation=edm")
     for variant, args in variants:  # the learners check the rest (the env's TD-valid rule too)
         make_learner(args, dataset=dataset)
     for option, folder in (("--sample-grids", a.sample_grids), ("--keep-models", a.keep_models)):
@@ -287,7 +333,8 @@ def check_grid(a: argparse.Namespace, version: str) -> Grid:
     settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid),
                 "code": version, **({"samplers": samplers} if samplers != ["default"] else {}),
                 **({"score_at": score_at} if score_at else {}),
-                **({"from_models": True} if a.from_models is not None else {})}
+                **({"from_models": True} if a.from_models is not None else {}),
+                **({"ground_truth": True} if a.ground_truth else {})}
     command = " ".join(shlex.quote(x) for x in ["python", "-m", "benchmarks.compare", *sys.argv[1:]])
     results = ResultGrid(a.out, settings, command)  # refuses a file made with other settings, before any training
     return Grid(a, variants, score_at, nfe_grid, samplers, dataset, kept, results)
@@ -342,6 +389,10 @@ def run_one(g: Grid, seed: int, variant: Variant, args: Args, version: str) -> N
             continue
         sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / shown.folder() / f"seed{seed}"
         recs = score_run(learner, args, evaluators, shown, sample_dir)
+        if a.ground_truth:
+            fields = dict(run_settings(learner, args), steps=learner.step)
+            recs += [dict(fields, **r) for r in ground_truth_records(learner, g.dataset, shown, g.samplers,
+                                                                     g.nfe_grid, seed)]
         # a kept model was trained by the grid that kept it: no training time here
         provenance = ({"train_seconds": round(train_s, 1)} if a.from_models is None else
                       {"train_seconds": None, "scored_from": str(kept_model(a.from_models, variant, seed))})

@@ -7,7 +7,7 @@
 # Every grid runs from a clean checkout of one commit (a git worktree under ${WORKTREES:-/tmp}), so every record of a
 # file carries the same code version; results land in this checkout's benchmarks/results/trust/ as they finish,
 # and a restart skips the finished runs (a file is refused by a command of another commit). Times on a 2-core CPU:
-#   digits: 7 variants x 5 seeds, ~4 min of one core a run (~2.3 core-hours);
+#   digits: 6 variants x 5 seeds, ~4 min of one core a run (~2 core-hours);
 #   gmm:    gmm:digits, 3 variants x 3 seeds with the ground-truth metrics (~40 core-minutes);
 #   budget: baseline, TD and tdoff at 750 / 1,500 / 3,000 / 6,000 steps, 3 seeds (~1.5 core-hours);
 #   mnist5k: baseline, TD and tdoff, 3 seeds at 3,000 steps (~1.2 core-hours a run: a GPU is the place for it).
@@ -30,7 +30,7 @@ GRIDS=("$@")
 for grid in "${GRIDS[@]}"; do
   case $grid in
     digits) run -m benchmarks.compare --variants baseline td tdoff td:stride=6 tdoff:stride=6 \
-              td:estimator=nstep,n_steps=2,full_reach=true td:estimator=nstep,n_steps=2 \
+              td:estimator=nstep,n_steps=2,full_reach=true \
               --seeds 0 1 2 3 4 --steps 1500 $SOLVERS --out "$OUT/digits.json" ;;
     gmm) run -m benchmarks.compare --data gmm:digits --variants baseline td tdoff --seeds 0 1 2 --steps 1500 \
            $SOLVERS --ground-truth --out "$OUT/gmm_digits.json" ;;

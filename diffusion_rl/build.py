@@ -14,9 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import CT_BASELINE_OPTIONS, METHODS, TD_OPTIONS, Args, auto_float, check_seed, int_list, parse_nfe_grid
 from .errors import ConfigError, check_choice, check_non_negative, check_positive
+
+if TYPE_CHECKING:  # torch and torchrl load when a plan is made, not when the command line starts
+    from agents import TDSettings
+    from envs import MRPSettings
+
+    from .evaluation import EvalConfig
+    from .training import Learner, TrainConfig
 
 __all__ = ["RunPlan", "plan", "build_learner", "make_learner", "check_command", "train_config"]
 
@@ -37,14 +45,14 @@ class RunPlan:
 
     args: Args
     method: str
-    mrp: object
-    td: object | None
-    train: object
+    mrp: "MRPSettings"
+    td: "TDSettings | None"
+    train: "TrainConfig"
     network: dict
-    evaluation: object | None
+    evaluation: "EvalConfig | None"
 
 
-def train_config(args: Args):
+def train_config(args: Args) -> "TrainConfig":
     """The optimisation settings of `args` (TrainConfig checks them)."""
     from .training import TrainConfig
 
@@ -99,7 +107,7 @@ def plan(args: Args, method: str | None = None) -> RunPlan:
     return RunPlan(args, method, mrp, td, train_config(args), _network(args), evaluation)
 
 
-def build_learner(p: RunPlan, dataset):
+def build_learner(p: RunPlan, dataset) -> "Learner":
     """The learner of a plan on `dataset`: one env seeded with the run's seed (per rank under DDP), the network
     seeded alike, and the baseline, the TD agent or the tdoff control. Its out_dir is `args.out / learner.method`."""
     import torch
@@ -138,7 +146,7 @@ def build_learner(p: RunPlan, dataset):
     return learner
 
 
-def make_learner(args: Args, method: str | None = None, dataset=None):
+def make_learner(args: Args, method: str | None = None, dataset=None) -> "Learner":
     """`build_learner(plan(args, method), dataset)`, loading the data set when none is given (after the plan)."""
     from .data import load_dataset
 

@@ -14,6 +14,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ __all__ = ["Dataset", "DATASETS", "TOYS", "load_dataset", "cache_dir", "sample_t
 
 TOYS: tuple[str, ...] = ("checkerboard", "8gaussians", "swissroll", "moons")
 IMAGE_SETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "cifar10")
-DATASETS: tuple[str, ...] = TOYS + IMAGE_SETS
+GMM_SETS: tuple[str, ...] = ("gmm:digits", "gmm:mnist5k")  # Gaussian mixtures fitted to them (gmm.py)
+DATASETS: tuple[str, ...] = TOYS + IMAGE_SETS + GMM_SETS
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -47,7 +49,10 @@ class Dataset:
         labels: [N] int64 class labels in [0, num_classes), or None.
         num_classes: number of classes (0 when unlabeled).
         kind: "image" or "points".
-        fresh: `fresh(n, generator)` draws n new true samples (2-D toys only), else None.
+        fresh: `fresh(n, generator)` draws n new true samples (2-D toys and gmm: sets), else None.
+        truth: the known distribution behind x (a `gmm.GaussianMixture` for the gmm: sets), else None.
+        stream: `stream(n, generator)` draws n fresh labelled samples; when set, `draw` uses it instead of x
+            (infinite data: the gmm: sets unless ":finite"), else None.
     """
 
     name: str
@@ -56,6 +61,8 @@ class Dataset:
     num_classes: int
     kind: str
     fresh: Callable[[int, torch.Generator | None], Tensor] | None = None
+    truth: Any = None
+    stream: Callable[[int, torch.Generator | None], tuple[Tensor, Tensor | None]] | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -100,11 +107,15 @@ class Dataset:
         return self.__dict__["_hash"][1]
 
     def draw(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        """A batch drawn uniformly with replacement: (x [B, ...], labels [B] or None), reproducible given `generator`.
+        """A batch drawn uniformly with replacement: (x [B, ...], labels [B] or None), reproducible given `generator`;
+        fresh samples from `stream` where the data set has one (infinite data).
 
-        Indices come from torch.randint on `generator` (CPU).
+        Indices (or the fresh samples) come from `generator` (CPU).
         """
         check_positive("batch_size", batch_size)
+        if self.stream is not None:  # infinite data: fresh samples from the data generator
+            x, labels = self.stream(int(batch_size), generator)
+            return x.to(self.x.device), (None if labels is None else labels.to(self.x.device))
         idx = torch.randint(0, len(self), (int(batch_size),), generator=generator)
         idx = idx.to(self.x.device)
         return self.x[idx], (None if self.labels is None else self.labels[idx])
@@ -354,6 +365,28 @@ def _load_folder(path: str) -> Dataset:
     return ds
 
 
+def _load_gmm(name: str, seed: int) -> Dataset:
+    """"gmm:<source>[...]": N = len(source) exact samples of a mixture fitted to the source (seeded by `seed`; the fit
+    is not), images NOT clamped to [-1, 1], labels the class of each sample's component, the mixture as `truth`.
+    Training draws fresh samples at every step (infinite data) unless the name ends in ":finite"
+    (groundtruth.md §4)."""
+    from .gmm import fitted_mixture, parse_gmm_name
+
+    source, opts, finite = parse_gmm_name(name)
+    src = load_dataset(source)
+    gmm = fitted_mixture(src, opts["components"], opts["covariance"], opts["rank"], cache_dir("gmm"))
+    shape, classes = gmm.sample_shape, gmm.classes
+
+    def labelled(n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        x, comp = gmm.sample(n, generator)
+        return x.float().reshape(n, *shape), (comp if classes is None else classes[comp])
+
+    x, labels = labelled(len(src), torch.Generator().manual_seed(seed))
+    k = gmm.components if classes is None else src.num_classes
+    return Dataset(name, x, labels, k, "image", fresh=lambda n, g=None: labelled(n, g)[0], truth=gmm,
+                   stream=None if finite else labelled)
+
+
 def load_dataset(name_or_path: str, *, root: str | None = None, n_points: int = 20000, seed: int = 0) -> Dataset:
     """Load a built-in data set by name (see DATASETS) or a user data set from a path.
 
@@ -362,13 +395,15 @@ def load_dataset(name_or_path: str, *, root: str | None = None, n_points: int = 
             images (class subfolders give labels).
         root: download folder for torchvision sets (default `cache_dir("data")`).
         n_points: rows generated for the 2-D toys.
-        seed: seed of the generator for the 2-D toys.
+        seed: seed of the generator for the 2-D toys and the gmm: sets (their samples, not their fitted mixture).
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ConfigError(f"data set must be a name or a path, got {name_or_path!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     name = os.fspath(name_or_path)
+    if name.startswith("gmm:"):  # exact samples of a mixture fitted to an image set (docs/groundtruth.md §4)
+        return _load_gmm(name, int(seed))
     if name in TOYS:
         check_positive("n_points", n_points)
         return _load_toy(name, int(n_points), int(seed))

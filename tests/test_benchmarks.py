@@ -605,3 +605,26 @@ def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, 
     assert value(resumed) == value(whole)
     assert {r["resumed_at_step"] for r in resumed["td:stride=2|seed=0"]} == {4}
     assert all("resumed_at_step" not in r for r in whole["td:stride=2|seed=0"])
+
+
+def test_ground_truth_records_split_the_error_and_are_refused_without_a_truth(tmp_path, monkeypatch):
+    """compare --ground-truth on a gmm: data set adds, per solver and NFE, the error to the exact ODE solution and
+    its solver and network parts, and per-level curves; a data set without a known distribution is refused first."""
+    from benchmarks import compare
+
+    monkeypatch.setattr(compare, "GT_SAMPLES", 32)
+    common = ["--variants", "td", "--seeds", "0", "--steps", "4", "--n-samples", "64", "--nfe-grid", "3",
+              "--samplers", "default,dpmpp_2m", "--ground-truth"]
+    with pytest.raises(ConfigError, match="--ground-truth needs a data set with a known distribution, got 'digits'"):
+        _compare(monkeypatch, "--data", "digits", *common, "--out", str(tmp_path / "no.json"))
+    assert not (tmp_path / "no.json").exists()
+    runs = _compare(monkeypatch, "--data", "gmm:digits", *common, "--out", str(tmp_path / "gt.json"))
+    recs = {(r["variant"], r["metric"]): r for r in runs["td|seed=0"]}
+    for variant, sampler in (("td", "heun"), ("td @dpmpp_2m", "dpmpp_2m")):
+        total, solver, net = (recs[(variant, m)] for m in ("gt_error", "gt_solver_error", "gt_network_error"))
+        assert total["sampler"] == sampler and total["nfe"] == 3 and total["method"] == "td-edm"
+        assert min(total["value"], solver["value"], net["value"]) >= 0
+        assert (variant, "gt_mode_tv") in recs and (variant, "gt_frechet") in recs
+    curve = recs[("td", "gt_consistency_error")]["by_level"]
+    assert len(curve["error"]) == len(curve["sigma"]) > 0
+    assert recs[("td", "gt_denoiser_error")]["value"] > 0
