@@ -382,7 +382,11 @@ class TDEvaluator(Learner):
         shared_until: a coupling schedule (method.md §8): train with shared-noise coupling for this fraction of the
             run's steps, then with the env's own coupling (None: the env's coupling throughout).
         hard_period: steps between hard copies (100).
-        config, out_dir, device: as for `Learner`.
+        full_reach: nstep / td_lambda: the TD term only on samples whose whole chain of n_steps is TD-valid, the
+            equal-reach pair of TD(0) at stride n_steps * k (method.md §7).
+        td_term: False trains the matched control "tdoff": this agent's batches, TD-valid mask and per-sample base
+            weights without the TD term (method.md §5.5); its method is "tdoff-<formulation>".
+        config, out_dir, device: as for `Learner` (the env's batch size is the batch).
         critic_factory: builds a critic TensorDictModule from (denoiser, formulation, one_step, coupling); default
             `envs.critic.make_critic`. It must not read "x0".
 

@@ -36,6 +36,7 @@ __all__ = ["BASELINE", "FAILS_ABOVE", "FEW_STEP", "REACH", "TDOFF", "Comparison"
 FEW_STEP = 9  # "wins everywhere" means at every NFE in [3, 9] (NFE 1-2: see docs/evaluation.md, "Reading the results")
 FAILS_ABOVE = 0.5  # exact-denoiser error (solver_check.json) above which a (solver, NFE) cell is "solver fails here"
 BASELINE, TDOFF, REACH = "baseline", "matched control", "equal-reach control"  # what B is to A
+REWEIGHTED = "baseline (A: the reweighting alone)"  # a tdoff control against the baseline: the base-loss reweighting
 
 
 class MixedCodeError(ValueError):
@@ -116,12 +117,17 @@ def reach_control(variant: str, runs: dict[str, dict]) -> str | None:
 
 def pairs(d: dict) -> list[tuple[str, str, str]]:
     """(A, B, what B is) for every TD variant of a compare JSON: its baseline, its tdoff control, its equal-reach
-    control, each where the file holds it (base variants, without the solver)."""
+    control, each where the file holds it; and every tdoff control against its baseline (what the base-loss
+    reweighting alone does). Base variants, without the solver."""
     runs = _first_records(d)
     parsed = {b: Variant.parse(b) for b in runs}
     baselines = [b for b, v in parsed.items() if v.is_baseline]
     out = []
     for b, v in parsed.items():
+        if v.method == "tdoff":
+            ref = reference_baseline(b, baselines)
+            if ref is not None:
+                out.append((b, ref, REWEIGHTED))
         if v.method != "td":
             continue
         ref = reference_baseline(b, baselines)

@@ -665,7 +665,8 @@ def main() -> None:
             return
         if not a.blocks_only:
             found = {f: json.loads(f.read_text())
-                     for f in [*sorted(RESULTS.glob("*.json")), *sorted(RESULTS.glob("gpu/*.json"))]}  # GPU runs last
+                     for f in [*sorted(RESULTS.glob("trust/*.json")), *sorted(RESULTS.glob("*.json")),
+                               *sorted(RESULTS.glob("gpu/*.json"))]}  # the matched-control grids first, GPU runs last
             files = [f for f, d in found.items() if "runs" in d]
             appendices = [(f, d["kind"]) for f, d in found.items() if d.get("kind") in APPENDICES]  # how to read
             allowed = True if a.mixed_code else [RESULTS / name for name in MIXED_CODE_FILES]

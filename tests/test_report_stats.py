@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.grid import summarise
-from benchmarks.paired import (BASELINE, REACH, TDOFF, MixedCodeError, code_note, comparison_rows, comparisons,
-                               difference_text, pairs, regime_note, solver_regime)
+from benchmarks.paired import (BASELINE, REACH, REWEIGHTED, TDOFF, MixedCodeError, code_note, comparison_rows,
+                               comparisons, difference_text, pairs, regime_note, solver_regime)
 from benchmarks.stats import A_LOWER, B_LOWER, NO_DIFFERENCE, paired
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,9 @@ def test_each_td_variant_meets_its_baseline_its_tdoff_control_and_its_equal_reac
     assert ("td:estimator=nstep,n_steps=3,full_reach=true,stride=2", "td:stride=6", REACH) in found  # 3 x 2
     assert not any(a == "td:estimator=nstep,n_steps=2" and kind == REACH for a, _, kind in found)  # not full reach
     assert all((a, "baseline", BASELINE) in found for a in settings if a.startswith("td:"))
-    assert not any(a.startswith("tdoff") for a, _, _ in found)  # the control is B, never A
+    # a control is A only against the baseline, as "the reweighting alone", and never in a TD verdict
+    assert [(a, b, kind) for a, b, kind in found if a.startswith("tdoff")] == [("tdoff:stride=6", "baseline",
+                                                                                REWEIGHTED)]
     comps = comparisons(_file(runs))
     assert {c.solver for c in comps} == {"ipndm"} and all(c.cells[3].mean == 0.0 for c in comps)
     header, rows = comparison_rows(comps, {"td:stride=6": "TD(0) k=6"}, {"ipndm": "iPNDM"}, fails={("ipndm", 3)})
