@@ -76,10 +76,19 @@ SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_s
                   "shared_until", "steps", "batch_size", "lr", "width", "seed", "device")
 
 
+# Args fields the grid sets for every run (or that a grid run never reads): a variant may not set them
+GRID_KEYS = ("method", "data", "seed", "n_samples", "nfe_grid", "features", "inception_weights", "eval", "out",
+             "resume", "overwrite", "progress", "tensorboard")
+
+
 def parse_variant(label: str, base: Args) -> tuple[Variant, Args]:
-    """'td:estimator=nstep,n_steps=2' -> (its Variant, Args with those overrides); bad keys or values raise
-    ConfigError."""
+    """'td:estimator=nstep,n_steps=2' -> (its Variant, Args with those overrides); bad keys or values, and keys the
+    grid itself sets (GRID_KEYS: the data, seeds, evaluation), raise ConfigError."""
     variant = Variant.parse(label)
+    grid_set = [k for k in variant.given if k in GRID_KEYS]
+    if grid_set:
+        raise ConfigError(f"variant {label!r} sets {', '.join(grid_set)}, which the grid sets for every run (give "
+                          f"--data, --seeds, --n-samples, --nfe-grid instead); a variant may set any other Args field")
     return variant, variant.args(base)
 
 

@@ -20,6 +20,10 @@ def test_parse_variant_casts_with_the_cli_caster():
         parse_variant("td:n_steps=x", Args())
     with pytest.raises(ConfigError, match="key=value"):
         parse_variant("td:n_steps", Args())
+    for key in ("data=x.npz", "seed=3", "n_samples=10", "nfe_grid=3", "method=td"):  # the grid sets these
+        with pytest.raises(ConfigError, match=f"sets {key.partition('=')[0]}, which the grid sets for every run"):
+            parse_variant(f"baseline:width=8,{key}", Args())
+    assert parse_variant("baseline:width=8,batch_size=8", Args())[1].batch_size == 8
 
 
 def test_a_variant_label_round_trips_and_names_its_parts():
