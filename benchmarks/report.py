@@ -23,6 +23,7 @@ JSON gives, so no number quoted in the README or docs/ can drift from its JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -603,11 +604,28 @@ def render_block(spec: str, options: str) -> str:
     nfes = [int(n) for n in opts["nfe"].split(",")] if "nfe" in opts else None
     variants = [v.replace("+", " ") for v in opts["variants"].split(";")] if "variants" in opts else None
     metric = opts.get("metric", "fid")
+    if "paired" in opts:  # 'paired=td;tdoff' (the A variants): their paired comparisons, optionally at nfe=
+        return paired_block(d, metric, opts["paired"].split(";"), nfes)
     unknown = [v for v in variants or () if v not in {s["variant"] for s in d["summary"]}]
     if unknown:
         raise ValueError(f"report block for {spec} names variants {unknown} that the file does not hold")
     reg = regime(d)
     table = markdown_table(d["summary"], metric, nfes, d["labels"], variants, set(reg.fails))
+    return table + "\n" + (f"\n{block_footnote(reg)}\n" if "†" in table else "")
+
+
+def paired_block(d: dict, metric: str, a_variants: list[str], nfes: list[int] | None) -> str:
+    """A block's table of the paired comparisons whose A is one of `a_variants` (at the NFEs `nfes`, default all),
+    with the solver-regime footnote; comparisons mixing code versions are refused (MixedCodeError)."""
+    from benchmarks.paired import comparisons, comparison_rows, md_table
+
+    comps = [c for c in comparisons(d, metric) if c.a in a_variants]
+    if not comps:
+        raise ValueError(f"report block: no paired comparison has A in {a_variants}")
+    if nfes is not None:
+        comps = [dataclasses.replace(c, cells={n: p for n, p in c.cells.items() if n in nfes}) for c in comps]
+    reg = regime(d)
+    table = md_table(*comparison_rows(comps, d["labels"], solver_names(d), set(reg.fails)))
     return table + "\n" + (f"\n{block_footnote(reg)}\n" if "†" in table else "")
 
 

@@ -223,3 +223,25 @@ def test_labels_name_the_matched_control_and_full_reach():
     nstep = {**td, "estimator": "nstep", "n_steps": 2, "stride": 3.0}
     assert describe({**nstep, "full_reach": True}) == "n-step(2) k=3, full reach"
     assert describe({**nstep, "full_reach": False}) == "n-step(2) k=3"
+
+
+def test_a_paired_block_renders_the_chosen_comparisons_at_the_chosen_nfes(tmp_path):
+    """`<!-- report FILE paired=td nfe=5 -->` renders the paired table of the comparisons whose A is `td`, at NFE 5
+    only: the README's paired numbers are checked against the JSON like its other tables."""
+    import json
+
+    from benchmarks.report import render_block
+
+    settings = {"baseline": {}, "td": {"estimator": "td0", "stride": 3.0}, "tdoff": {"estimator": "td0", "stride": 3.0}}
+    values = {"baseline": 10.0, "td": 8.0, "tdoff": 10.5}
+    runs = {f"{v}|seed={s}": [_record(v + " @ipndm", s, nfe, values[v] + s + nfe, **kw) for nfe in (5, 9)]
+            for v, kw in settings.items() for s in (0, 1, 2)}
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(_file(runs)))
+    table = render_block(str(path), "paired=td nfe=5")
+    lines = table.strip().splitlines()
+    assert lines[0] == "| solver | A | B | B is A's | NFE 5 |" and len(lines) == 4  # header, rule, 2 comparisons
+    assert "matched control" in table and "baseline" in lines[2] and "**-2.00 [-2.00, -2.00], 3/3**" in lines[2]
+    assert "TD term off" not in lines[2]  # A is td; tdoff appears only as td's B
+    with pytest.raises(ValueError, match="no paired comparison has A in"):
+        render_block(str(path), "paired=td:stride=9")
