@@ -232,7 +232,8 @@ def test_a_paired_block_renders_the_chosen_comparisons_at_the_chosen_nfes(tmp_pa
 
     from benchmarks.report import render_block
 
-    settings = {"baseline": {}, "td": {"estimator": "td0", "stride": 3.0}, "tdoff": {"estimator": "td0", "stride": 3.0}}
+    td0 = {"estimator": "td0", "stride": 3.0}
+    settings = {"baseline": {}, "td": td0, "tdoff": td0}
     values = {"baseline": 10.0, "td": 8.0, "tdoff": 10.5}
     runs = {f"{v}|seed={s}": [_record(v + " @ipndm", s, nfe, values[v] + s + nfe, **kw) for nfe in (5, 9)]
             for v, kw in settings.items() for s in (0, 1, 2)}
