@@ -54,7 +54,7 @@ def _train_and_eval_on_rank(plans: list, with_untrained: bool, given: set[str], 
     from .build import build_learner
     from .data import load_dataset
     from .evaluation import Evaluator, format_table, plot_metric_vs_nfe, write_results
-    from .runs import RunFolder, check_writable_folder
+    from .runs import RunFolder, check_writable_folder, record_written
     from .training import RESUME_MAY_CHANGE
 
     args = plans[0].args
@@ -118,11 +118,12 @@ def _train_and_eval_on_rank(plans: list, with_untrained: bool, given: set[str], 
             return 0
         if args.resume and (out / "results.json").exists():  # keep the records of methods this command did not run
             mine = {r["method"] for r in records}
-            old = json.loads((out / "results.json").read_text()).get("records", [])
+            old = _read_records(out / "results.json")
             records = [r for r in old if r.get("method") not in mine] + records
         write_results(records, out)
         metrics = list(dict.fromkeys(r["metric"] for r in records))
         for metric in metrics:
+            record_written(out, f"{metric}_vs_nfe.png", "eval")
             plot_metric_vs_nfe(records, out / f"{metric}_vs_nfe.png", metric)
     print(format_table(records, metrics[0]))
     info = evaluator.feature_info
@@ -131,6 +132,21 @@ def _train_and_eval_on_rank(plans: list, with_untrained: bool, given: set[str], 
           + (f", held-out accuracy {info['feature_net_accuracy']}" if info.get("feature_net_accuracy") else ""))
     print(f"wrote {out / 'results.json'} and plots/grids in {out} ({time.perf_counter() - t_start:.0f} s)")
     return 0
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The records of an earlier results.json; one that cannot be read (torn by a crash, not UTF-8, not a results
+    file) is set aside (renamed, with a warning) and counts as none."""
+    from .runs import set_aside
+
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8")).get("records", [])
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError("not a list of records")
+        return records
+    except (ValueError, AttributeError):
+        set_aside(path, "unreadable")
+        return []
 
 
 def _cmd_diagnose(a: DiagnoseArgs) -> int:
@@ -198,12 +214,18 @@ def _cmd_sample(a: SampleArgs) -> int:
                      generator=g, device=device)
         chunks.append(res.x.float().cpu())
     x = torch.cat(chunks)
-    if out.suffix.lower() == ".npz":
+    from .runs import atomic_write
+
+    if out.suffix.lower() == ".npz":  # written atomically: a crash leaves the old file or the new one
         import numpy as np
 
-        np.savez(out, samples=x.numpy())
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, samples=x.numpy())
+
+        atomic_write(out, write)
     else:
-        save_sample_grid(x, out, title=f"{res.sampler}, NFE {res.nfe}")
+        atomic_write(out, lambda tmp: save_sample_grid(x, tmp, title=f"{res.sampler}, NFE {res.nfe}", format="png"))
     print(f"wrote {a.n} samples ({res.sampler}, NFE {res.nfe}) to {out}")
     return 0
 
@@ -222,7 +244,8 @@ def _cmd_evaluate(a: EvalArgs) -> int:
     check_writable_folder(a.out)
     from .runs import RunFolder
 
-    with RunFolder(a.out, overwrite=a.overwrite):
+    # --overwrite replaces this command's own outputs (results, plots, grids), never the checkpoints it reads
+    with RunFolder(a.out, overwrite=a.overwrite, kinds=("eval",), keep=tuple(a.checkpoint)):
         return _evaluate(a, nfe_grid)
 
 
@@ -230,6 +253,7 @@ def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
 
     from .data import load_dataset
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
+    from .runs import record_written
     from .samplers import sampler_for_nfe
     from .training import load_denoiser, resolve_device
 
@@ -259,6 +283,7 @@ def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
     write_results(records, a.out)
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     for metric in metrics:
+        record_written(a.out, f"{metric}_vs_nfe.png", "eval")
         plot_metric_vs_nfe(records, Path(a.out) / f"{metric}_vs_nfe.png", metric)
     print(format_table(records, metrics[0]))
     return 0
@@ -312,8 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if not ns.debug:
         warnings.formatwarning = lambda message, *_a, **_k: f"diffusion-rl: warning: {message}\n"
+    from .preemption import Terminated, handle_sigterm
+
     try:
-        return _run(ns, given_options(subs[ns.command], argv))
+        with handle_sigterm():  # SIGTERM: a checkpoint after the current step, the lock released, exit 143
+            return _run(ns, given_options(subs[ns.command], argv))
+    except Terminated as e:
+        if ns.debug:
+            raise
+        where = (f"checkpoint written at step {e.step}" if e.step is not None else "the last checkpoint is kept")
+        print(f"diffusion-rl: {e}; {where} (continue with --resume)", file=sys.stderr)
+        return 128 + int(e.signum)
     except KeyboardInterrupt:
         if ns.debug:
             raise

@@ -61,7 +61,8 @@ class Args:
     out: str = opt("runs/train", "output folder: results.json and plots; each method's checkpoint.pt and "
                                  "metrics.jsonl in out/<method>-<formulation> (e.g. out/td-edm)")
     resume: bool = opt(False, "continue the run held in --out (it may change lr, checkpoint and logging settings)")
-    overwrite: bool = opt(False, "replace the run held in --out (its checkpoints, logs and grids are deleted)")
+    overwrite: bool = opt(False, "replace the run held in --out (the checkpoints, logs, results and grids the "
+                                 "library wrote there are deleted; other files and sibling runs are kept)")
     checkpoint_every: int = opt(250, "steps between checkpoints (0: only at the end and by --checkpoint-seconds)")
     checkpoint_seconds: float = opt(300.0, "also checkpoint after this many seconds of training (0: off)")
     estimator: str = opt("td0", "TD: td0 | nstep | td_lambda")
@@ -126,7 +127,7 @@ class EvalArgs:
     seed: int = opt(0, "sampling seed")
     out: str = opt("runs/eval", "output folder: results.json and plots")
     device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
-    overwrite: bool = opt(False, "replace the results, plots and grids in --out")
+    overwrite: bool = opt(False, "replace the results, plots and grids in --out (never the checkpoints read)")
 
 
 @dataclass

@@ -151,8 +151,12 @@ def diagnose(checkpoint: str | Path, out: str | Path, n: int = 256, seed: int = 
               "data": data_error_per_level(denoiser, dataset, n, seed, device),
               "trajectory": trajectory_diagnostics(denoiser, n, seed=seed, device=device, labels=labels),
               "training": _per_level_curves(checkpoint.parent / "metrics.jsonl")}
+    from .runs import atomic_write_text, record_written
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnose.json").write_text(json.dumps(report, indent=1))
+    for name in ("diagnose.json", "diagnose.png"):
+        record_written(out, name, "diagnose")
+    atomic_write_text(out / "diagnose.json", json.dumps(report, indent=1))
     plot_diagnostics(report, out / "diagnose.png")
     return report

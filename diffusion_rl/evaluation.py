@@ -223,7 +223,10 @@ class Evaluator:
             scores, details = self.score_details(x)
             wall = time.perf_counter() - t0
             if out_dir is not None:
+                from .runs import record_written
+
                 shown = x[: self.config.grid_size] if x.dim() == 4 else x[:2000]
+                record_written(out_dir, f"samples/{method}_nfe{nfe:03d}.png", "eval")
                 save_sample_grid(shown, Path(out_dir) / "samples" / f"{method}_nfe{nfe:03d}.png",
                                  title=f"{method}, {name}, NFE {nfe}")
             for metric, value in scores.items():
@@ -246,10 +249,14 @@ def evaluate_learner(learner, nfe: int | Sequence[int] | None = None, config: Ev
 
 
 def write_results(records: list[dict], out_dir: str | Path, name: str = "results.json") -> Path:
-    """results.json: {"records": [...]} with one record per (method, sampler, NFE, metric)."""
+    """results.json: {"records": [...]} with one record per (method, sampler, NFE, metric). Written atomically (a
+    crash leaves the old file or the new one) and named in out_dir's manifest (`diffusion_rl.runs`)."""
+    from .runs import atomic_write_text, record_written
+
     path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"records": records}, indent=1))
+    record_written(out_dir, name, "eval")
+    atomic_write_text(path, json.dumps({"records": records}, indent=1))
     return path
 
 
@@ -310,8 +317,9 @@ def plot_metric_vs_nfe(records: list[dict], path: str | Path, metric: str) -> Pa
     return path
 
 
-def save_sample_grid(x: Tensor, path: str | Path, title: str | None = None) -> Path:
-    """A PNG of images [B, C, H, W] in [-1, 1] tiled in a square grid, or a scatter of 2-D points [B, 2]."""
+def save_sample_grid(x: Tensor, path: str | Path, title: str | None = None, format: str | None = None) -> Path:
+    """A PNG of images [B, C, H, W] in [-1, 1] tiled in a square grid, or a scatter of 2-D points [B, 2]. `format`
+    is matplotlib's (default: from the suffix)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,6 +344,6 @@ def save_sample_grid(x: Tensor, path: str | Path, title: str | None = None) -> P
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=format)
     plt.close(fig)
     return path

@@ -6,18 +6,25 @@
   start time; a second run on the same folder is refused, and a lock left by a process that died (the kernel drops
   its flock, even after SIGKILL) is reported and taken over;
 - a folder that holds a run (a checkpoint, a metrics log or results, in it or in any of its subfolders) is refused
-  unless `resume` (continue it) or `overwrite` (delete its run files, results, plots and sample grids first) is
-  given;
-- stale temporary checkpoint files from killed runs (`*.pt*.tmp`) are removed.
+  unless `resume` (continue it) or `overwrite` (delete what the library wrote there first) is given;
+- stale temporary files from killed writers (`*.pt*.tmp`, `results.json.*.tmp`, ...) are removed.
 The lock is released when the block exits.
+
+What the library wrote is recorded: each folder it writes into holds a manifest (`MANIFEST`, a JSON object) naming
+those files (relative paths, with their kind: "train" for checkpoints, metrics logs and TensorBoard events, "eval"
+for results, plots and sample grids, "diagnose") and the learner subfolders ("runs") of a command's --out.
+`overwrite` deletes only files the manifests list (of the kinds the command writes), never a file it reads (`keep`),
+never a subfolder its manifest does not name (another run), never anything else. A folder written before manifests
+existed has none: there `overwrite` deletes only the run files the command would replace anyway (`LEGACY`).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
+import stat
 import tempfile
 import time
 import warnings
@@ -28,11 +35,17 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["RunFolder", "check_writable_folder", "remove_stale_temporaries", "RUN_FILES", "atomic_write",
-           "atomic_write_text", "atomic_save"]
+           "atomic_write_text", "atomic_save", "record_written", "written_files", "remove_written", "set_aside",
+           "MANIFEST"]
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json")  # their presence means the folder holds a run
-OUTPUTS = ("samples", "tensorboard")  # what a run writes besides RUN_FILES and the *_vs_nfe.png plots
 LOCK = ".lock"
+MANIFEST = ".diffusion-rl-manifest"  # what the library wrote in this folder (see the module docstring)
+KINDS = ("train", "eval", "diagnose")
+# in a folder without a manifest (written by an older version), the files of each kind `overwrite` may delete: only
+# those a command of that kind replaces anyway
+LEGACY = {"train": ("checkpoint.pt", "metrics.jsonl"), "eval": ("results.json",), "diagnose": ()}
+TEMPORARIES = ("*.pt*.tmp", "results.json.*.tmp", "diagnose.json.*.tmp", MANIFEST + ".*.tmp", "metrics.jsonl.*.tmp")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
@@ -64,10 +77,127 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """`torch.save(obj, path)`, atomically (see `atomic_write`)."""
+    """`torch.save(obj, path)`, atomically (see `atomic_write`). torch reports a short write (a full disk) as a
+    RuntimeError ("unexpected pos ...", "file write failed"): that becomes OSError(ENOSPC) naming the file."""
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            text = str(e)
+            if "unexpected pos" in text or "file write failed" in text or "PytorchStreamWriter failed" in text:
+                raise OSError(errno.ENOSPC, "No space left on device (torch.save could not write all of the "
+                                            "checkpoint)", str(path)) from e
+            raise
+
+    atomic_write(path, save)
+
+
+def set_aside(path: str | Path, why: str) -> Path:
+    """Rename an unreadable file to `<name>.<why>-<time>` (never deleting it) and warn in one line; returns the new
+    path."""
+    path = Path(path)
+    new = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while new.exists():
+        new = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.replace(path, new)
+    warnings.warn(f"{str(path)!r} is unreadable ({why}); set aside as {str(new)!r}", stacklevel=2)
+    return new
+
+
+# ---- the manifest of what the library wrote ------------------------------------------------------------------------
+def written_files(folder: str | Path) -> dict | None:
+    """The manifest of `folder`: {"files": {relative path: kind}, "runs": [subfolder, ...]}; None when the folder
+    has none (or it is unreadable, when it is set aside with a warning and nothing counts as written)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode())
+        if not (isinstance(data, dict) and isinstance(data.get("files", {}), dict)
+                and isinstance(data.get("runs", []), list)):
+            raise ValueError("not a manifest")
+    except (OSError, ValueError):
+        set_aside(path, "corrupt")
+        return {"files": {}, "runs": []}
+    return {"files": dict(data.get("files", {})), "runs": list(data.get("runs", []))}
+
+
+def _safe_relative(rel: str | Path) -> str | None:
+    """`rel` as a POSIX relative path inside its folder; None for an absolute path or one with '..'."""
+    rel = Path(rel)
+    if rel.is_absolute() or ".." in rel.parts or str(rel) in ("", "."):
+        return None
+    return rel.as_posix()
+
+
+def record_written(folder: str | Path, rel: str | Path, kind: str) -> None:
+    """Name `folder / rel` (a file the library wrote) in `folder`'s manifest, with its kind ("train", "eval",
+    "diagnose"), or with kind "run" a learner subfolder of a command's --out."""
+    folder = Path(folder)
+    rel = _safe_relative(rel)
+    if rel is None:
+        return
+    data = written_files(folder) or {"files": {}, "runs": []}
+    if kind == "run":
+        if rel in data["runs"]:
+            return
+        data["runs"].append(rel)
+    else:
+        if data["files"].get(rel) == kind:
+            return
+        data["files"][rel] = kind
+    atomic_write_text(folder / MANIFEST, json.dumps(data, indent=1))
+
+
+def remove_written(folder: str | Path, kinds: tuple[str, ...] = KINDS, keep: tuple[str | Path, ...] = ()
+                   ) -> list[Path]:
+    """Delete the files of `kinds` that `folder`'s manifest lists (without one, the `LEGACY` names), except those in
+    `keep` (files a command reads); folders emptied by it go too. Returns what was deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    data = written_files(folder)
+    if data is None:
+        listed = {name: kind for kind in kinds for name in LEGACY[kind]}
+    else:
+        listed = {rel: kind for rel, kind in data["files"].items() if kind in kinds}
+    kept = {(st.st_ino, st.st_dev) for st in (_stat(k) for k in keep) if st is not None}
+    removed = []
+    for rel in listed:
+        target = folder / rel
+        if _safe_relative(rel) is None or not os.path.lexists(target):
+            continue
+        st = os.lstat(target)
+        if stat.S_ISDIR(st.st_mode):
+            continue  # a manifest names files, never folders
+        real = _stat(target)
+        if real is not None and (real.st_ino, real.st_dev) in kept:
+            continue  # the command reads it
+        target.unlink()  # a symlink is unlinked, never its target
+        removed.append(target)
+        for parent in target.parents:  # folders left empty by it (never `folder` itself)
+            if parent == folder or folder not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+    if data is not None and removed:
+        gone = {p.relative_to(folder).as_posix() for p in removed}
+        data["files"] = {rel: kind for rel, kind in data["files"].items() if rel not in gone}
+        atomic_write_text(folder / MANIFEST, json.dumps(data, indent=1))
+    return removed
+
+
+def _stat(path: str | Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def check_writable_folder(path: str | Path, what: str = "--out") -> Path:
@@ -89,9 +219,10 @@ def check_writable_folder(path: str | Path, what: str = "--out") -> Path:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete temporary checkpoint files a killed writer left behind; returns what was removed."""
+    """Delete temporary files of the library's atomic writes that a killed writer left behind; returns what was
+    removed."""
     removed = []
-    for tmp in Path(folder).glob("*.pt*.tmp"):
+    for tmp in {t for pattern in TEMPORARIES for t in Path(folder).glob(pattern)}:
         try:
             tmp.unlink()
             removed.append(tmp)
@@ -106,23 +237,37 @@ class RunFolder:
     Args:
         path: the output folder.
         resume: the command continues the run held there.
-        overwrite: the command replaces the run held there (its run files and sample grids are deleted).
+        overwrite: the command replaces the run held there: the files of `kinds` the manifests of `path`, of
+            `subfolders` and (for "train") of the learner subfolders `path`'s manifest names are deleted.
         subfolders: the learners' folders inside `path` (each may hold a run).
+        kinds: what the command writes ("train", "eval", "diagnose"); `overwrite` deletes only those.
+        keep: files the command reads (checkpoints it evaluates): never deleted.
     """
 
     def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 subfolders: tuple[str, ...] = ()) -> None:
+                 subfolders: tuple[str, ...] = (), kinds: tuple[str, ...] = KINDS,
+                 keep: tuple[str | Path, ...] = ()) -> None:
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other: continue the run or replace it")
         self.path = Path(path)
         self.resume, self.overwrite = resume, overwrite
         self.subfolders = subfolders
+        self.kinds, self.keep = tuple(kinds), tuple(keep)
         self._fd: int | None = None
 
     def runs_held(self) -> list[Path]:
         """The folders (this one and any subfolder) that hold a run."""
         folders = [self.path, *(p for p in sorted(self.path.iterdir()) if p.is_dir())] if self.path.is_dir() else []
         return [f for f in folders if any((f / name).exists() for name in RUN_FILES)]
+
+    def owned_folders(self) -> list[Path]:
+        """The folders whose written files `overwrite` deletes: `path`, and for a training command its learner
+        subfolders and those its manifest names (never another subfolder: that is another run)."""
+        folders = [self.path]
+        if "train" in self.kinds:
+            runs = (written_files(self.path) or {}).get("runs", [])
+            folders += [self.path / s for s in dict.fromkeys([*self.subfolders, *runs]) if _safe_relative(s)]
+        return folders
 
     def __enter__(self) -> "RunFolder":
         check_writable_folder(self.path)
@@ -136,13 +281,10 @@ class RunFolder:
                 raise ConfigError(f"--resume: {str(self.path)!r} holds no run to continue (no checkpoint.pt); "
                                   f"run without --resume to start one")
             if self.overwrite:
-                for folder in {self.path, *held}:
-                    targets = [*(folder / n for n in (*RUN_FILES, *OUTPUTS)), *folder.glob("*_vs_nfe.png")]
-                    for target in targets:
-                        if target.is_dir():
-                            shutil.rmtree(target)
-                        elif target.exists():
-                            target.unlink()
+                for folder in self.owned_folders():
+                    remove_written(folder, self.kinds, self.keep)
+            for sub in self.subfolders:
+                record_written(self.path, sub, "run")
             for folder in [self.path, *(self.path / s for s in self.subfolders)]:
                 if folder.is_dir():
                     remove_stale_temporaries(folder)
@@ -159,7 +301,17 @@ class RunFolder:
         lock = self.path / LOCK
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(5):
-            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            try:  # never through a symlink: the file it points to would be truncated and overwritten
+                fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise ConfigError(f"--out {str(self.path)!r}: the lock file {str(lock)!r} is a symlink; remove "
+                                      f"it (a lock is a plain file the command creates)") from None
+                raise
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ConfigError(f"--out {str(self.path)!r}: the lock file {str(lock)!r} is not a plain file; "
+                                  f"remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -169,7 +321,7 @@ class RunFolder:
                                   f"{owner.get('host', '?')} (started {owner.get('started', '?')}); wait for it, "
                                   f"or choose another --out") from None
             try:  # the lock file may have been replaced between open and flock: then try again
-                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(lock).st_ino
             except FileNotFoundError:
                 same = False
             if not same:

@@ -15,6 +15,7 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -31,12 +32,12 @@ from tensordict import TensorDict
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, preemption
 from .level_stats import LevelStats
 from .errors import ConfigError, check_choice, check_positive
 from .limits import check_limit
 from .networks import Denoiser, build_network
-from .runs import atomic_save, remove_stale_temporaries
+from .runs import KINDS, atomic_save, atomic_write, record_written, remove_stale_temporaries, remove_written
 
 __all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint",
            "load_denoiser", "batch_from_env", "split_batch", "objective"]
@@ -206,6 +207,8 @@ class Learner(ABC):
             by `config.seed`. Its formulation must equal the env's.
         config: optimisation settings.
         out_dir: folder for checkpoints (`checkpoint.pt`) and metrics (`metrics.jsonl`); None keeps nothing on disk.
+            A folder that holds another run's checkpoint is refused by `train` unless the learner `resume()`s it or
+            is told to replace it (`overwrite()`, or `train(..., overwrite=True)`).
         device: "auto" (GPU when there is one), "cpu" or "cuda".
     """
 
@@ -246,6 +249,8 @@ class Learner(ABC):
         self.data_hash = hasher() if callable(hasher) else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._writer = None  # TensorBoard SummaryWriter, made on first use
+        self._claimed: Path | None = None  # the out_dir this learner resumed or started its run in
+        self._recorded: set[tuple[Path, str]] = set()  # files already named in out_dir's manifest
         self.level_stats = LevelStats()  # per-level training curves, logged under "per_level"
 
     # ---- what a subclass defines ---------------------------------------------------------------------
@@ -344,15 +349,21 @@ class Learner(ABC):
             b_ema.copy_(b)
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def train(self, steps: int, progress: bool = True) -> Iterator[dict]:
+    def train(self, steps: int, progress: bool = True, overwrite: bool = False) -> Iterator[dict]:
         """Run until `self.step == steps` (total, so a resumed run stops where the uninterrupted one would),
-        yielding a metrics dict every `log_every` steps and writing checkpoints and metrics.jsonl to out_dir."""
+        yielding a metrics dict every `log_every` steps and writing checkpoints and metrics.jsonl to out_dir.
+
+        An out_dir holding another run's checkpoint is refused (ConfigError) unless this learner resumed it
+        (`resume()`) or `overwrite=True` replaces it (see `overwrite()`). A SIGTERM received under the command
+        line's handler (`diffusion_rl.preemption`) writes a checkpoint after the current step and raises
+        `Terminated`."""
         check_positive("steps", steps)
         check_limit("steps", steps, "steps")
         if steps < self.step:
             raise ConfigError(f"steps={steps} is below the step {self.step} this run has reached; give steps >= "
                               f"{self.step} (the total, not the number still to train)")
         cfg = self.config
+        self._claim_out_dir(overwrite)
         if self.out_dir is not None and self.out_dir.is_dir() and self.dist.is_main:
             remove_stale_temporaries(self.out_dir)
         progress = progress and self.dist.is_main
@@ -360,6 +371,8 @@ class Learner(ABC):
                    dynamic_ncols=True, leave=False)
         t0, acc, n_acc = time.perf_counter(), {}, 0
         last_save = t0
+        stopping = preemption.training()
+        stopping.__enter__()
         try:
             while self.step < steps:
                 self.before_step(steps)
@@ -378,6 +391,7 @@ class Learner(ABC):
                     rec = {"run_id": self.run_id, "seed": cfg.seed, "method": self.method, "step": self.step,
                            "images": self.images_seen, "lr": self._lr(), "seconds": time.perf_counter() - t0,
                            **{k: v / n_acc for k, v in acc.items()},  # averaged over the steps taken
+                           "steps_averaged": n_acc,  # since the previous record, or since a resume
                            "per_level": self.level_stats.summary()}
                     acc, n_acc = {}, 0
                     bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}")
@@ -388,26 +402,88 @@ class Learner(ABC):
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or due:
                     self.save()
                     last_save = time.perf_counter()
+                self._stop_if_terminated()
                 if rec is not None:
                     yield rec
+            self.save()
+            self._stop_if_terminated(saved=True)
         except GeneratorExit:  # the caller stopped iterating early: keep what was trained
             self.save()
             raise
         finally:
             bar.close()
-        self.save()
+            stopping.__exit__(None, None, None)
+
+    def _stop_if_terminated(self, saved: bool = False) -> None:
+        """After a whole step: on a SIGTERM (see `diffusion_rl.preemption`), checkpoint and raise Terminated."""
+        signum = preemption.requested()
+        stop = signum is not None
+        if self.dist.world_size > 1:  # saving is collective: every rank stops alike
+            stop = distributed.any_rank(stop)
+        if stop:
+            if not saved:
+                self.save()
+            raise preemption.Terminated(signum or 15, step=self.step)
+
+    # ---- the output folder -------------------------------------------------------------------------------------
+    def _claim_out_dir(self, overwrite: bool) -> None:
+        """Before training into out_dir: refuse a folder holding another run's checkpoint unless `overwrite`."""
+        if self.out_dir is None:
+            return
+        here = self.out_dir.resolve()
+        if self._claimed == here:
+            return
+        ckpt = self.out_dir / "checkpoint.pt"
+        if os.path.lexists(ckpt):
+            other = _checkpoint_identity(ckpt)
+            if other.get("run_id") != self.run_id:
+                if not overwrite:
+                    raise ConfigError(f"out_dir {str(self.out_dir)!r} holds another run's checkpoint (run "
+                                      f"{other.get('run_id', '?')}, step {other.get('step', '?')}); call resume() to "
+                                      f"continue it, or overwrite() / train(..., overwrite=True) to replace it")
+                self.overwrite()
+                return
+        self._claimed = here
+
+    def overwrite(self) -> "Learner":
+        """Replace the run held in out_dir: delete the files the library wrote there (those its manifest lists; in
+        a folder from before manifests, checkpoint.pt, metrics.jsonl and results.json), then train a new run there.
+        Files the library did not write are kept; a checkpoint.pt among them is refused (ConfigError)."""
+        if self.out_dir is None:
+            raise ConfigError("overwrite needs an out_dir")
+        if self.dist.is_main:
+            remove_written(self.out_dir, KINDS)
+            if os.path.lexists(self.out_dir / "checkpoint.pt"):
+                raise ConfigError(f"out_dir {str(self.out_dir)!r} holds a checkpoint.pt the library did not record "
+                                  f"writing; move it away or choose another out_dir")
+        self._claimed = self.out_dir.resolve()
+        return self
+
+    def _record(self, rel: str) -> None:
+        """Name out_dir/rel in out_dir's manifest (once per learner and file), before it is written."""
+        key = (self.out_dir.resolve(), rel)
+        if key not in self._recorded:
+            record_written(self.out_dir, rel, "train")
+            self._recorded.add(key)
 
     def _log(self, rec: dict) -> None:
         if self.out_dir is None or not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._record("metrics.jsonl")
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         if self.config.tensorboard:
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+                board = self.out_dir / "tensorboard"
+                before = set(board.rglob("*")) if board.is_dir() else set()
+                self._writer = SummaryWriter(str(board))
+                self._writer.flush()
+                for new in sorted(set(board.rglob("*")) - before):  # its event file(s), not the user's
+                    if new.is_file():
+                        self._record(new.relative_to(self.out_dir).as_posix())
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._writer.add_scalar(f"{self.method}/{k}", v, rec["step"])
@@ -448,6 +524,9 @@ class Learner(ABC):
             path = self.out_dir / "checkpoint.pt"
         if not self.dist.is_main:
             return None
+        if self.out_dir is not None and Path(path) == self.out_dir / "checkpoint.pt":
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._record("checkpoint.pt")  # before the write: a file on disk is always one the manifest names
         atomic_save(state or self.state_dict(), path)
         return Path(path)
 
@@ -511,29 +590,43 @@ class Learner(ABC):
         self.load_state_dict(load_checkpoint(path), keep=keep)
         if self.out_dir is not None and self.out_dir.is_dir():
             remove_stale_temporaries(self.out_dir)
+        if self.out_dir is not None and Path(path).resolve() == (self.out_dir / "checkpoint.pt").resolve():
+            self._claimed = self.out_dir.resolve()  # continuing the run held there
         self._trim_log()
         return self
 
     def _trim_log(self) -> None:
         """Drop metric records written after the checkpoint (a crashed run's tail), so the resumed log has no
-        duplicate steps."""
+        duplicate steps. Unreadable lines (cut short by a killed writer, or bytes that are not UTF-8) are dropped
+        with a warning. The log is rewritten atomically."""
         log = self.out_dir / "metrics.jsonl" if self.out_dir is not None and self.dist.is_main else None
         if log is None or not log.exists():
             return
         keep, torn = [], 0
-        original = log.read_text()
-        for line in original.splitlines():
+        original = log.read_bytes()
+        for line in original.split(b"\n"):
+            if not line.strip():
+                continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.decode("utf-8"))
                 if rec["step"] <= self.step:
                     keep.append(line)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                 torn += 1  # a line cut short by a killed writer: dropped, and said
         if torn:
             warnings.warn(f"{log}: dropped {torn} unreadable line(s) (a run killed while writing)", stacklevel=3)
-        text = "".join(line + "\n" for line in keep)
-        if text != original:  # rewritten only when a line goes
-            log.write_text(text)
+        data = b"".join(line + b"\n" for line in keep)
+        if data != original:  # rewritten only when a line goes
+            atomic_write(log, lambda tmp: tmp.write_bytes(data))
+
+
+def _checkpoint_identity(path: Path) -> dict:
+    """{"run_id", "step"} of a checkpoint, read without loading its tensors; {} when unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {"run_id": str(ckpt.get("run_id")), "step": int(ckpt.get("step"))}
+    except Exception:  # noqa: BLE001 - unreadable: another run's, or none
+        return {}
 
 
 def _identity(config: dict) -> dict:

@@ -108,6 +108,11 @@ def _case_setup(name: str, tmp: Path, trained: Path) -> list[str]:
         fcntl.flock(fh, fcntl.LOCK_EX)
         _HELD.append(fh)
         return ["train", *MOONS, "--out", out]
+    if name == "symlinked_lock":  # a .lock pointing at a file of the user's: refused, the file untouched
+        (tmp / "out").mkdir()
+        (tmp / "victim.txt").write_text("precious")
+        (tmp / "out" / ".lock").symlink_to(tmp / "victim.txt")
+        return ["train", *MOONS, "--out", out]
     if name == "other_method_same_out":
         return ["train", *MOONS, "--method", "td", "--out", str(trained / "moons")]
     if name == "resume_missing":
@@ -168,6 +173,7 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
     ("checkpoint of absurd width", "absurd_width", 2, "DIFFUSION_RL_MAX_PARAMETERS"),
     ("second run into one out", "second_run_same_out", 2, "already holds a run"),
     ("concurrent run", "concurrent_run", 2, "is in use by process 4242 on elsewhere"),
+    ("symlinked lock", "symlinked_lock", 2, "is a symlink"),
     ("another method into a run's out", "other_method_same_out", 2, "already holds a run"),
     ("empty out", ["train", *MOONS, "--out", ""], 2, "--out is empty"),
     ("resume of nothing", "resume_missing", 2, "holds no run"),
@@ -234,6 +240,8 @@ def test_bad_input_is_refused_before_any_work(case, argv, code, needle, tmp_path
     assert not written, written
     assert not cache.exists() or not any(cache.rglob("*.pt"))
     assert before == {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
+    if (tmp_path / "victim.txt").exists():
+        assert (tmp_path / "victim.txt").read_text() == "precious"
     for fh in _HELD:
         fh.close()
     _HELD.clear()
