@@ -256,22 +256,18 @@ def ground_truth_records(learner, dataset, variant: Variant, samplers: list[str]
     from diffusion_rl.groundtruth import ground_truth_report
     from diffusion_rl.samplers import sampler_for_nfe
 
-    recs, levels = [], None
-    for name in samplers:
-        by_sampler: dict[str, list[int]] = {}
-        for nfe in nfe_grid:
-            real = sampler_for_nfe(learner.formulation, nfe, None if name == "default" else name)
-            by_sampler.setdefault(real, []).append(nfe)
-        for real, nfes in by_sampler.items():
-            rep = ground_truth_report(learner.ema, dataset, samplers=(real,), nfe_grid=nfes, n=GT_SAMPLES, seed=seed)
-            levels = levels or rep
-            for cell in rep["solvers"]:
-                dist = cell["distribution"]
-                values = {"gt_error": cell["total"], "gt_solver_error": cell["solver"],
-                          "gt_network_error": cell["network"], "gt_loglik_gap": dist["loglik_gap"],
-                          "gt_mode_tv": dist["mode_tv"], "gt_frechet": dist["frechet"]}
-                recs += [{"variant": variant.on_solver(name).label, "sampler": real, "nfe": cell["nfe"],
-                          "metric": m, "value": float(v)} for m, v in values.items()]
+    # one report per run: the level curves and the exact ODE solve once, every (grid solver, NFE) cell beside them
+    names = [(name, sampler_for_nfe(learner.formulation, nfe, None if name == "default" else name), nfe)
+             for name in samplers for nfe in nfe_grid]
+    levels = ground_truth_report(learner.ema, dataset, cells=[(real, nfe) for _, real, nfe in names], n=GT_SAMPLES,
+                                 seed=seed)
+    recs = []
+    for (name, real, nfe), cell in zip(names, levels["solvers"]):
+        dist = cell["distribution"]
+        values = {"gt_error": cell["total"], "gt_solver_error": cell["solver"], "gt_network_error": cell["network"],
+                  "gt_loglik_gap": dist["loglik_gap"], "gt_mode_tv": dist["mode_tv"], "gt_frechet": dist["frechet"]}
+        recs += [{"variant": variant.on_solver(name).label, "sampler": real, "nfe": nfe, "metric": m,
+                  "value": float(v)} for m, v in values.items()]
     for metric, curve in (("gt_denoiser_error", levels["denoiser_error"]),
                           ("gt_consistency_error", levels["consistency_error"])):
         recs.append({"variant": variant.label, "sampler": None, "nfe": None, "metric": metric,
