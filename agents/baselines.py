@@ -53,13 +53,13 @@ class ConsistencyBaseline(TDEvaluator):
         self.method = f"{self.formulation.name}-baseline"
 
     def loss(self, batch: TensorDictBase) -> TensorDict:
-        start = batch.select(*self.loss_module.critic_keys, strict=False)
-        f = self.critic(start)["denoised"]
-        f_target, _ = self.loss_module._target(batch.get("next"))
-        loss_base = self.formulation.base_loss(f, f_target, batch["level"])
+        # the online call and the target f-(x_t2, t2) as TD-CT makes them (dropout replay, method.md §10.3)
+        online, f_target, _ = self.loss_module.online_and_consistency_target(batch, batch.get("next"))
+        loss_base = self.formulation.base_loss(online["denoised"], f_target, batch["level"])
         return TensorDict({"loss_base": loss_base.mean(), "sample_base": loss_base.detach()}, batch_size=[])
 
     def method_config(self) -> dict:
         mc = super().method_config()
-        return {k: mc[k] for k in ("target_update", "tau", "hard_period", "target_halflife_images", "target_rampup",
-                                   "stride", "one_step", "coupling")}
+        keys = ("target_update", "tau", "hard_period", "target_halflife_images", "target_rampup", "stride", "one_step",
+                "coupling", "ct_target", "tau_schedule")
+        return {k: mc[k] for k in keys if k in mc}

@@ -46,14 +46,36 @@ from torchrl.objectives.value import TD0Estimator, ValueEstimatorBase
 from diffusion_rl.errors import ConfigError, check_choice, check_non_negative, check_positive, check_range
 from diffusion_rl.formulations import Formulation, expand_as_image
 from diffusion_rl.networks import Denoiser
+from diffusion_rl.schedules import adaptive_target_tau
 from diffusion_rl.training import Learner, TrainConfig, halflife_decay, resolve_device
 
 from .estimators import estimator_name, make_estimator, returns
 from .functional import REWEIGHTINGS, chain_mask, combine_losses, mean_pixels, split_objective, td_weight
 
-__all__ = ["TDLoss", "TDEvaluator", "TDSettings", "REWEIGHTINGS", "TARGET_UPDATES"]
+__all__ = ["TDLoss", "TDEvaluator", "TDSettings", "REWEIGHTINGS", "TARGET_UPDATES", "CT_TARGETS"]
 
 TARGET_UPDATES: tuple[str, ...] = ("soft", "hard")
+CT_TARGETS: tuple[str, ...] = ("train", "eval")  # method.md §10.3: the consistency target's mode under dropout
+
+
+def has_dropout(module: nn.Module) -> bool:
+    """True when a forward of `module` in train mode draws dropout masks (a Dropout with p > 0)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+
+
+class RngState:
+    """The global random state (CPU, and the device's generator on an accelerator), captured to replay dropout
+    masks: the release's consistency target draws the online call's masks again (method.md §10.3)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.accel is not None:
+            torch.cuda.set_rng_state(self.accel, self.device)
 
 
 class FastSoftUpdate(SoftUpdate):
@@ -98,6 +120,9 @@ class TDLoss(LossModule):
             n_steps strides; the others train on (1 + lambda) base (method.md §7, the equal-reach pairing).
         td_term: False drops the TD term and its target forwards, keeping the TD-valid mask and the per-sample
             base weights (lambda or 1 + lambda): the matched control "tdoff" (method.md §5.5).
+        ct_target: TD-CT's target network under dropout (method.md §10.3): "train" (the release: the consistency
+            target replays the online call's dropout masks, the TD partner's forward draws fresh ones) or "eval"
+            (one forward in eval mode for both). Without active dropout the two are the same single forward.
 
     Input: a batch [B] of transitions (`env.sample_pairs`), [B, T] of chains (`env.rollout`,
     `env.sample_trajectories`, a TorchRL collector's batch) or [T] (the rollout of an unbatched env, whose last
@@ -144,9 +169,10 @@ class TDLoss(LossModule):
     def __init__(self, critic: TensorDictModule, target_critic: TensorDictModule, formulation: Formulation, *,
                  one_step: float, coupling: str, estimator: ValueEstimatorBase, reweighting: str = "edm",
                  base_lambda: float = 0.5, n_steps: int = 1, full_reach: bool = False,
-                 td_term: bool = True) -> None:
+                 td_term: bool = True, ct_target: str = "train") -> None:
         super().__init__()
         check_choice("reweighting", reweighting, REWEIGHTINGS)
+        check_choice("ct_target", ct_target, CT_TARGETS)
         # Modules live in __dict__ (not as submodules): their parameters are registered once, below.
         self.__dict__["value_network"] = critic
         self.__dict__["target_value_network"] = target_critic
@@ -162,18 +188,41 @@ class TDLoss(LossModule):
         # the estimator's horizon: td0 looks one transition ahead, nstep / td_lambda n_steps
         self.n_steps = 1 if isinstance(estimator, TD0Estimator) else int(check_positive("n_steps", n_steps))
         self.critic_keys = list(critic.in_keys)
+        # method.md §10.3: the release's train-mode target matters only where dropout draws masks
+        self.replay_dropout = ct_target == "train" and formulation.consistency and has_dropout(target_critic)
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         """The estimator receives tensors (rewards, bootstrap values), not keys: nothing to forward."""
 
     # ---- pieces -------------------------------------------------------------------------------------------------
-    def _target(self, states: TensorDictBase) -> tuple[Tensor, Tensor]:
-        """(denoised, value) of the target critic: no grad, eval mode (method.md §5.4, §12.5)."""
-        if self.target_value_network.training:  # kept in eval mode; restored if a caller switched it
-            self.target_value_network.eval()
+    def _target(self, states: TensorDictBase, train: bool = False) -> tuple[Tensor, Tensor]:
+        """(denoised, value) of the target critic: no grad, eval mode (method.md §5.4, §12.5); `train` runs it in
+        train mode (dropout active, TD-CT's release semantics, §10.3) and puts it back in eval mode."""
+        net = self.target_value_network
+        if train or net.training:  # kept in eval mode (restored if a caller switched it), train mode on request
+            net.train(train)
         with torch.no_grad():
-            out = self.target_value_network(states.select(*self.critic_keys, strict=False))
+            out = net(states.select(*self.critic_keys, strict=False))
+        if train:
+            net.eval()
         return out["denoised"].detach(), out["state_value"].detach()
+
+    def online_and_consistency_target(self, start: TensorDictBase,
+                                      partner: TensorDictBase) -> tuple[TensorDictBase, Tensor, Tensor]:
+        """TD-CT's pair (method.md §10, §10.3): the online critic at `start` (with grad), then the target's f-(x_t2,
+        t2) and V-(s') at `partner`. With `replay_dropout`, the target runs in train mode on the online call's
+        dropout masks (the global random state is captured before the online call and restored before the target
+        call); otherwise one eval-mode forward."""
+        rng = RngState(self.tensor_device(start)) if self.replay_dropout else None
+        online = self.value_network(start.select(*self.critic_keys, strict=False))
+        if rng is not None:
+            rng.restore()
+        denoised, value = self._target(partner, train=rng is not None)
+        return online, denoised, value
+
+    @staticmethod
+    def tensor_device(td: TensorDictBase) -> torch.device:
+        return next(iter(td.values(include_nested=True, leaves_only=True))).device
 
     def _check_keys(self, batch: TensorDictBase) -> None:
         tk = self.tensor_keys
@@ -212,7 +261,11 @@ class TDLoss(LossModule):
         valid = used[:, 0]  # 1-D even for batch size 1 (method.md §12.6)
 
         # method.md §5.3: D_theta(x_t) computed once, reused by the base and the TD terms; V_theta(s) = A D + kappa x.
-        online = self.value_network(start.select(*self.critic_keys, strict=False))
+        # TD-CT (§10): the online call and the consistency target f-(x_t2, t2) together (dropout replay, §10.3)
+        if self.formulation.consistency:
+            online, next_denoised, next_value_0 = self.online_and_consistency_target(start, nxt[:, 0])
+        else:
+            online = self.value_network(start.select(*self.critic_keys, strict=False))
         denoised, value = online["denoised"], online["state_value"]
 
         # bootstrap values V-(s_{j+1}) of the target network where the chain uses them (method.md §5.4: no grad, eval)
@@ -220,9 +273,10 @@ class TDLoss(LossModule):
         rows = used.clone()
         if self.formulation.consistency:
             # method.md §10: the consistency pair (t, t2) uses f-(x_t2, t2) for every sample, boundary ones included;
-            # l2 loss_ct with the CT weighting: w(t) mean_pixels (f_theta(x_t, t) - f-(x_t2, t2))^2
-            next_denoised, next_value_0 = self._target(nxt[:, 0])
+            # loss_ct = w(t) d(f_theta(x_t, t), f-(x_t2, t2)) with the formulation's weight and distance
             loss_base = self.formulation.base_loss(denoised, next_denoised, level)
+            if self.td_term and self.replay_dropout:  # §10.3: the TD partner's forward draws fresh dropout masks
+                next_value_0 = self._target(nxt[:, 0], train=True)[1]
             next_value[:, 0] = torch.where(expand_as_image(valid, value).bool(), next_value_0, 0.0)
             rows[:, 0] = False
         else:
@@ -268,6 +322,21 @@ class TDLoss(LossModule):
         return delta, torch.where(valid, w_td * mean_pixels(delta.pow(2)), torch.zeros_like(loss_base))
 
 
+def parse_tau_schedule(text: str) -> tuple[float, int]:
+    """"adaptive:MU0:S0" -> (MU0, S0): the release's adaptive target EMA, tau(N) = MU0^(S0 / (N - 1)) on the current
+    N-point grid (method.md §10.4), 0 < MU0 < 1, S0 >= 1. ConfigError otherwise."""
+    kind, _, rest = str(text).partition(":")
+    try:
+        mu0, s0 = rest.split(":")
+        mu0, s0 = float(mu0), int(s0)
+        if kind == "adaptive" and 0 < mu0 < 1 and s0 >= 1:
+            return mu0, s0
+    except ValueError:
+        pass
+    raise ConfigError(f"target tau schedule {text!r}; accepted: adaptive:MU0:S0 with 0 < MU0 < 1 and S0 >= 1 (the "
+                      f"release's: adaptive:0.9:2)")
+
+
 def _names(td: TensorDictBase) -> list:
     try:
         return list(td.names)
@@ -299,6 +368,8 @@ class TDSettings:
     shared_until: float | None = None
     full_reach: bool = False
     td_term: bool = True
+    ct_target: str = "train"
+    tau_schedule: str | None = None
 
     def __post_init__(self) -> None:
         est = make_estimator(self.estimator, lmbda=self.lmbda)  # checks the name and lambda
@@ -313,6 +384,12 @@ class TDSettings:
             check_choice("reweighting", self.reweighting, REWEIGHTINGS)
         check_non_negative("base_lambda", self.base_lambda)
         check_choice("target_update", self.target_update, TARGET_UPDATES)
+        check_choice("ct_target", self.ct_target, CT_TARGETS)
+        if self.tau_schedule is not None:
+            parse_tau_schedule(self.tau_schedule)
+            if self.target_update != "soft" or self.target_halflife_images or self.target_rampup:
+                raise ConfigError(f"tau_schedule={self.tau_schedule!r} sets the soft update's rate; it excludes "
+                                  f"target_update='hard', target_halflife_images and target_rampup")
         if self.shared_until is not None:
             check_range("shared_until", self.shared_until, 0.0, 1.0)
         check_range("target_tau", self.tau, 0.0, 1.0)  # the command line's --target-tau
@@ -334,11 +411,13 @@ class TDSettings:
         """These settings on an MRP (a DiffusionMRP or an envs.MRPSettings): checks the chain's reach on its grid, the
         coupling schedule and TD-CT's pairs; returns them with the formulation's default reweighting filled in."""
         form = mrp.formulation
-        # the longest TD-valid chain: n strides from index 0 need n k + delta <= N-1 (method.md §5.2, §7)
-        horizon = math.floor((form.steps - 1 - mrp.one_step) / mrp.stride + 1e-9)
+        # the longest TD-valid chain: n strides from index 0 need n k + delta <= N-1 (method.md §5.2, §7), on the
+        # final grid of a schedule
+        steps = getattr(form, "max_steps", form.steps)
+        horizon = math.floor((steps - 1 - mrp.one_step) / mrp.stride + 1e-9)
         if self.n_steps > horizon:
             raise ConfigError(f"n_steps={self.n_steps} exceeds the {horizon} TD-valid strides of {mrp.stride:g} "
-                              f"index units (one-step {mrp.one_step:g}) on the {form.steps}-point grid; "
+                              f"index units (one-step {mrp.one_step:g}) on the {steps}-point grid; "
                               f"accepted: 1..{horizon}")
         if self.shared_until is not None and mrp.coupling == "shared":
             raise ConfigError("shared_until switches from shared to the env's coupling; this env's coupling is "
@@ -349,6 +428,9 @@ class TDSettings:
             if float(mrp.stride) != 1.0:
                 raise ConfigError(f"TD-CT needs an env with stride 1 (adjacent grid points, method.md §10), "
                                   f"got {mrp.stride}")
+        elif self.tau_schedule is not None:
+            raise ConfigError(f"tau_schedule={self.tau_schedule!r} follows a consistency grid (method.md §10.4); "
+                              f"{form.name!r} has a fixed grid: give tau")
         reweighting = form.default_reweighting if self.reweighting is None else self.reweighting
         return dataclasses.replace(self, reweighting=reweighting)
 
@@ -384,6 +466,9 @@ class TDEvaluator(Learner):
         hard_period: steps between hard copies (100).
         full_reach: nstep / td_lambda: the TD term only on samples whose whole chain of n_steps is TD-valid, the
             equal-reach pair of TD(0) at stride n_steps * k (method.md §7).
+        ct_target: TD-CT's target under dropout, "train" (the release) or "eval" (method.md §10.3).
+        tau_schedule: "adaptive:MU0:S0", the soft update's rate MU0^(S0 / (N - 1)) on the consistency grid's current
+            N points (the release's adaptive target EMA, method.md §10.4); None: `tau`.
         td_term: False trains the matched control "tdoff": this agent's batches, TD-valid mask and per-sample base
             weights without the TD term (method.md §5.5); its method is "tdoff-<formulation>".
         config, out_dir, device: as for `Learner` (the env's batch size is the batch).
@@ -398,7 +483,8 @@ class TDEvaluator(Learner):
                  base_lambda: float = 0.5, target_update: str = "soft", tau: float = 0.999,
                  hard_period: int = 100, target_halflife_images: float | None = None,
                  target_rampup: float | None = None, shared_until: float | None = None, full_reach: bool = False,
-                 td_term: bool = True, config: TrainConfig | None = None, out_dir: str | Path | None = None,
+                 td_term: bool = True, ct_target: str = "train", tau_schedule: str | None = None,
+                 config: TrainConfig | None = None, out_dir: str | Path | None = None,
                  device: str | torch.device = "auto",
                  critic_factory: Callable[..., TensorDictModule] | None = None) -> None:
         for attr in ("formulation", "stride", "one_step", "coupling", "sample_pairs", "sample_trajectories"):
@@ -408,7 +494,8 @@ class TDEvaluator(Learner):
         settings = TDSettings(estimator=estimator, n_steps=n_steps, lmbda=lmbda, reweighting=reweighting,
                               base_lambda=base_lambda, target_update=target_update, tau=tau, hard_period=hard_period,
                               target_halflife_images=target_halflife_images, target_rampup=target_rampup,
-                              shared_until=shared_until, full_reach=full_reach, td_term=td_term).for_mrp(env)
+                              shared_until=shared_until, full_reach=full_reach, td_term=td_term, ct_target=ct_target,
+                              tau_schedule=tau_schedule).for_mrp(env)
         form: Formulation = env.formulation
         est = make_estimator(estimator, lmbda=lmbda, device=resolve_device(device))
         from envs.critic import check_critic_keys, make_critic
@@ -426,6 +513,7 @@ class TDEvaluator(Learner):
         self.target_halflife_images, self.target_rampup = settings.target_halflife_images, settings.target_rampup
         self.shared_until, self.final_coupling = settings.shared_until, env.coupling
         self.full_reach = settings.full_reach
+        self.ct_target, self.tau_schedule = settings.ct_target, settings.tau_schedule
 
         # ---- critics: online over the denoiser, target over a frozen deep copy in eval mode ------------------------
         self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
@@ -438,7 +526,8 @@ class TDEvaluator(Learner):
         self.loss_module = TDLoss(self.critic, self.target_critic, form, one_step=env.one_step,
                                   coupling=env.coupling, estimator=est, reweighting=settings.reweighting,
                                   base_lambda=settings.base_lambda, n_steps=settings.n_steps,
-                                  full_reach=settings.full_reach, td_term=settings.td_term)
+                                  full_reach=settings.full_reach, td_term=settings.td_term,
+                                  ct_target=settings.ct_target)
         self._buffer_pairs = list(zip(self.target.buffers(), self.denoiser.buffers()))
         if settings.target_update == "soft":
             with warnings.catch_warnings():  # TorchRL warns about rates below 0.5, which ramp-ups and iCT use
@@ -488,8 +577,10 @@ class TDEvaluator(Learner):
             critic.module.coupling = coupling
 
     def current_tau(self) -> float:
-        """The soft update's rate at this step: `tau`, or the decay of the half-life min(target_halflife_images,
-        target_rampup * images seen) (method.md §5.4)."""
+        """The soft update's rate at this step: `tau`, the decay of the half-life min(target_halflife_images,
+        target_rampup * images seen) (method.md §5.4), or the adaptive rate on the current grid (§10.4)."""
+        if self.tau_schedule is not None:
+            return adaptive_target_tau(self.formulation.steps, *parse_tau_schedule(self.tau_schedule))
         halflives = [h for h in (self.target_halflife_images,
                                  None if self.target_rampup is None else self.target_rampup * self.images_seen)
                      if h is not None]
@@ -504,14 +595,16 @@ class TDEvaluator(Learner):
                 "reweighting": self.reweighting, "base_lambda": self.base_lambda,
                 "target_update": self.target_update,
                 "tau": self.tau if self.target_update == "soft" and self.target_halflife_images is None
-                and self.target_rampup is None else None,
+                and self.target_rampup is None and self.tau_schedule is None else None,
                 "target_halflife_images": self.target_halflife_images, "target_rampup": self.target_rampup,
                 "shared_until": self.shared_until,
                 "hard_period": self.hard_period if self.target_update == "hard" else None,
                 "stride": float(self.env.stride), "one_step": float(self.env.one_step),
                 "coupling": self.final_coupling,
                 **({"full_reach": True} if self.full_reach else {}),  # absent when off: older checkpoints still fit
-                **({"td_term": False} if not self.td_term else {})}
+                **({"td_term": False} if not self.td_term else {}),
+                **({"ct_target": self.ct_target} if self.formulation.consistency else {}),
+                **({"tau_schedule": self.tau_schedule} if self.tau_schedule is not None else {})}
 
     def load_state_dict(self, ckpt: dict, strict_config: bool = True, **kwargs) -> None:
         super().load_state_dict(ckpt, strict_config, **kwargs)

@@ -59,8 +59,8 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import TypeVar
 
-from diffusion_rl.build import check_command, make_learner
-from diffusion_rl.config import Args, check_seed, parse_nfe_grid
+from diffusion_rl.build import check_command, make_learner, plan
+from diffusion_rl.config import LPIPS_RECIPES, Args, check_seed, parse_nfe_grid, preset_names
 from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
@@ -135,6 +135,16 @@ def run_settings(learner, args: Args) -> dict:
                  shared_until=None)
     elif args.target_halflife_images or args.target_rampup:
         s.update(target_tau=None)
+    form = learner.formulation
+    if form.consistency:  # method.md §10.1-§10.4: the TD-CT choices, and the optimiser of the release's recipes
+        s.update(preset=args.preset or None, optimizer=args.optimizer, ct_loss={
+            k: v for k, v in form.config().items() if k in ("kappa", "boundary", "weight", "distance", "grid")},
+            ct_steps=getattr(form, "max_steps", form.steps), ct_target=mc.get("ct_target"),
+            target_tau_schedule=mc.get("tau_schedule"))
+        if mc.get("tau_schedule"):
+            s.update(target_tau=None)
+        if set(preset_names(args.preset)) & set(LPIPS_RECIPES) and not form.distance.name.startswith("lpips"):
+            s["lpips_substitute"] = f"{form.distance.name} in place of the release's LPIPS (no LPIPS weights here)"
     return s
 
 
@@ -198,13 +208,11 @@ def check_score_at(text: str, steps: int, variants: list[tuple[Variant, Args]]) 
     bad = [b for b in budgets if not 0 < b < steps]
     if bad:
         raise ConfigError(f"--score-at {bad} must lie in [1, {steps - 1}] (below --steps {steps})")
-    from diffusion_rl.formulations import make_formulation
-
     for variant, args in variants if budgets else ():
         if "steps" in variant.given:
             raise ConfigError(f"variant {variant.label!r} sets its own steps; with --score-at every variant trains "
                               "for --steps and is scored on its way")
-        if hasattr(make_formulation(args.formulation), "set_training_progress"):
+        if plan(args).mrp.formulation.scheduled:
             raise ConfigError(f"variant {variant.label!r} follows a curriculum over the run's total steps, so a run "
                               "scored on its way does not equal a shorter run; --score-at cannot score it")
         if args.method != "baseline" and args.shared_until:
@@ -304,7 +312,6 @@ class Grid:
 def check_grid(a: argparse.Namespace, version: str) -> Grid:
     """Every setting of the command checked, and the kept models too, before any training; the results file opened
     (a file made with other settings or code is refused)."""
-    from diffusion_rl.formulations import make_formulation
     from diffusion_rl.samplers import sampler_for_nfe
 
     base = Args(data=a.data, steps=a.steps, n_samples=a.n_samples, nfe_grid=a.nfe_grid, progress=False)
@@ -321,7 +328,7 @@ def check_grid(a: argparse.Namespace, version: str) -> Grid:
         check_command(args, given=set(variant.given), methods=(args.method,))
         for name in samplers:
             for nfe in nfe_grid:
-                sampler_for_nfe(make_formulation(args.formulation), nfe, None if name == "default" else name)
+                sampler_for_nfe(plan(args).mrp.formulation, nfe, None if name == "default" else name)
     dataset = load_dataset(a.data)  # one data set for every seed (a 2-D toy set is drawn with seed 0)
     if a.ground_truth and getattr(dataset, "truth", None) is None:
         raise ConfigError(f"--ground-truth needs a data set with a known distribution, got {a.data!r}; accepted: "

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from diffusion_rl.config import Args, cast_field
+from diffusion_rl.config import Args, apply_preset, cast_field
 from diffusion_rl.errors import ConfigError
 
 __all__ = ["Variant"]
@@ -63,9 +63,9 @@ class Variant:
 
     def args(self, base: Args) -> Args:
         """`base` with this variant's method and options (each cast to its Args field's type; ConfigError names a bad
-        key or value)."""
+        key or value), then its presets for the options it does not set."""
         values = {k: cast_field(Args, k, v) for k, v in self.options}
-        return dataclasses.replace(base, method=self.method, **values)
+        return apply_preset(dataclasses.replace(base, method=self.method, **values), set(values))
 
     def on_solver(self, solver: str) -> "Variant":
         """The same run scored by another solver."""

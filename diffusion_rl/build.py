@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import CT_BASELINE_OPTIONS, METHODS, TD_OPTIONS, Args, auto_float, check_seed, int_list, parse_nfe_grid
+from .config import (CT_BASELINE_OPTIONS, CT_OPTIONS, METHODS, TD_OPTIONS, Args, auto_float, check_seed, int_list,
+                     parse_nfe_grid)
 from .errors import ConfigError, check_choice, check_non_negative, check_positive
 
 if TYPE_CHECKING:  # torch and torchrl load when a plan is made, not when the command line starts
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # torch and torchrl load when a plan is made, not when the co
     from .evaluation import EvalConfig
     from .training import Learner, TrainConfig
 
-__all__ = ["RunPlan", "plan", "build_learner", "make_learner", "check_command", "train_config"]
+__all__ = ["RunPlan", "plan", "formulation", "build_learner", "make_learner", "check_command", "train_config"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def train_config(args: Args) -> "TrainConfig":
                        ema_halflife_images=args.ema_halflife_images, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
                        tensorboard=args.tensorboard, precision=args.precision, compile=args.compile,
-                       channels_last=args.channels_last)
+                       channels_last=args.channels_last, optimizer=args.optimizer)
 
 
 def _network(args: Args) -> dict:
@@ -75,9 +76,32 @@ def _network(args: Args) -> dict:
 
 
 def _target(args: Args) -> dict:
-    """The target network's rate: tau, or a half-life / ramp-up (0 on the command line means off)."""
+    """The target network's rate: tau, a half-life / ramp-up (0 on the command line means off) or a consistency
+    grid's adaptive schedule; and, for the consistency formulations, its mode under dropout."""
+    ct = dict(ct_target=args.ct_target, tau_schedule=args.target_tau_schedule or None) if _consistency(args) else {}
     return dict(tau=args.target_tau, target_halflife_images=args.target_halflife_images or None,
-                target_rampup=args.target_rampup or None)
+                target_rampup=args.target_rampup or None, **ct)
+
+
+def _consistency(args: Args) -> bool:
+    return args.formulation in ("ct", "ict")
+
+
+def formulation(args: Args):
+    """The formulation of `args`: its name, and for ct / ict the TD-CT options (method.md §10.1-§10.4)."""
+    from .formulations import make_formulation
+
+    if not _consistency(args):
+        return make_formulation(args.formulation)
+    ct = dict(kappa=args.ct_kappa, boundary=args.ct_boundary)
+    if args.ct_distance:
+        ct["distance"] = args.ct_distance
+    if args.formulation == "ct":
+        ct.update(weight=args.ct_weight, grid=args.ct_grid)
+    elif args.ct_grid or args.ct_weight != "uniform":
+        raise ConfigError("ict has its own curriculum and weight (method.md §10): --ct-grid and --ct-weight apply to "
+                          "--formulation ct")
+    return make_formulation(args.formulation, **ct)
 
 
 def plan(args: Args, method: str | None = None) -> RunPlan:
@@ -89,7 +113,7 @@ def plan(args: Args, method: str | None = None) -> RunPlan:
 
     method = check_choice("method", method or args.method, METHODS)
     check_seed(args.seed)
-    mrp = MRPSettings.resolve(args.formulation, auto_float("stride", args.stride),
+    mrp = MRPSettings.resolve(formulation(args), auto_float("stride", args.stride),
                               auto_float("one_step", args.one_step), args.coupling or None)
     td = None
     if method != "baseline":
@@ -163,6 +187,10 @@ def check_command(args: Args, given: set[str] = frozenset(), methods: tuple[str,
 
     if not str(args.out).strip():
         raise ConfigError("--out is empty; give a folder")
+    stray = [f"--{k.replace('_', '-')}" for k in CT_OPTIONS if k in given and not _consistency(args)]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)} applies to the consistency formulations (ct, ict); --formulation "
+                          f"{args.formulation} would ignore it")
     for name in ("target_halflife_images", "target_rampup"):
         if check_non_negative(name, getattr(args, name), " (0: off)") and "target_tau" in given:
             raise ConfigError(f"--target-tau and --{name.replace('_', '-')} exclude each other: the half-life or "

@@ -15,7 +15,8 @@ from .errors import ConfigError, check_choice
 
 __all__ = ["Args", "SampleArgs", "EvalArgs", "DiagnoseArgs", "METHODS", "PRESETS", "opt", "apply_preset",
            "cast_field", "field_help", "add_dataclass_args", "dataclass_from_args", "parse_nfe_grid", "check_seed",
-           "int_list", "auto_float", "TD_OPTIONS", "CT_BASELINE_OPTIONS"]
+           "int_list", "auto_float", "TD_OPTIONS", "CT_BASELINE_OPTIONS", "CT_OPTIONS", "LPIPS_RECIPES",
+           "preset_names"]
 
 METHODS = ("baseline", "td", "tdoff")
 
@@ -38,7 +39,8 @@ class Args:
                                   "td's matched control)")
     steps: int = opt(2000, "optimizer steps")
     batch_size: int = opt(128, "samples per step")
-    lr: float = opt(2e-3, "Adam learning rate")
+    lr: float = opt(2e-3, "learning rate")
+    optimizer: str = opt("adam", "adam | radam (the consistency-model release's)")
     warmup_steps: int = opt(100, "linear learning-rate warm-up")
     ema_halflife_images: float = opt(20000.0, "evaluation EMA half-life in images")
     width: int = opt(32, "base channels of the UNet / hidden width of the MLP")
@@ -49,9 +51,12 @@ class Args:
     attention: str = opt("", "UNet feature-map sides with self-attention, e.g. 16 ('': none)")
     skip_scale: float = opt(1.0, "UNet residual outputs times this (DDPM++: 0.7071)")
     hflip: bool = opt(False, "augment training images by random horizontal flips")
-    preset: str = opt("", "network and optimisation recipe: cifar10 (EDM's DDPM++ CIFAR-10 recipe: width 128, "
-                          "multipliers 2,2,2, 4 blocks, attention at 16, dropout 0.13, batch 512, lr 1e-3, EMA "
-                          "half-life 0.5M images); options given explicitly win")
+    preset: str = opt("", "recipes, comma-separated, applied in order: cifar10 (EDM's DDPM++ CIFAR-10 recipe: "
+                          "width 128, multipliers 2,2,2, 4 blocks, attention at 16, dropout 0.13, batch 512, lr 1e-3, "
+                          "EMA half-life 0.5M images); ct-release (the TD-CT release's CIFAR-10 recipe: progressive "
+                          "grid 2 -> 151, adaptive target EMA, linear TD weight, uniform CT weight, RAdam 2e-4, l2 in "
+                          "place of LPIPS); ct-openai (its PyTorch defaults: N = 40, CT weight 1/sigma^2 + 4, target "
+                          "EMA 0, pairwise TD weight, RAdam 1e-4, l2 in place of LPIPS); options given explicitly win")
     conditional: bool = opt(False, "class-conditional network (needs labels)")
     seed: int = opt(0, "seeds initialisation, the env (data order, levels, noise) and sampling")
     device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
@@ -85,6 +90,20 @@ class Args:
     target_halflife_images: float = opt(0.0, "TD: target-network EMA half-life in training images (0: off)")
     target_rampup: float = opt(0.0, "TD: cap the target's half-life at this fraction of the images seen so far "
                                     "(0: off)")
+    target_tau_schedule: str = opt("", "CT: adaptive:MU0:S0, the target EMA MU0^(S0 / (N - 1)) on the grid's current "
+                                       "N points (the release's: adaptive:0.9:2) ('': --target-tau)")
+    ct_grid: str = opt("", "CT: N (a fixed N-point grid) | progressive:S0:S1 (the release's schedule, S0 -> S1 + 1 "
+                           "points over the run) ('': 18 points; ict has its own curriculum)")
+    ct_kappa: str = opt("posterior", "TD-CT: the value's kappa: posterior ((sigma(n+delta)/sigma(n))^2, the "
+                                     "release's) | shared-path (sigma(n+delta)/sigma(n))")
+    ct_boundary: str = opt("clamp", "TD-CT: clamp (TD off only where the partner is the grid's last point, one-step "
+                                    "levels clamped: the release's) | mask (TD off where the partner's one-step level "
+                                    "passes the grid end)")
+    ct_target: str = opt("train", "CT: the target under dropout: train (replays the online call's masks, the TD "
+                                  "partner draws fresh ones: the release's) | eval (one eval-mode forward)")
+    ct_weight: str = opt("uniform", "CT: consistency-loss weight: uniform | karras (1/sigma^2 + 1/sigma_data^2)")
+    ct_distance: str = opt("", "CT: consistency distance: l2 | pseudo_huber | lpips:<file> (a TorchScript LPIPS "
+                               "module) ('': l2 for ct, pseudo_huber for ict)")
     nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated (even budgets use Euler)")
     n_samples: int = opt(1000, "evaluation samples per NFE")
     features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
@@ -236,15 +255,33 @@ PRESETS: dict[str, dict] = {
     "cifar10": {"data": "cifar10", "width": 128, "depth": 4, "channel_mult": "2,2,2", "attention": "16",
                 "dropout": 0.13, "skip_scale": 0.7071, "batch_size": 512, "lr": 1e-3,
                 "ema_halflife_images": 500_000.0, "hflip": True},
+    # method.md §10.4: the TD-CT release's CIFAR-10 recipe (its JAX configs); LPIPS -> l2 (no weights here)
+    "ct-release": {"formulation": "ct", "ct_grid": "progressive:2:150", "target_tau_schedule": "adaptive:0.9:2",
+                   "reweighting": "linear", "ct_weight": "uniform", "ct_distance": "l2", "optimizer": "radam",
+                   "lr": 2e-4, "warmup_steps": 0, "dropout": 0.0},
+    # method.md §10.4: the release's PyTorch defaults (its script defaults); LPIPS -> l2
+    "ct-openai": {"formulation": "ct", "ct_grid": "40", "target_tau": 0.0, "reweighting": "pairwise",
+                  "ct_weight": "karras", "ct_distance": "l2", "optimizer": "radam", "lr": 1e-4, "warmup_steps": 0,
+                  "dropout": 0.0},
 }
+# the recipes that stand in l2 for the release's LPIPS: records name the substitute
+LPIPS_RECIPES = ("ct-release", "ct-openai")
+
+
+def preset_names(text: str) -> tuple[str, ...]:
+    """'cifar10,ct-release' -> ('cifar10', 'ct-release'); ConfigError names an unknown preset."""
+    names = tuple(n.strip() for n in str(text).split(",") if n.strip())
+    for name in names:
+        check_choice("preset", name, tuple(PRESETS))
+    return names
 
 
 def apply_preset(args: Args, given: set[str]) -> Args:
-    """The preset's values for every option not written on the command line."""
-    if not args.preset:
-        return args
-    check_choice("preset", args.preset, tuple(PRESETS))
-    return dataclasses.replace(args, **{k: v for k, v in PRESETS[args.preset].items() if k not in given})
+    """The presets' values, in order, for every option not written on the command line."""
+    values: dict = {}
+    for name in preset_names(args.preset):
+        values.update(PRESETS[name])
+    return dataclasses.replace(args, **{k: v for k, v in values.items() if k not in given})
 
 
 def int_list(name: str, text: str) -> tuple[int, ...]:
@@ -269,6 +306,10 @@ def auto_float(name: str, text: str) -> float | None:
 
 
 TD_OPTIONS = ("estimator", "n_steps", "lmbda", "full_reach", "reweighting", "base_lambda", "coupling", "stride",
-              "one_step", "target_tau", "target_halflife_images", "target_rampup", "shared_until")
-CT_BASELINE_OPTIONS = ("coupling", "stride", "one_step", "target_tau", "target_halflife_images", "target_rampup")
+              "one_step", "target_tau", "target_halflife_images", "target_rampup", "shared_until", "ct_kappa",
+              "ct_boundary", "ct_target", "target_tau_schedule")
+CT_BASELINE_OPTIONS = ("coupling", "stride", "one_step", "target_tau", "target_halflife_images", "target_rampup",
+                       "ct_target", "target_tau_schedule")
+# options of the consistency formulations only (ct, ict): another formulation would ignore them
+CT_OPTIONS = ("ct_grid", "ct_kappa", "ct_boundary", "ct_target", "ct_weight", "ct_distance", "target_tau_schedule")
 

@@ -175,7 +175,8 @@ class Evaluator:
 
     def score(self, samples: Tensor) -> dict[str, float]:
         """Metric name -> value for a batch of generated samples (images: "fid", "kid", "kid_std", "precision",
-        "recall", "class_tv" (classifier features), "nn_distance", "memorisation_ratio"; points: "sw2", "energy")."""
+        "recall", "class_tv" (classifier features), "nn_distance", "memorisation_ratio", "rms_from_mean" (its record
+        carries the reference images' own, "data_rms_from_mean"); points: "sw2", "energy")."""
         return self.score_details(samples)[0]
 
     def score_details(self, samples: Tensor) -> tuple[dict[str, float], dict[str, dict]]:

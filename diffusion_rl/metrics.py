@@ -29,6 +29,7 @@ from .errors import ConfigError, check_positive
 from .runs import atomic_save
 
 __all__ = [
+    "rms_from_mean",
     "DataSplit",
     "split_dataset",
     "FeatureNet",
@@ -447,6 +448,12 @@ class _PixelGallery:
         return out
 
 
+def rms_from_mean(x: Tensor, mean: Tensor) -> float:
+    """Root-mean-square per-pixel distance of samples [B, *F] from the data mean [*F]: sqrt(mean (x - mu)^2). Next to
+    the data's own value it says whether one-step samples overshoot away from the mean (method.md §10.5)."""
+    return float((x.float() - mean.float()).pow(2).mean().sqrt())
+
+
 def nearest_neighbour_distance(x: Tensor, gallery: Tensor, block: int | None = None) -> Tensor:
     """Per-pixel L2 distance from each image of `x` [M, ...] to its nearest image in `gallery` [G, ...]: [M] float64.
 
@@ -555,6 +562,8 @@ class ImageFID:
         self.max_points = int(max_points)
         self.sample_shape = tuple(images.shape[1:])
         self.real_features = _features(feature_net, images, self.batch_size)
+        self._mean = images.detach().float().mean(0).cpu()  # the reference's mean image (rms_from_mean)
+        self.data_rms_from_mean = rms_from_mean(images.detach().cpu(), self._mean)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # KID's "saves all features" notice
             self.fid = FrechetInceptionDistance(feature=_Passthrough(nf), reset_real_features=False)
@@ -601,7 +610,7 @@ class ImageFID:
     @property
     def metric_names(self) -> tuple[str, ...]:
         """The keys `compute` returns, in order."""
-        names = ["fid", "kid", "kid_std", "precision", "recall"]
+        names = ["fid", "kid", "kid_std", "precision", "recall", "rms_from_mean"]
         if self.reference_class_histogram is not None:
             names.append("class_tv")
         if self._gallery is not None:
@@ -631,6 +640,8 @@ class ImageFID:
             return {name: math.nan for name in self.metric_names}, {}
         fake_features = _features(self.feature_net, fake, self.batch_size)
         scores, details = self._from_features(fake_features)
+        scores["rms_from_mean"] = rms_from_mean(fake, self._mean)  # method.md §10.5: the overshoot check
+        details["rms_from_mean"] = {"data_rms_from_mean": round(self.data_rms_from_mean, 6)}
         if self._gallery is not None:
             nn = float(self._gallery.distances(fake[:self.max_points]).mean())
             scores["nn_distance"] = nn
@@ -640,8 +651,8 @@ class ImageFID:
         return scores, details
 
     def compute_from_features(self, fake_features: Tensor) -> dict[str, float]:
-        """Same as `compute` from already-extracted features [M, num_features], without the pixel-space
-        memorisation check ("nn_distance", "memorisation_ratio")."""
+        """Same as `compute` from already-extracted features [M, num_features], without the pixel-space metrics
+        ("nn_distance", "memorisation_ratio", "rms_from_mean")."""
         return self._from_features(fake_features)[0]
 
     def _from_features(self, fake_features: Tensor) -> tuple[dict[str, float], dict[str, dict]]:

@@ -1,7 +1,7 @@
 """The training loop shared by every learner: optimizer, evaluation EMA, checkpoints, metrics, resume.
 
-A `Learner` owns an online `Denoiser`, its evaluation EMA, Adam with linear warm-up and a step counter; its
-`envs.DiffusionMRP` produces every batch and owns the run's pair of generators (data order and noise). Subclasses say
+A `Learner` owns an online `Denoiser`, its evaluation EMA, Adam (or RAdam) with linear warm-up and a step
+counter; its `envs.DiffusionMRP` produces every batch and owns the run's pair of generators (data order and noise). Subclasses say
 how to `collect()` a batch from the env and how to compute its `loss(batch)` (scalar "loss_*" terms whose sum is the
 objective); `update()` and `train()` do the rest, RL style. Checkpoints hold model, EMA, optimizer, RNG
 states, step and config; they are written atomically and loaded with `torch.load(weights_only=True)`, so
@@ -90,12 +90,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(text)
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}  # PyTorch's defaults: betas (0.9, 0.999), eps 1e-8
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by every learner."""
 
     batch_size: int | None = None   # samples per optimizer step (None: the env's batch size, else 128)
-    lr: float = 1e-3                # Adam learning rate after warm-up
+    lr: float = 1e-3                # learning rate after warm-up
+    optimizer: str = "adam"         # adam | radam (the consistency-model release's, method.md §10.4)
     warmup_steps: int = 200         # linear learning-rate warm-up from 0
     ema_halflife_images: float = 20_000.0  # evaluation EMA half-life, in training images (EDM)
     grad_clip: float = 0.0          # max gradient norm; 0 disables clipping
@@ -122,6 +126,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be in (0, 1], got {self.lr!r}")
         check_positive("log_every", self.log_every)
         check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard=True needs the tensorboard package: pip install 'diffusion-rl[tensorboard]'")
 
@@ -241,7 +246,7 @@ class Learner(ABC):
         self.formulation = denoiser.formulation
         self.ema = copy.deepcopy(self.denoiser).eval().requires_grad_(False)  # evaluation: fp32, eager
         self.apply_speed()
-        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=self.config.lr)
+        self.optimizer = OPTIMIZERS[self.config.optimizer](self.denoiser.parameters(), lr=self.config.lr)
         self.step = 0
         self.images_seen = 0
         self.run_id = uuid.uuid4().hex[:12]  # names this run in every metrics line; kept across resumes
@@ -274,9 +279,10 @@ class Learner(ABC):
 
     def before_step(self, total: int) -> None:
         """Called by `train` before each step with the run's total steps: schedules that follow training progress.
-        Here, a curriculum (improved CT, method.md §10) sets the grid of the env's and the denoiser's formulation."""
+        Here, a grid schedule (improved CT's curriculum, the release's progressive grid, method.md §10.4) sets the
+        grid of the env's and the denoiser's formulation."""
         for f in {id(f): f for f in (self.env.formulation, self.formulation)}.values():
-            if hasattr(f, "set_training_progress"):
+            if f.scheduled:
                 f.set_training_progress(self.step, total)
 
     def close(self) -> None:

@@ -84,7 +84,8 @@ class MRPSettings:
         if coupling is not None:
             form.check_coupling(coupling)  # markov | shared | mixed:M with M on the grid
         stride, one_step = check_stride_one_step(form.default_stride if stride is None else stride,
-                                                 form.default_one_step if one_step is None else one_step, form.steps)
+                                                 form.default_one_step if one_step is None else one_step,
+                                                 getattr(form, "max_steps", form.steps))  # a schedule's final grid
         return cls(form, stride, one_step, coupling or form.default_coupling)
 
 
@@ -232,11 +233,12 @@ class DiffusionMRP(EnvBase):
 
     @property
     def max_valid_index(self) -> float:
-        """The last index a TD-valid transition may start from: (N-1) - (stride + one_step) (method.md §5.2)."""
-        return self.last_index - (self.stride + self.one_step)
+        """The last index a TD-valid transition may start from, the formulation's rule: (N-1) - (stride + one_step)
+        (method.md §5.2); TD-CT's default boundary rule, (N-2) - stride (method.md §10.2)."""
+        return self.formulation.last_td_start(self.stride, self.one_step)
 
     def td_valid(self, level: Tensor, index: Tensor) -> Tensor:
-        """TD-valid mask of method.md §5.2: in_range(level) & index <= (N-1) - (stride + one_step)."""
+        """TD-valid mask of method.md §5.2: in_range(level) & index <= `max_valid_index`."""
         return self.formulation.in_range(level) & (index <= self.max_valid_index)
 
     def _transition(self, x: Tensor, level: Tensor, index: Tensor, x0: Tensor) -> dict[str, Tensor]:
@@ -267,7 +269,7 @@ class DiffusionMRP(EnvBase):
             index = form.index(level).to(self.dtype)  # clamped to the grid
         else:
             index = (torch.zeros(n, dtype=self.dtype) if start == "max"
-                     else torch.rand(n, generator=g, dtype=self.dtype) * self.max_valid_index).to(self.device)
+                     else torch.rand(n, generator=g, dtype=self.dtype) * max(self.max_valid_index, 0.0)).to(self.device)
             level = form.level(index).to(self.dtype)
         noise = torch.randn(x0.shape, generator=self._generator, device=self.device, dtype=self.dtype)
         x = form.add_noise(x0, level, noise).to(self.dtype)

@@ -264,8 +264,9 @@ def test_vp_td_error_in_variance_exploding_units():
 
 def test_td_ct_loss():
     """method.md §10: loss_ct = mean (f(x_t, t) - f-(x_t2, t2))^2 on shared-noise grid pairs; TD with f, pairwise weight;
-    boundary n = N-2: (1 + lambda) loss_ct."""
-    form = CTFormulation()
+    boundary n = N-2: (1 + lambda) loss_ct. Here with the library's earlier choices, kappa of the shared-noise path
+    and the masking boundary rule (§10.1, §10.2); tests/test_td_ct_release.py checks the release's default."""
+    form = CTFormulation(kappa="shared-path", boundary="mask")
     env = DiffusionMRP(toy_data(), form, coupling="shared", seed=0, dtype=torch.float64)
     assert (env.stride, env.one_step) == (1.0, 0.25)
     ag = TDEvaluator(env, denoiser=random_denoiser(form), base_lambda=LAM,

@@ -245,7 +245,10 @@ def test_image_fid_without_labels_or_gallery_reports_feature_metrics_only() -> N
     real = torch.rand(60, 1, 4, 4, generator=g) * 2 - 1
     fid = ImageFID(real, _Flat(), kid_subsets=2)
     out = fid.compute(real)
-    assert list(out) == ["fid", "kid", "kid_std", "precision", "recall"] and out["precision"] == 1.0
+    assert list(out) == ["fid", "kid", "kid_std", "precision", "recall", "rms_from_mean"] and out["precision"] == 1.0
+    # the reference itself sits at the reference's own distance from its mean (method.md §10.5)
+    assert out["rms_from_mean"] == pytest.approx(fid.data_rms_from_mean)
+    assert fid.compute(torch.zeros(5, 1, 4, 4) + real.mean(0))["rms_from_mean"] == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(fid.compute(real[:3])["precision"])  # 3 samples: no 3rd neighbour, no radius
     with pytest.raises(ConfigError, match="nn_gallery"):
         ImageFID(real, _Flat(), nn_heldout=real)
