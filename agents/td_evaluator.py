@@ -56,6 +56,8 @@ __all__ = ["TDLoss", "TDEvaluator", "TDSettings", "REWEIGHTINGS", "TARGET_UPDATE
 
 TARGET_UPDATES: tuple[str, ...] = ("soft", "hard")
 CT_TARGETS: tuple[str, ...] = ("train", "eval")  # method.md §10.3: the consistency target's mode under dropout
+# the largest base-loss weight accepted: far above any useful one (0.5 is the paper's), far below float32 overflow
+BASE_LAMBDA_MAX = 1e6
 
 
 def has_dropout(module: nn.Module) -> bool:
@@ -190,6 +192,9 @@ class TDLoss(LossModule):
         self.critic_keys = list(critic.in_keys)
         # method.md §10.3: the release's train-mode target matters only where dropout draws masks
         self.replay_dropout = ct_target == "train" and formulation.consistency and has_dropout(target_critic)
+        # static shapes: the target runs on every row of the batch and the unused ones are masked, so the step has
+        # no host sync and one shape (GPUs, torch.compile); False indexes the used rows (less work on a CPU)
+        self.static_shapes = False
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         """The estimator receives tensors (rewards, bootstrap values), not keys: nothing to forward."""
@@ -284,7 +289,12 @@ class TDLoss(LossModule):
         if not self.td_term:  # the tdoff control: the same mask and base weights, no TD term, no target forwards
             delta, sample_td = torch.zeros_like(value).detach(), torch.zeros_like(loss_base).detach()
         else:
-            if rows.any():
+            if self.static_shapes:  # every row through the target, unused ones masked: no host sync, one shape
+                if not (self.formulation.consistency and T == 1):  # TD-CT's td0 rows are all taken above
+                    every = self._target(nxt.reshape(B * T))[1].reshape(next_value.shape).to(next_value)
+                    mask = rows.reshape(B, T, *[1] * (next_value.dim() - 2))
+                    next_value = torch.where(mask, every, next_value)
+            elif rows.any():  # only the rows the returns use (cheaper where a host sync is cheap: the CPU)
                 next_value[rows] = self._target(nxt[rows])[1].to(next_value)
             delta, sample_td = self._td_term(value, loss_base, level, valid, used, nxt, next_value)
         # method.md §5.5: two scalar terms whose sum is the batch mean of the per-sample loss
@@ -383,6 +393,7 @@ class TDSettings:
         if self.reweighting is not None:
             check_choice("reweighting", self.reweighting, REWEIGHTINGS)
         check_non_negative("base_lambda", self.base_lambda)
+        check_range("base_lambda", self.base_lambda, 0.0, BASE_LAMBDA_MAX)  # 1e308 overflows float32 losses
         check_choice("target_update", self.target_update, TARGET_UPDATES)
         check_choice("ct_target", self.ct_target, CT_TARGETS)
         if self.tau_schedule is not None:
@@ -454,7 +465,7 @@ class TDEvaluator(Learner):
         lmbda: TD(lambda)'s lambda in [0, 1] (for "td_lambda").
         reweighting: TD weighting, "edm" | "pairwise" | "linear" | "none" (method.md §6); None picks the formulation's
             `default_reweighting`: "edm" (base_weight / A^2) for EDM and VP, "pairwise" for CT (method.md §10).
-        base_lambda: the paper's lambda >= 0 weighting the BASE loss (0.5).
+        base_lambda: the paper's lambda in [0, BASE_LAMBDA_MAX = 1e6] weighting the BASE loss (0.5).
         target_update: "soft" (EMA after each optimizer step, target <- tau target + (1 - tau) online) or "hard"
             (copy every `hard_period` optimizer steps).
         tau: EMA factor of the soft update in [0, 1] (0.999), used when neither of the next two is given.
@@ -528,6 +539,7 @@ class TDEvaluator(Learner):
                                   base_lambda=settings.base_lambda, n_steps=settings.n_steps,
                                   full_reach=settings.full_reach, td_term=settings.td_term,
                                   ct_target=settings.ct_target)
+        self.loss_module.static_shapes = self.device.type != "cpu" or self.config.compile
         self._buffer_pairs = list(zip(self.target.buffers(), self.denoiser.buffers()))
         if settings.target_update == "soft":
             with warnings.catch_warnings():  # TorchRL warns about rates below 0.5, which ramp-ups and iCT use

@@ -7,8 +7,9 @@ network size, batch, precision, compile setting and device; JSON with the comman
 
 `--shape C,H,W` trains on uniform random images of that shape (throughput does not depend on the pixels), so a
 machine without data sets or a network can measure a CIFAR-sized model. For every (precision, compile) pair the
-baseline step (`update(collect())` of the EDM baseline) and the TD step (TD(0), paper defaults) are timed
-round-robin after a warm-up (compilation happens there), synchronising CUDA around each step; medians are reported.
+baseline step (`update(collect(), check=False)` of the EDM baseline: the training loop's step, without a host sync)
+and the TD step (TD(0), paper defaults) are timed round-robin after a warm-up (compilation happens there, timed apart
+as `warmup_s`, and `compile_warmup_s` for compiled rows), synchronising CUDA around each step; medians are reported.
 Beside them, the target critic's no-grad forward at one batch's TD-valid partners, TD's one extra piece of work, is
 timed in the same round-robin: `td_over_baseline_floor` = (baseline + that forward) / baseline is the ratio TD would
 reach with no other overhead.
@@ -104,9 +105,12 @@ def measure(a: ThroughputArgs, dataset: Dataset, precision: str, compiled: bool)
     for learner in learners.values():
         learner.out_dir = None
     device = learners["td"].device
-    steps = {m: (lambda learner=learner: learner.update(learner.collect())) for m, learner in learners.items()}
+    # the training loop's step: no per-step host sync (finiteness read at log lines and checkpoints)
+    steps = {m: (lambda learner=learner: learner.update(learner.collect(), check=False))
+             for m, learner in learners.items()}
     steps["target_forward"], valid_fraction = target_forward(learners["td"])
     times: dict[str, list[float]] = {m: [] for m in steps}
+    warmup_s = 0.0  # the untimed first rounds, where compilation happens: reported apart from the steady state
     for i in range(a.warmup + a.repeats):
         for m, fn in steps.items():
             _sync(device)
@@ -115,19 +119,26 @@ def measure(a: ThroughputArgs, dataset: Dataset, precision: str, compiled: bool)
             _sync(device)
             if i >= a.warmup:
                 times[m].append(time.perf_counter() - t0)
+            else:
+                warmup_s += time.perf_counter() - t0
+    for learner in learners.values():
+        learner.check_finite()
     step = {m: statistics.median(t) for m, t in times.items()}
     ema = learners["td"].ema.set_speed(precision if precision != "fp16" or device.type == "cuda" else "fp32",
                                        compiled)
     g = torch.Generator(device=device).manual_seed(0)
     shape = (a.sample_batch, *dataset.sample_shape)
+    t0 = time.perf_counter()
     sample(ema, ema.formulation, shape, nfe=a.nfe, generator=g, device=device)  # warm-up (and compilation)
     _sync(device)
+    warmup_s += time.perf_counter() - t0
     t0 = time.perf_counter()
     sample(ema, ema.formulation, shape, nfe=a.nfe, generator=g, device=device)
     _sync(device)
     sample_s = time.perf_counter() - t0
     params = sum(p.numel() for p in learners["td"].denoiser.parameters())
     return {"precision": precision, "compile": compiled, "parameters": params,
+            "warmup_s": warmup_s, "compile_warmup_s": warmup_s if compiled else None,
             "baseline_step_s": step["baseline"], "td_step_s": step["td"],
             "baseline_img_s": a.batch_size / step["baseline"], "td_img_s": a.batch_size / step["td"],
             "td_over_baseline": step["td"] / step["baseline"],

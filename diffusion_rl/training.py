@@ -257,6 +257,8 @@ class Learner(ABC):
         self._claimed: Path | None = None  # the out_dir this learner resumed or started its run in
         self._recorded: set[tuple[Path, str]] = set()  # files already named in out_dir's manifest
         self.level_stats = LevelStats()  # per-level training curves, logged under "per_level"
+        self._steps_dev: torch.Tensor | None = None  # on-device step counter and first non-finite step (-1: none)
+        self._first_bad: torch.Tensor | None = None
 
     # ---- what a subclass defines ---------------------------------------------------------------------
     @abstractmethod
@@ -307,12 +309,14 @@ class Learner(ABC):
         w = self.config.warmup_steps
         return self.config.lr * min(1.0, (self.step + 1) / w) if w > 0 else self.config.lr
 
-    def update(self, batch: TensorDict) -> TensorDict:
-        """One optimizer step on `batch`, then the EMA and `after_update`. Raises NonFiniteLossError."""
+    def update(self, batch: TensorDict, check: bool = True) -> TensorDict:
+        """One optimizer step on `batch`, then the EMA and `after_update`. Raises NonFiniteLossError before the step
+        when the loss or the gradient norm is not finite. `check=False` (the training loop) makes no host sync: the
+        finiteness goes into an on-device flag that `check_finite` reads at logging and before every checkpoint."""
         self.denoiser.train()
         out = self.loss(batch)
         loss = objective(out)
-        if not torch.isfinite(loss):
+        if check and not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {self.step}; "
                                      "the last good checkpoint is left intact")
         for group in self.optimizer.param_groups:
@@ -327,11 +331,15 @@ class Learner(ABC):
             # the norm clips when grad_clip > 0 (with inf it scales by exactly 1): non-finite gradients stop the run
             # before the step, so the parameters, and the next checkpoint, stay finite
             norm = nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip or math.inf)
-            if not torch.isfinite(norm):
+            if check and not torch.isfinite(norm):
                 raise NonFiniteLossError(f"non-finite gradient norm {norm.item()} at step {self.step} (finite loss "
                                          f"{loss.item():.4g}); the last good checkpoint is left intact")
         elif self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
+        else:
+            norm = None
+        if not check:
+            self._watch_finite(loss, norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -345,6 +353,28 @@ class Learner(ABC):
         out = out.detach()
         out.set("loss", loss.detach())
         return out
+
+    @torch.no_grad()
+    def _watch_finite(self, loss: torch.Tensor, norm: torch.Tensor | None) -> None:
+        """Record on the device whether this step's loss (and gradient norm) is finite, and the first step where it
+        was not: no host sync (`check_finite` reads it)."""
+        ok = torch.isfinite(loss.detach()) if norm is None else torch.isfinite(loss.detach()) & torch.isfinite(norm)
+        if self._steps_dev is None or self._steps_dev.device != ok.device:
+            self._steps_dev = torch.full((), self.step, dtype=torch.long, device=ok.device)
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=ok.device)
+        self._first_bad = torch.where((self._first_bad < 0) & ~ok, self._steps_dev, self._first_bad)
+        self._steps_dev += 1
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a step since the last check had a non-finite loss or gradient norm (one host
+        sync). The training loop calls it at every log line and `save` before every checkpoint, so no checkpoint
+        holds a step past a non-finite one and the run stops with its last good checkpoint."""
+        if self._first_bad is None:
+            return
+        bad = int(self._first_bad)
+        if bad >= 0:
+            raise NonFiniteLossError(f"non-finite loss or gradient norm at step {bad} (found at step {self.step}); "
+                                     f"the last good checkpoint is left intact")
 
     @torch.no_grad()
     def _update_ema(self, batch_size: int) -> None:
@@ -383,20 +413,22 @@ class Learner(ABC):
             while self.step < steps:
                 self.before_step(steps)
                 batch = self.collect()
-                out = self.update(batch)
+                out = self.update(batch, check=False)  # no host sync: finiteness checked at logs and checkpoints
                 if "index" in batch.keys():  # per-level curves (diffusion_rl.diagnostics): the start states' index
                     index = batch["index"]
                     self.level_stats.add(index[:, 0] if index.dim() > 1 else index, out)
-                for k, v in out.items():
+                for k, v in out.items():  # summed on the device, read once per log line
                     if v.numel() == 1:
-                        acc[k] = acc.get(k, 0.0) + float(v)
+                        acc[k] = acc.get(k, 0.0) + v.detach().to(torch.float32 if v.device.type == "mps"
+                                                                 else torch.float64)
                 n_acc += 1
                 bar.update(1)
                 rec = None
                 if self.step % cfg.log_every == 0 or self.step == steps:
+                    self.check_finite()
                     rec = {"run_id": self.run_id, "seed": cfg.seed, "method": self.method, "step": self.step,
                            "images": self.images_seen, "lr": self._lr(), "seconds": time.perf_counter() - t0,
-                           **{k: v / n_acc for k, v in acc.items()},  # averaged over the steps taken
+                           **{k: float(v) / n_acc for k, v in acc.items()},  # averaged over the steps taken
                            "steps_averaged": n_acc,  # since the previous record, or since a resume
                            "per_level": self.level_stats.summary()}
                     acc, n_acc = {}, 0
@@ -523,6 +555,7 @@ class Learner(ABC):
     def save(self, path: str | Path | None = None) -> Path | None:
         """Write a checkpoint atomically (default out_dir/checkpoint.pt); returns its path. Under DDP every rank must
         call it (the ranks' generator states are gathered) and rank 0 writes."""
+        self.check_finite()  # a checkpoint never holds a step past a non-finite loss
         state = self.state_dict() if self.dist.world_size > 1 else None  # collective
         if path is None:
             if self.out_dir is None:

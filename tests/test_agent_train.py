@@ -371,8 +371,8 @@ def test_coupling_schedule_switches_env_critics_and_loss_together():
     ag = make(shared_until=0.5)
     seen = []
     step = ag.update
-    ag.update = lambda batch: (seen.append((ag.env.coupling, ag.loss_module.coupling, ag.critic.module.coupling,
-                                            ag.target_critic.module.coupling)), step(batch))[1]
+    ag.update = lambda batch, **kw: (seen.append((ag.env.coupling, ag.loss_module.coupling, ag.critic.module.coupling,
+                                                  ag.target_critic.module.coupling)), step(batch, **kw))[1]
     for _ in ag.train(8, progress=False):
         pass
     assert [c[0] for c in seen] == ["shared"] * 4 + ["markov"] * 4 and all(len(set(c)) == 1 for c in seen)

@@ -589,10 +589,10 @@ def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, 
         learner.config.checkpoint_every = 4
         update = learner.update
 
-        def dies_at_6(batch):
+        def dies_at_6(batch, **kw):
             if learner.step == 6 and kill:
                 raise KeyboardInterrupt
-            return update(batch)
+            return update(batch, **kw)
         learner.update = dies_at_6
         return learner
 

@@ -97,10 +97,10 @@ import diffusion_rl.training as T
 from diffusion_rl.cli import main
 
 update = T.Learner.update
-def dying_update(self, batch):
+def dying_update(self, batch, **kw):
     if self.dist.rank == 1 and self.step == 6:
         raise RuntimeError("rank 1 dies")
-    return update(self, batch)
+    return update(self, batch, **kw)
 T.Learner.update = dying_update
 sys.exit(main(sys.argv[1:]))
 """

@@ -231,10 +231,10 @@ where = sys.argv[2]
 if where == "training":  # the signal arrives during step 3
     from diffusion_rl.training import Learner
     update = Learner.update
-    def update_then_signal(self, batch):
+    def update_then_signal(self, batch, **kw):
         if self.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return update(self, batch)
+        return update(self, batch, **kw)
     Learner.update = update_then_signal
 else:  # it arrives during the evaluation
     from diffusion_rl.evaluation import Evaluator
