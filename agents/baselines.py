@@ -37,26 +37,22 @@ class DiffusionBaseline(Learner):
 
 class ConsistencyBaseline(TDEvaluator):
     """Consistency training without the TD term (method.md §10): the formulation's consistency loss
-    w(t) d(f_theta(x_t, t), f-(x_t2, t2)) on every pair of the env's `sample_pairs` (stride 1, shared noise).
+    w(t) d(f_theta(x_t, t), f-(x_t2, t2)) on every pair of the env's `sample_pairs` (stride 1, shared noise), each
+    sample weighing 1.
 
-    It is TD-CT with the TD term removed, on the same pairs, target network and target schedule: the control that
-    makes a CT vs TD-CT comparison fair. Improved CT's stop-gradient teacher is `tau=0` (the target then equals the
-    online network of the previous step, i.e. the current one under no-grad). Args: as for `TDEvaluator` (the TD
-    settings estimator, reweighting and base_lambda do not apply).
+    It is the TD-CT agent configured, not rewritten: `td_term=False` and uniform base weights, so the pairs, the
+    target network, its schedule and its dropout semantics (§10.3) are TD-CT's own: the control that makes a CT vs
+    TD-CT comparison fair. Improved CT's stop-gradient teacher is `tau=0` (the target then equals the online network
+    of the previous step, i.e. the current one under no-grad). Args: as for `TDEvaluator` (the TD settings
+    estimator, reweighting and base_lambda do not apply).
     """
 
     def __init__(self, env, **kwargs) -> None:
         if not getattr(getattr(env, "formulation", None), "consistency", False):
             raise ConfigError(f"ConsistencyBaseline needs a consistency formulation (ct, ict), got "
                               f"{getattr(getattr(env, 'formulation', None), 'name', env)!r}; use DiffusionBaseline")
-        super().__init__(env, **kwargs)
+        super().__init__(env, td_term=False, base_weights="uniform", **kwargs)
         self.method = f"{self.formulation.name}-baseline"
-
-    def loss(self, batch: TensorDictBase) -> TensorDict:
-        # the online call and the target f-(x_t2, t2) as TD-CT makes them (dropout replay, method.md §10.3)
-        online, f_target, _ = self.loss_module.online_and_consistency_target(batch, batch.get("next"))
-        loss_base = self.formulation.base_loss(online["denoised"], f_target, batch["level"])
-        return TensorDict({"loss_base": loss_base.mean(), "sample_base": loss_base.detach()}, batch_size=[])
 
     def method_config(self) -> dict:
         mc = super().method_config()

@@ -56,6 +56,7 @@ __all__ = ["TDLoss", "TDEvaluator", "TDSettings", "REWEIGHTINGS", "TARGET_UPDATE
 
 TARGET_UPDATES: tuple[str, ...] = ("soft", "hard")
 CT_TARGETS: tuple[str, ...] = ("train", "eval")  # method.md §10.3: the consistency target's mode under dropout
+BASE_WEIGHTS: tuple[str, ...] = ("td", "uniform")  # method.md §5.5 (lambda / 1 + lambda) or plain CT's 1 (§10)
 # the largest base-loss weight accepted: far above any useful one (0.5 is the paper's), far below float32 overflow
 BASE_LAMBDA_MAX = 1e6
 
@@ -122,6 +123,8 @@ class TDLoss(LossModule):
             n_steps strides; the others train on (1 + lambda) base (method.md §7, the equal-reach pairing).
         td_term: False drops the TD term and its target forwards, keeping the TD-valid mask and the per-sample
             base weights (lambda or 1 + lambda): the matched control "tdoff" (method.md §5.5).
+        base_weights: "td" (lambda on TD-valid samples, 1 + lambda on the others, method.md §5.5) or "uniform" (1 on
+            every sample: plain consistency training, §10, with td_term False).
         ct_target: TD-CT's target network under dropout (method.md §10.3): "train" (the release: the consistency
             target replays the online call's dropout masks, the TD partner's forward draws fresh ones) or "eval"
             (one forward in eval mode for both). Without active dropout the two are the same single forward.
@@ -171,10 +174,14 @@ class TDLoss(LossModule):
     def __init__(self, critic: TensorDictModule, target_critic: TensorDictModule, formulation: Formulation, *,
                  one_step: float, coupling: str, estimator: ValueEstimatorBase, reweighting: str = "edm",
                  base_lambda: float = 0.5, n_steps: int = 1, full_reach: bool = False,
-                 td_term: bool = True, ct_target: str = "train") -> None:
+                 td_term: bool = True, ct_target: str = "train", base_weights: str = "td") -> None:
         super().__init__()
         check_choice("reweighting", reweighting, REWEIGHTINGS)
         check_choice("ct_target", ct_target, CT_TARGETS)
+        check_choice("base_weights", base_weights, BASE_WEIGHTS)
+        if base_weights == "uniform" and td_term:
+            raise ConfigError("base_weights='uniform' weighs every sample's base loss 1, which only plain consistency "
+                              "training uses: it needs td_term=False")
         # Modules live in __dict__ (not as submodules): their parameters are registered once, below.
         self.__dict__["value_network"] = critic
         self.__dict__["target_value_network"] = target_critic
@@ -186,7 +193,7 @@ class TDLoss(LossModule):
         self.one_step, self.coupling = float(one_step), coupling
         self.reweighting = reweighting
         self.base_lambda = float(base_lambda)
-        self.full_reach, self.td_term = bool(full_reach), bool(td_term)
+        self.full_reach, self.td_term, self.base_weights = bool(full_reach), bool(td_term), base_weights
         # the estimator's horizon: td0 looks one transition ahead, nstep / td_lambda n_steps
         self.n_steps = 1 if isinstance(estimator, TD0Estimator) else int(check_positive("n_steps", n_steps))
         self.critic_keys = list(critic.in_keys)
@@ -211,6 +218,18 @@ class TDLoss(LossModule):
         if train:
             net.eval()
         return out["denoised"].detach(), out["state_value"].detach()
+
+    def _online_and_base_target(self, start: TensorDictBase, partner: TensorDictBase,
+                                x0: Tensor) -> tuple[TensorDictBase, Tensor, Tensor | None]:
+        """(online critic output, the base loss's target, the partner's target value or None): x0 and no value for
+        the diffusion formulations (method.md §5.3); for TD-CT the consistency target f-(x_t2, t2) and, with the
+        TD term, V-(s') from the same forward, or from a fresh-mask forward under dropout replay (§10, §10.3)."""
+        if not self.formulation.consistency:
+            return self.value_network(start.select(*self.critic_keys, strict=False)), x0, None
+        online, f_target, v_target = self.online_and_consistency_target(start, partner)
+        if self.td_term and self.replay_dropout:  # §10.3: the TD partner's forward draws fresh dropout masks
+            v_target = self._target(partner, train=True)[1]
+        return online, f_target, v_target
 
     def online_and_consistency_target(self, start: TensorDictBase,
                                       partner: TensorDictBase) -> tuple[TensorDictBase, Tensor, Tensor]:
@@ -266,26 +285,17 @@ class TDLoss(LossModule):
         valid = used[:, 0]  # 1-D even for batch size 1 (method.md §12.6)
 
         # method.md §5.3: D_theta(x_t) computed once, reused by the base and the TD terms; V_theta(s) = A D + kappa x.
-        # TD-CT (§10): the online call and the consistency target f-(x_t2, t2) together (dropout replay, §10.3)
-        if self.formulation.consistency:
-            online, next_denoised, next_value_0 = self.online_and_consistency_target(start, nxt[:, 0])
-        else:
-            online = self.value_network(start.select(*self.critic_keys, strict=False))
+        # The base loss's target is the formulation's: x0 (§5.3), or TD-CT's f-(x_t2, t2) (§10)
+        online, base_target, partner_value = self._online_and_base_target(start, nxt[:, 0], x0)
         denoised, value = online["denoised"], online["state_value"]
+        loss_base = self.formulation.base_loss(denoised, base_target, level)
 
         # bootstrap values V-(s_{j+1}) of the target network where the chain uses them (method.md §5.4: no grad, eval)
         next_value = value.new_zeros((B, T, *value.shape[1:]))
         rows = used.clone()
-        if self.formulation.consistency:
-            # method.md §10: the consistency pair (t, t2) uses f-(x_t2, t2) for every sample, boundary ones included;
-            # loss_ct = w(t) d(f_theta(x_t, t), f-(x_t2, t2)) with the formulation's weight and distance
-            loss_base = self.formulation.base_loss(denoised, next_denoised, level)
-            if self.td_term and self.replay_dropout:  # §10.3: the TD partner's forward draws fresh dropout masks
-                next_value_0 = self._target(nxt[:, 0], train=True)[1]
-            next_value[:, 0] = torch.where(expand_as_image(valid, value).bool(), next_value_0, 0.0)
+        if partner_value is not None:  # TD-CT: the first partner's value came with the consistency target
+            next_value[:, 0] = torch.where(expand_as_image(valid, value).bool(), partner_value, 0.0)
             rows[:, 0] = False
-        else:
-            loss_base = self.formulation.base_loss(denoised, x0, level)  # method.md §5.3: w(level) mean (D - x0)^2
         if not self.td_term:  # the tdoff control: the same mask and base weights, no TD term, no target forwards
             delta, sample_td = torch.zeros_like(value).detach(), torch.zeros_like(loss_base).detach()
         else:
@@ -297,8 +307,10 @@ class TDLoss(LossModule):
             elif rows.any():  # only the rows the returns use (cheaper where a host sync is cheap: the CPU)
                 next_value[rows] = self._target(nxt[rows])[1].to(next_value)
             delta, sample_td = self._td_term(value, loss_base, level, valid, used, nxt, next_value)
-        # method.md §5.5: two scalar terms whose sum is the batch mean of the per-sample loss
-        loss_td, loss_base_term = split_objective(sample_td, loss_base, valid, self.base_lambda)
+        # method.md §5.5: two scalar terms whose sum is the batch mean of the per-sample loss; "uniform" base weights
+        # (plain CT, §10) weigh every sample's base loss 1: no TD-valid sample and lambda 0 in the same sum
+        weigh_valid, lam = (valid, self.base_lambda) if self.base_weights == "td" else (torch.zeros_like(valid), 0.0)
+        loss_td, loss_base_term = split_objective(sample_td, loss_base, weigh_valid, lam)
         return TensorDict({
             "loss_td": loss_td,
             "loss_base": loss_base_term,
@@ -307,7 +319,7 @@ class TDLoss(LossModule):
             "valid": valid,
             "sample_td": sample_td.detach(),
             "sample_base": loss_base.detach(),
-            "sample_loss": combine_losses(sample_td, loss_base, valid, self.base_lambda).detach(),
+            "sample_loss": combine_losses(sample_td, loss_base, weigh_valid, lam).detach(),
             "td_error": delta.detach(),
         }, batch_size=[])
 
@@ -478,6 +490,7 @@ class TDEvaluator(Learner):
         full_reach: nstep / td_lambda: the TD term only on samples whose whole chain of n_steps is TD-valid, the
             equal-reach pair of TD(0) at stride n_steps * k (method.md §7).
         ct_target: TD-CT's target under dropout, "train" (the release) or "eval" (method.md §10.3).
+        base_weights: "td" or "uniform" (every sample's base loss weighs 1: plain CT, `ConsistencyBaseline`).
         tau_schedule: "adaptive:MU0:S0", the soft update's rate MU0^(S0 / (N - 1)) on the consistency grid's current
             N points (the release's adaptive target EMA, method.md §10.4); None: `tau`.
         td_term: False trains the matched control "tdoff": this agent's batches, TD-valid mask and per-sample base
@@ -495,7 +508,7 @@ class TDEvaluator(Learner):
                  hard_period: int = 100, target_halflife_images: float | None = None,
                  target_rampup: float | None = None, shared_until: float | None = None, full_reach: bool = False,
                  td_term: bool = True, ct_target: str = "train", tau_schedule: str | None = None,
-                 config: TrainConfig | None = None, out_dir: str | Path | None = None,
+                 base_weights: str = "td", config: TrainConfig | None = None, out_dir: str | Path | None = None,
                  device: str | torch.device = "auto",
                  critic_factory: Callable[..., TensorDictModule] | None = None) -> None:
         for attr in ("formulation", "stride", "one_step", "coupling", "sample_pairs", "sample_trajectories"):
@@ -538,7 +551,7 @@ class TDEvaluator(Learner):
                                   coupling=env.coupling, estimator=est, reweighting=settings.reweighting,
                                   base_lambda=settings.base_lambda, n_steps=settings.n_steps,
                                   full_reach=settings.full_reach, td_term=settings.td_term,
-                                  ct_target=settings.ct_target)
+                                  ct_target=settings.ct_target, base_weights=base_weights)
         self.loss_module.static_shapes = self.device.type != "cpu" or self.config.compile
         self._buffer_pairs = list(zip(self.target.buffers(), self.denoiser.buffers()))
         if settings.target_update == "soft":
