@@ -594,6 +594,13 @@ class TDEvaluator(Learner):
         if self.shared_until is not None:  # the coupling schedule: one coupling for the env, the critics and the loss
             self.set_coupling("shared" if self.step < self.shared_until * total else self.final_coupling)
 
+    def use_grid(self, formulation: Formulation) -> None:
+        """This step's grid for the env, both critics and the loss (they must agree, like the coupling)."""
+        super().use_grid(formulation)
+        self.loss_module.formulation = formulation
+        for critic in (self.critic, self.target_critic):
+            critic.module.formulation = formulation
+
     def set_coupling(self, coupling: str) -> None:
         """Use `coupling` from the next batch on: in the env's transitions and rewards, both critics' values and the
         loss's weights (they must agree, method.md §8)."""
@@ -605,7 +612,7 @@ class TDEvaluator(Learner):
         """The soft update's rate at this step: `tau`, the decay of the half-life min(target_halflife_images,
         target_rampup * images seen) (method.md §5.4), or the adaptive rate on the current grid (§10.4)."""
         if self.tau_schedule is not None:
-            return adaptive_target_tau(self.formulation.steps, *parse_tau_schedule(self.tau_schedule))
+            return adaptive_target_tau(self.env.formulation.steps, *parse_tau_schedule(self.tau_schedule))
         halflives = [h for h in (self.target_halflife_images,
                                  None if self.target_rampup is None else self.target_rampup * self.images_seen)
                      if h is not None]

@@ -15,6 +15,7 @@ Levels are noise levels: sigma for EDM/CT, the (possibly fractional) timestep t 
 """
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -149,10 +150,21 @@ class Formulation(ABC):
         """Grid points at training step `step` of `total`: `steps` for a fixed grid."""
         return self.steps
 
-    def set_training_progress(self, step: int, total: int) -> None:
-        """Set the grid to `steps_at(step, total)`: the learner's hook before each step (the one place a grid
-        changes during training)."""
-        self.steps = self.steps_at(step, total)
+    def with_steps(self, steps: int) -> "Formulation":
+        """This formulation on an N-point grid: a copy (cached, one per N), this object unchanged. A schedule's grids
+        are values handed to their users, never edits of a shared object."""
+        if steps == self.steps:
+            return self
+        grids = self.__dict__.setdefault("_grids", {})  # shared by the copies, which copy.copy passes on
+        if steps not in grids:
+            grid = copy.copy(self)
+            grid.steps = int(steps)
+            grids[steps] = grid
+        return grids[steps]
+
+    def at_step(self, step: int, total: int) -> "Formulation":
+        """The formulation of training step `step` of `total`: `with_steps(steps_at(step, total))` (method.md §10.4)."""
+        return self.with_steps(self.steps_at(step, total))
 
     def last_td_start(self, stride: float, one_step: float) -> float:
         """The last index a TD-valid transition may start from: (N-1) - (k + delta) for stride k and one-step shift
@@ -471,9 +483,9 @@ def make_distance(spec: str) -> _Distance:
 class ICTFormulation(CTFormulation):
     """Improved consistency training (Song & Dhariwal 2023) on the CT parametrisation (method.md §10).
 
-    - Curriculum: the grid has N = min(s0 2^floor(k / K'), s1) + 1 points at training step k of K (`steps_at`,
-      applied by the learner before each step), so strides and one-step shifts in index units refer to the current
-      grid; `steps` is that current N.
+    - Curriculum: the grid has N = min(s0 2^floor(k / K'), s1) + 1 points at training step k of K (`steps_at`; the
+      learner hands `at_step(k, K)`, this formulation on that grid, to the env, the critics and the loss before each
+      step), so strides and one-step shifts in index units refer to the current grid.
     - Levels: the pair index n is drawn with the log-normal mass of ln sigma between sigma(n) and sigma(n+1)
       (p_mean = -1.1, p_std = 2.0).
     - Loss: 1 / (sigma(n) - sigma(n+1)) times the pseudo-Huber distance between f_theta(x_t) and the target's

@@ -40,7 +40,7 @@ from .networks import Denoiser, build_network
 from .runs import KINDS, atomic_save, atomic_write, record_written, remove_stale_temporaries, remove_written
 
 __all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint",
-           "load_denoiser", "batch_from_env", "split_batch", "objective"]
+           "load_denoiser", "batch_from_env", "split_batch", "objective", "check_checkpoint_fields", "check_data_hash"]
 
 
 def objective(losses: TensorDict) -> torch.Tensor:
@@ -143,7 +143,41 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = {"model", "ema", "optimizer", "step", "config", "rng"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise ConfigError(f"checkpoint {str(path)!r} is not a diffusion-rl checkpoint (missing {sorted(missing)})")
+    check_checkpoint_fields(ckpt, path)
     return ckpt
+
+
+# the config entries a checkpoint's readers use, with their types (the first two are required)
+CHECKPOINT_CONFIG_TYPES: dict[str, type] = {"network": dict, "formulation": dict, "dataset": str, "train": dict,
+                                            "method": str}
+
+
+def check_checkpoint_fields(ckpt: dict, path: str | Path) -> None:
+    """Raise ConfigError naming the first field of a loaded checkpoint whose type its readers cannot use (a step
+    that is not an integer >= 0, a config entry of another type)."""
+    where = f"checkpoint {str(path)!r} is corrupt"
+    for key in ("step", "images_seen"):
+        v = ckpt.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{where}: its {key} {v!r} is not an integer >= 0")
+    cfg = ckpt["config"]
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: its config is a {type(cfg).__name__}, not a dict")
+    for key, kind in CHECKPOINT_CONFIG_TYPES.items():
+        if (key in cfg or key in ("network", "formulation")) and not isinstance(cfg.get(key), kind):
+            raise ConfigError(f"{where}: its {key} config is a {type(cfg.get(key)).__name__}, not a {kind.__name__}")
+    if not isinstance(cfg["formulation"].get("name"), str):
+        raise ConfigError(f"{where}: its formulation config names no formulation")
+
+
+def check_data_hash(dataset, config: dict, checkpoint: str | Path) -> None:
+    """Raise ConfigError when `dataset`'s content differs from the data the checkpoint (its `config`) recorded it
+    was trained on; a checkpoint without a recorded hash passes."""
+    saved, now = config.get("data_hash"), dataset.content_hash()
+    if saved is not None and saved != now:
+        raise ConfigError(f"the data {dataset.name!r} differs from the data {str(checkpoint)!r} was trained on "
+                          f"({config.get('dataset')!r}): content hash {now} now vs {saved} saved; pass the data it "
+                          f"was trained on")
 
 
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[Denoiser, dict]:
@@ -281,11 +315,16 @@ class Learner(ABC):
 
     def before_step(self, total: int) -> None:
         """Called by `train` before each step with the run's total steps: schedules that follow training progress.
-        Here, a grid schedule (improved CT's curriculum, the release's progressive grid, method.md §10.4) sets the
-        grid of the env's and the denoiser's formulation."""
-        for f in {id(f): f for f in (self.env.formulation, self.formulation)}.values():
-            if f.scheduled:
-                f.set_training_progress(self.step, total)
+        Here, a grid schedule (improved CT's curriculum, the release's progressive grid, method.md §10.4) hands this
+        step's grid to everything that draws or weighs on it (`use_grid`)."""
+        if self.formulation.scheduled:
+            self.use_grid(self.formulation.at_step(self.step, total))
+
+    def use_grid(self, formulation) -> None:
+        """Train the next steps on `formulation`, the family's formulation on this step's grid (a value from
+        `Formulation.at_step`): the env draws its levels, pairs and rewards on it. The denoiser keeps the family's
+        own (its preconditioning does not depend on the grid)."""
+        self.env.formulation = formulation
 
     def close(self) -> None:
         """Release the DDP wrapper of the trained network; under DDP call it before `destroy_process_group` (a
@@ -580,6 +619,12 @@ class Learner(ABC):
             raise ConfigError(f"the checkpoint was trained by {saved.get('world_size', 1)} process(es), this run has "
                               f"{self.dist.world_size}; another world size changes the data streams: resume with "
                               f"torchrun --nproc_per_node={saved.get('world_size', 1)} (or without torchrun for 1)")
+        if (strict_config and saved.get("data_hash") is not None and saved.get("data_hash") == mine.get("data_hash")
+                and saved.get("dataset") != mine.get("dataset")):  # the data is identified by content, not path
+            warnings.warn(f"the data set {saved.get('dataset')!r} of the checkpoint is read from {mine['dataset']!r} "
+                          f"now: the same content (hash {mine['data_hash']}), so the run continues on it",
+                          stacklevel=2)
+            saved = {**saved, "dataset": mine["dataset"]}
         if strict_config and _identity(saved) != _identity(mine):
             no_hash = ({**_identity(saved), "data_hash": None}, {**_identity(mine), "data_hash": None})
             if no_hash[0] != no_hash[1]:

@@ -341,16 +341,19 @@ def test_consistency_baseline_is_td_ct_without_the_td_term(formulation):
 
 
 def test_curriculum_grows_the_grid_and_a_resumed_run_matches(tmp_path):
-    """The grid follows ict_grid_size(step, total) before each step; a run stopped at step 5 and resumed ends with
-    the same weights as the uninterrupted one (the curriculum is recomputed from the step)."""
+    """The grid follows ict_grid_size(step, total) before each step, handed to the env, both critics and the loss
+    alike (the denoiser's formulation is never edited); a run stopped at step 5 and resumed ends with the same
+    weights as the uninterrupted one (the curriculum is recomputed from the step)."""
     full = _ct(TDEvaluator, "ict", tau=0.0)
     seen = []
-    hook = full.formulation.set_training_progress
-    full.formulation.set_training_progress = lambda k, n: (hook(k, n), seen.append(full.env.formulation.steps))
+    hook = full.use_grid
+    users = lambda: (full.env.formulation, full.loss_module.formulation, full.critic.module.formulation,  # noqa: E731
+                     full.target_critic.module.formulation)
+    full.use_grid = lambda f: (hook(f), seen.append((f.steps, all(u is f for u in users()))))
     for _ in full.train(16, progress=False):
         pass
-    assert seen == [min(10 * 2 ** (k // 2), 1280) + 1 for k in range(16)] and seen[-1] == 1281
-    assert full.formulation is full.env.formulation and full.env.last_index == 1280.0
+    assert seen == [(min(10 * 2 ** (k // 2), 1280) + 1, True) for k in range(16)]
+    assert full.env.last_index == 1280.0 and full.formulation.steps == 11 and "steps" not in full.formulation.config()
 
     cut = _ct(TDEvaluator, "ict", tau=0.0)
     cut.out_dir = tmp_path

@@ -191,18 +191,19 @@ def test_ict_curriculum_doubles_in_equal_stages():
     assert sizes[0] == 11 and sizes[-1] == 1281 and sizes == sorted(sizes)
     assert [sizes[k] for k in range(0, 8000, 1000)] == [11, 21, 41, 81, 161, 321, 641, 1281]
     assert ict_grid_size(10**6, 8000, 10, 1280) == 1281  # capped past the end (a resume with more steps)
-    f = ICTFormulation()
-    assert f.steps == 11 and "steps" not in f.config()  # the current N is training state, not identity
-    f.set_training_progress(7999, 8000)
+    base = ICTFormulation()
+    assert base.steps == 11 and "steps" not in base.config()  # the current N is training state, not identity
+    f = base.at_step(7999, 8000)
+    assert base.steps == 11 and base.at_step(7999, 8000) is f  # a value per grid (cached), the base unchanged
     assert f.steps == 1281 and f.grid()[0] == 80.0 and f.grid()[-1] == pytest.approx(0.002)
+    assert f.config() == base.config() and base.at_step(0, 8000) is base
     assert make_formulation("ict", **{k: v for k, v in f.config().items() if k != "name"}).config() == f.config()
 
 
 def test_ict_levels_follow_the_lognormal_on_a_fine_grid():
     """Pair n is drawn with the N(-1.1, 2^2) mass of ln sigma between sigma(n) and sigma(n+1): on the 1281-point grid
     the drawn levels have that median, and every level is a grid point other than the last."""
-    f = ICTFormulation()
-    f.set_training_progress(10**6, 8000)
+    f = ICTFormulation().at_step(10**6, 8000)
     s = f.sample_training_level(50_000, torch.Generator().manual_seed(0))
     assert s.log().median().item() == pytest.approx(-1.1, abs=0.05)
     idx = f.index(s.double())

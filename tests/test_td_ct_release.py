@@ -189,14 +189,15 @@ def test_the_recipes_as_presets(digits):
     hook = ag.after_update
 
     def spy():
-        seen.append((ag.formulation.steps, ag.current_tau()))
+        seen.append((ag.env.formulation.steps, ag.current_tau()))
         hook()
 
     ag.after_update = spy
     for _ in ag.train(10, progress=False):
         pass
     want = [progressive_grid_size(k, 10, 2, 150) for k in range(10)]
-    assert [s for s, _ in seen] == want and ag.env.formulation is ag.formulation
+    assert [s for s, _ in seen] == want and ag.loss_module.formulation is ag.env.formulation
+    assert ag.formulation.steps == 2  # the family's own formulation is never edited
     assert [tau for _, tau in seen] == pytest.approx([0.9 ** (2 / (s - 1)) for s in want])
     openai = make_learner(apply_preset(Args(preset="ct-openai", method="td", steps=10, batch_size=8, width=8,
                                             eval=False), set()), dataset=digits)
