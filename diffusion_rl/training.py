@@ -367,9 +367,12 @@ class Learner(ABC):
         else:
             loss.backward()
         if self.scaler is None:  # (fp16's scaler skips a step with non-finite gradients itself)
-            # the norm clips when grad_clip > 0 (with inf it scales by exactly 1): non-finite gradients stop the run
-            # before the step, so the parameters, and the next checkpoint, stay finite
-            norm = nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip or math.inf)
+            # the norm clips when grad_clip > 0; with 0 it is only measured (the gradients stay as they are):
+            # non-finite gradients stop the run, so the checkpoints stay finite
+            if self.config.grad_clip > 0:
+                norm = nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
+            else:
+                norm = nn.utils.get_total_norm([p.grad for p in self._ema_pairs()[1] if p.grad is not None])
             if check and not torch.isfinite(norm):
                 raise NonFiniteLossError(f"non-finite gradient norm {norm.item()} at step {self.step} (finite loss "
                                          f"{loss.item():.4g}); the last good checkpoint is left intact")
@@ -415,11 +418,17 @@ class Learner(ABC):
             raise NonFiniteLossError(f"non-finite loss or gradient norm at step {bad} (found at step {self.step}); "
                                      f"the last good checkpoint is left intact")
 
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA parameters, online parameters), gathered once: a checkpoint loads into the same tensors."""
+        if getattr(self, "_pairs", None) is None:
+            self._pairs = (list(self.ema.parameters()), list(self.denoiser.parameters()))
+        return self._pairs
+
     @torch.no_grad()
     def _update_ema(self, batch_size: int) -> None:
         beta = halflife_decay(batch_size, self.config.ema_halflife_images)
-        for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters()):
-            p_ema.lerp_(p.detach(), 1 - beta)
+        ema, online = self._ema_pairs()
+        torch._foreach_lerp_(ema, online, 1 - beta)  # one call over the parameter lists
         for b_ema, b in zip(self.ema.buffers(), self.denoiser.buffers()):
             b_ema.copy_(b)
 
