@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import (CT_BASELINE_OPTIONS, CT_OPTIONS, METHODS, TD_OPTIONS, Args, auto_float, check_seed, int_list,
-                     parse_nfe_grid)
+from .config import (CT_BASELINE_OPTIONS, CT_OPTIONS, METHODS, TD_OPTIONS, UNET_OPTIONS, Args, auto_float, check_seed,
+                     int_list, parse_nfe_grid)
 from .errors import ConfigError, check_choice, check_non_negative, check_positive
 
 if TYPE_CHECKING:  # torch and torchrl load when a plan is made, not when the command line starts
@@ -54,9 +54,12 @@ class RunPlan:
 
 
 def train_config(args: Args) -> "TrainConfig":
-    """The optimisation settings of `args` (TrainConfig checks them)."""
+    """The optimisation settings of `args` (TrainConfig checks them; the batch is checked against its limit here)."""
+    from .limits import check_limit
     from .training import TrainConfig
 
+    check_positive("batch_size", args.batch_size)
+    check_limit("batch_size", args.batch_size, "batch_size")
     return TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                        ema_halflife_images=args.ema_halflife_images, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
@@ -65,12 +68,15 @@ def train_config(args: Args) -> "TrainConfig":
 
 
 def _network(args: Args) -> dict:
+    from .limits import check_limit
     from .networks import check_dropout
 
     check_positive("width", args.width)
-    check_positive("depth", args.depth)
+    if args.depth != 0:  # 0: the network's default (1 block per UNet level, 2 MLP blocks)
+        check_positive("depth", args.depth)
+    check_limit("depth", args.depth, "depth")
     check_dropout(args.dropout)
-    return dict(width=args.width, depth=args.depth, dropout=args.dropout,
+    return dict(width=args.width, depth=args.depth or None, dropout=args.dropout,
                 channel_mult=int_list("channel_mult", args.channel_mult) or None,
                 attn_resolutions=int_list("attention", args.attention), skip_scale=args.skip_scale)
 
@@ -178,12 +184,14 @@ def make_learner(args: Args, method: str | None = None, dataset=None) -> "Learne
     return build_learner(p, dataset if dataset is not None else load_dataset(args.data, seed=args.seed))
 
 
-def check_command(args: Args, given: set[str] = frozenset(), methods: tuple[str, ...] = ()) -> list[RunPlan]:
+def check_command(args: Args, given: set[str] = frozenset(), methods: tuple[str, ...] = (),
+                  untrained: bool = False) -> list[RunPlan]:
     """The plans of a demo/train command (one per method) before any data loads, after the checks only a command
     line can fail: `given` names the options written on it, and an option the chosen method or estimator would
-    ignore is refused with the reason, never dropped silently."""
+    ignore is refused with the reason, never dropped silently. `untrained`: the command also evaluates the
+    untrained network (its samples count against the per-command limit)."""
     from .evaluation import check_features
-    from .limits import check_limit
+    from .limits import check_limit, check_samples
 
     if not str(args.out).strip():
         raise ConfigError("--out is empty; give a folder")
@@ -191,6 +199,12 @@ def check_command(args: Args, given: set[str] = frozenset(), methods: tuple[str,
     if stray:
         raise ConfigError(f"{', '.join(stray)} applies to the consistency formulations (ct, ict); --formulation "
                           f"{args.formulation} would ignore it")
+    from .data import TOYS  # the 2-D data sets: an MLP, which has no UNet levels (every path data set is images)
+
+    stray = [f"--{k.replace('_', '-')}" for k in UNET_OPTIONS if k in given and args.data in TOYS]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)} applies to the UNet of image data; the MLP of the 2-D data set "
+                          f"{args.data!r} would ignore it")
     for name in ("target_halflife_images", "target_rampup"):
         if check_non_negative(name, getattr(args, name), " (0: off)") and "target_tau" in given:
             raise ConfigError(f"--target-tau and --{name.replace('_', '-')} exclude each other: the half-life or "
@@ -202,8 +216,10 @@ def check_command(args: Args, given: set[str] = frozenset(), methods: tuple[str,
             raise ConfigError(f"{', '.join(stray)} set the evaluation, which --no-eval skips")
     check_positive("steps", args.steps)
     check_limit("steps", args.steps, "steps")
-    check_limit("n_samples", args.n_samples, "samples")
-    if args.eval:
+    if args.eval:  # every evaluated network draws --n-samples at every budget: the limit counts them all
+        check_positive("n_samples", args.n_samples)
+        check_samples(args.n_samples, len(parse_nfe_grid(args.nfe_grid)),
+                      len(set(methods or (args.method,))) + bool(untrained))
         check_features(args.features, args.inception_weights or None, load=True)
     methods = tuple(check_choice("method", m, METHODS) for m in methods or (args.method,))
     if "baseline" in methods and len(methods) == 1:

@@ -10,12 +10,15 @@ errors answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .config import (Args, DiagnoseArgs, EvalArgs, SampleArgs, add_dataclass_args, apply_preset, check_seed,
                      dataclass_from_args, parse_nfe_grid)
@@ -30,7 +33,7 @@ def _train_and_eval(args: Args, methods: tuple[str, ...], with_untrained: bool, 
     from .build import check_command
     from .training import split_batch
 
-    plans = check_command(args, given, methods)  # every setting built and checked before any data loads
+    plans = check_command(args, given, methods, untrained=with_untrained)  # every setting checked before data loads
     info = distributed.init_from_env(args.device)  # torchrun: join the process group (gloo on CPU, NCCL on CUDA)
     split_batch(args.batch_size, info.world_size)
     try:
@@ -63,7 +66,8 @@ def _train_and_eval_on_rank(plans: list, with_untrained: bool, given: set[str], 
     check_writable_folder(out)
     learners = []
     try:
-        dataset = load_dataset(args.data, seed=args.seed)
+        with _when_out_of_memory(DATA_ADVICE):
+            dataset = load_dataset(args.data, seed=args.seed)
         for p in plans:
             learners.append(build_learner(p, dataset))
     except BaseException:
@@ -97,7 +101,8 @@ def _train_and_eval_on_rank(plans: list, with_untrained: bool, given: set[str], 
         evaluator = Evaluator(dataset, plans[0].evaluation) if args.eval and info.is_main else None
         records, t_start = [], time.perf_counter()
         if with_untrained and evaluator is not None:
-            records += evaluator.sweep(learners[0].ema, "untrained", 0, out, learners[0].device, args.progress)
+            with _when_out_of_memory(EVAL_ADVICE):
+                records += evaluator.sweep(learners[0].ema, "untrained", 0, out, learners[0].device, args.progress)
         for learner in learners:
             t0 = time.perf_counter()
             last = {}
@@ -112,8 +117,9 @@ def _train_and_eval_on_rank(plans: list, with_untrained: bool, given: set[str], 
             else:
                 print(f"{learner.method}: already at step {learner.step}", file=sys.stderr)
             if evaluator is not None:
-                records += evaluator.sweep(learner.ema, learner.method, learner.step, out, learner.device,
-                                           args.progress)
+                with _when_out_of_memory(EVAL_ADVICE):
+                    records += evaluator.sweep(learner.ema, learner.method, learner.step, out, learner.device,
+                                               args.progress)
         if evaluator is None:
             return 0
         if args.resume and (out / "results.json").exists():  # keep the records of methods this command did not run
@@ -160,11 +166,18 @@ def _cmd_diagnose(a: DiagnoseArgs) -> int:
     check_seed(a.seed)
     check_positive("n", a.n)
     check_limit("n", a.n, "samples")
-    out = check_writable_folder(a.out or Path(a.checkpoint).parent)
+    out = check_writable_folder(a.out or Path(a.checkpoint).parent, create=False)  # created once every check passes
+    done = [name for name in ("diagnose.json", "diagnose.png") if (out / name).exists()]
+    if done and not a.overwrite:
+        raise ConfigError(f"--out {str(out)!r} holds {done[0]} from an earlier diagnose; pass --overwrite to replace "
+                          f"it, or choose another --out")
     from .diagnostics import diagnose
+    from .runs import no_new_folders_if_failed
     from .training import resolve_device
 
-    report = diagnose(a.checkpoint, out, n=a.n, seed=a.seed, device=resolve_device(a.device), data=a.data or None)
+    with no_new_folders_if_failed(out):
+        report = diagnose(a.checkpoint, out, n=a.n, seed=a.seed, device=resolve_device(a.device),
+                          data=a.data or None)
     t = report["trajectory"]
     print(f"{report['method']}: error to the trajectory's end at the noisiest / cleanest level "
           f"{t['error_to_end'][0]:.4g} / {t['error_to_end'][-1]:.4g}; self-consistency (stride 1) "
@@ -174,11 +187,12 @@ def _cmd_diagnose(a: DiagnoseArgs) -> int:
 
 
 SAMPLE_SUFFIXES = (".png", ".npz")
-SAMPLE_CHUNK = 1000  # samples drawn at a time: memory does not grow with --n beyond the output itself
+SAMPLE_CHUNK = 1000  # samples drawn at a time: memory does not grow with --n (an .npz is written chunk by chunk,
+# a .png shows at most DIFFUSION_RL_MAX_GRID samples)
 
 
 def _cmd_sample(a: SampleArgs) -> int:
-    from .limits import check_limit
+    from .limits import check_limit, limit
     from .runs import check_writable_folder
 
     if not a.checkpoint:
@@ -195,57 +209,89 @@ def _cmd_sample(a: SampleArgs) -> int:
         raise ConfigError(f"--out {a.out!r} is a folder; give a file name ending in .png or .npz")
     if out.exists() and not a.overwrite:
         raise ConfigError(f"--out {a.out!r} exists; pass --overwrite to replace it")
-    check_writable_folder(out.parent if str(out.parent) else ".", "--out folder")
+    check_writable_folder(out.parent if str(out.parent) else ".", "--out folder", create=False)  # made on writing
+    picture = out.suffix.lower() == ".png"
+    n = min(a.n, limit("grid")) if picture else a.n  # a .png shows at most DIFFUSION_RL_MAX_GRID samples
 
+    import numpy as np
     import torch
 
     from .evaluation import save_sample_grid
-    from .samplers import sample, sampler_for_nfe
+    from .samplers import check_finite_samples, sample, sampler_for_nfe
     from .training import load_denoiser, resolve_device
 
     device = resolve_device(a.device)
     denoiser, _ = load_denoiser(a.checkpoint, device)
     name = sampler_for_nfe(denoiser.formulation, a.nfe, a.sampler or None)  # an unreachable budget fails here
     g = torch.Generator(device=device).manual_seed(a.seed)
-    chunks = []
-    for start in range(0, a.n, SAMPLE_CHUNK):
-        n = min(SAMPLE_CHUNK, a.n - start)
-        res = sample(denoiser, denoiser.formulation, (n, *denoiser.sample_shape), sampler=name, nfe=a.nfe,
-                     generator=g, device=device)
-        chunks.append(res.x.float().cpu())
-    x = torch.cat(chunks)
-    from .runs import atomic_write
+    if n < a.n:
+        print(f"diffusion-rl: warning: a .png shows at most {n:,} samples (DIFFUSION_RL_MAX_GRID): drawing the "
+              f"first {n:,} of --n {a.n:,}; write .npz for all of them", file=sys.stderr)
+    used = {}
 
-    if out.suffix.lower() == ".npz":  # written atomically: a crash leaves the old file or the new one
-        import numpy as np
+    def chunks():  # float32 on the CPU, SAMPLE_CHUNK at a time: memory holds one chunk, whatever --n
+        for start in range(0, n, SAMPLE_CHUNK):
+            res = sample(denoiser, denoiser.formulation, (min(SAMPLE_CHUNK, n - start), *denoiser.sample_shape),
+                         sampler=name, nfe=a.nfe, generator=g, device=device)
+            used.update(sampler=res.sampler, nfe=res.nfe)
+            yield check_finite_samples(res.x, f"checkpoint {a.checkpoint!r}").float().cpu().numpy()  # else exit 1
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, samples=x.numpy())
+    from .runs import atomic_write, no_new_folders_if_failed
 
-        atomic_write(out, write)
-    else:
-        atomic_write(out, lambda tmp: save_sample_grid(x, tmp, title=f"{res.sampler}, NFE {res.nfe}", format="png"))
-    print(f"wrote {a.n} samples ({res.sampler}, NFE {res.nfe}) to {out}")
+    with no_new_folders_if_failed(out.parent):  # non-finite samples (exit 1) leave no file and no new folder
+        if not picture:  # written atomically: a crash leaves the old file or the new one
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    _write_npz_chunks(fh, "samples", (n, *denoiser.sample_shape), chunks())
+
+            atomic_write(out, write)
+        else:
+            x = torch.from_numpy(np.concatenate(list(chunks())))  # at most DIFFUSION_RL_MAX_GRID samples
+            atomic_write(out, lambda tmp: save_sample_grid(x, tmp, title=f"{used['sampler']}, NFE {used['nfe']}",
+                                                           format="png"))
+    print(f"wrote {n} samples ({used['sampler']}, NFE {used['nfe']}) to {out}")
     return 0
 
 
+def _write_npz_chunks(fh: BinaryIO, name: str, shape: tuple[int, ...], chunks: Iterable) -> None:
+    """Write to the open binary file `fh` an .npz holding one float32 array `name` of `shape` (as np.savez would),
+    from `chunks`: arrays that fill it along the first axis. Memory holds one chunk at a time, whatever the size."""
+    import zipfile
+
+    import numpy as np
+
+    fmt = np.lib.format
+    rows = 0
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as z, \
+            z.open(f"{name}.npy", "w", force_zip64=True) as member:
+        fmt.write_array_header_1_0(member, {"descr": fmt.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+                                            "shape": tuple(shape)})
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk, dtype="<f4")
+            member.write(chunk.tobytes())
+            rows += chunk.shape[0]
+    if rows != shape[0]:
+        raise RuntimeError(f"wrote {rows} rows of an array of shape {tuple(shape)}")
+
+
 def _cmd_evaluate(a: EvalArgs) -> int:
-    from .limits import check_limit
+    from .limits import check_samples
     from .runs import check_writable_folder
 
     nfe_grid = parse_nfe_grid(a.nfe_grid)
     check_seed(a.seed)
     check_positive("n_samples", a.n_samples)
-    check_limit("n_samples", a.n_samples, "samples")
+    check_samples(a.n_samples, len(nfe_grid), len(a.checkpoint))  # the limit counts every checkpoint and budget
     from .evaluation import check_features
 
     check_features(a.features, a.inception_weights or None, load=True)
-    check_writable_folder(a.out)
-    from .runs import RunFolder
+    check_writable_folder(a.out, create=False)
+    from .runs import RunFolder, no_new_folders_if_failed
 
-    # --overwrite replaces this command's own outputs (results, plots, grids), never the checkpoints it reads
-    with RunFolder(a.out, overwrite=a.overwrite, kinds=("eval",), keep=tuple(a.checkpoint)):
+    # --overwrite replaces this command's own outputs (results, plots, grids), never the checkpoints it reads; a
+    # command refused inside (a checkpoint, the data, a sampler) leaves no new folder behind
+    with no_new_folders_if_failed(a.out), RunFolder(a.out, overwrite=a.overwrite, kinds=("eval",),
+                                                    keep=tuple(a.checkpoint)):
         return _evaluate(a, nfe_grid)
 
 
@@ -255,23 +301,20 @@ def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
     from .runs import record_written
     from .samplers import sampler_for_nfe
-    from .training import load_denoiser, resolve_device
+    from .training import check_data_hash, load_denoiser, resolve_device
 
     device = resolve_device(a.device)
     loaded = [load_denoiser(p, device) for p in a.checkpoint]
-    datasets = {cfg["dataset"] for _, cfg in loaded}
+    datasets = {a.data} if a.data else {cfg["dataset"] for _, cfg in loaded}  # --data: identity by content alone
     if len(datasets) != 1:
         raise ConfigError(f"checkpoints were trained on different data sets {sorted(datasets)}; evaluate them apart")
     seeds = {cfg.get("train", {}).get("seed", 0) for _, cfg in loaded}
     if len(seeds) != 1:  # the 2-D toys are generated from the seed: one data set per evaluation
         raise ConfigError(f"checkpoints were trained with different seeds {sorted(seeds)}; evaluate them apart")
-    dataset = load_dataset(datasets.pop(), seed=seeds.pop())
-    now = dataset.content_hash()
+    with _when_out_of_memory(DATA_ADVICE):
+        dataset = load_dataset(datasets.pop(), seed=seeds.pop())
     for path, (denoiser, cfg) in zip(a.checkpoint, loaded):
-        saved = cfg.get("data_hash")
-        if saved is not None and saved != now:
-            raise ConfigError(f"the data {cfg['dataset']!r} differs from the data {path!r} was trained on: content "
-                              f"hash {now} now vs {saved} saved; FID against it would score the wrong reference")
+        check_data_hash(dataset, cfg, path)  # FID against other data would score the wrong reference
         for nfe in nfe_grid:  # a sampler named on the command line is never swapped for another
             sampler_for_nfe(denoiser.formulation, nfe, a.sampler or None)
     cfg = EvalConfig(nfe_grid=nfe_grid, n_samples=a.n_samples, seed=a.seed, features=a.features,
@@ -292,9 +335,17 @@ def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
 DEMO_DEFAULTS = {"out": "runs/demo", "steps": 1500, "n_samples": 1000}
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and, through add_subparsers, its sub-parsers) whose errors are one line naming the option
+    and value and where the usage is, with exit code 2 (argparse's own prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and its sub-parsers by command."""
-    p = argparse.ArgumentParser(prog="diffusion-rl", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = _Parser(prog="diffusion-rl", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     subs = {
@@ -356,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every failure becomes one line, unless --debug asks for the traceback
         if ns.debug:
             raise
-        code, text = _classify(e)
+        code, text = _classify(e, ns.command)
         print(f"diffusion-rl: error: {text}", file=sys.stderr)
         return code
 
@@ -381,8 +432,42 @@ def _run(ns: argparse.Namespace, given: set[str]) -> int:
     return _cmd_evaluate(dataclass_from_args(EvalArgs, ns))
 
 
-def _classify(e: Exception) -> tuple[int, str]:
-    """(exit code, one-line message): 2 for bad input, 1 for a failure of the environment or the run."""
+OOM_ADVICE = {  # what to lower when a command runs out of memory, unless its failing stage says (_when_out_of_memory)
+    "sample": "lower --n (samples are drawn 1,000 at a time)",
+    "evaluate": "lower --n-samples or evaluate fewer checkpoints",
+    "diagnose": "lower --n",
+    "train": "lower --batch-size, --width or --depth",
+    "demo": "lower --batch-size, --width or --depth",
+}
+EVAL_ADVICE = "lower --n-samples (the evaluation's samples per NFE)"
+DATA_ADVICE = "the data set does not fit in memory: use fewer or smaller images"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a failed allocation: MemoryError (numpy's too), torch's OutOfMemoryError (CUDA), or the
+    RuntimeError of torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text
+                                            or "out of memory" in text.lower())
+
+
+@contextlib.contextmanager
+def _when_out_of_memory(advice: str) -> Iterator[None]:
+    """Tag an out-of-memory failure inside the block with the advice that fits this stage (the data load, the
+    evaluation), which _classify prints in place of the command's."""
+    try:
+        yield
+    except Exception as e:
+        if _out_of_memory(e) and not hasattr(e, "oom_advice"):
+            e.oom_advice = advice
+        raise
+
+
+def _classify(e: Exception, command: str = "train") -> tuple[int, str]:
+    """(exit code, one-line message): 2 for bad input, 1 for a failure of the environment or the run; running out
+    of memory names what to lower, for the stage or the `command` that failed."""
     if isinstance(e, ConfigError):
         return 2, _one_line(e)
     if isinstance(e, OSError):
@@ -390,11 +475,13 @@ def _classify(e: Exception) -> tuple[int, str]:
                 errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror or type(e).__name__)
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
         return 1, f"{what}{where}; the last good checkpoint is kept"
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return 1, f"out of memory ({_one_line(e)}); lower --batch-size, --width or --n-samples"
+    if _out_of_memory(e):
+        advice = getattr(e, "oom_advice", None) or OOM_ADVICE.get(command, OOM_ADVICE["train"])
+        return 1, f"out of memory ({_one_line(e)}); {advice}"
+    from .samplers import NonFiniteSampleError
     from .training import NonFiniteLossError
 
-    if isinstance(e, NonFiniteLossError):
+    if isinstance(e, (NonFiniteLossError, NonFiniteSampleError)):
         return 1, _one_line(e)
     return 1, f"{type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)"
 

@@ -15,7 +15,7 @@ from .errors import ConfigError, check_choice
 
 __all__ = ["Args", "SampleArgs", "EvalArgs", "DiagnoseArgs", "METHODS", "PRESETS", "opt", "apply_preset",
            "cast_field", "field_help", "add_dataclass_args", "dataclass_from_args", "parse_nfe_grid", "check_seed",
-           "int_list", "auto_float", "TD_OPTIONS", "CT_BASELINE_OPTIONS", "CT_OPTIONS", "LPIPS_RECIPES",
+           "int_list", "auto_float", "TD_OPTIONS", "CT_BASELINE_OPTIONS", "CT_OPTIONS", "UNET_OPTIONS", "LPIPS_RECIPES",
            "preset_names"]
 
 METHODS = ("baseline", "td", "tdoff")
@@ -44,7 +44,8 @@ class Args:
     warmup_steps: int = opt(100, "linear learning-rate warm-up")
     ema_halflife_images: float = opt(20000.0, "evaluation EMA half-life in images")
     width: int = opt(32, "base channels of the UNet / hidden width of the MLP")
-    depth: int = opt(1, "residual blocks per UNet level")
+    depth: int = opt(0, "residual blocks per UNet level, or of the MLP of the 2-D data sets (0: the network's "
+                        "default: 1 per UNet level, 2 for the MLP)")
     dropout: float = opt(0.0, "dropout inside residual blocks")
     channel_mult: str = opt("", "UNet channel multipliers per resolution, e.g. 2,2,2 ('': 1,2 up to 16x16, else "
                                 "1,2,2)")
@@ -78,7 +79,7 @@ class Args:
                                   "the equal-reach pair of td0 at stride n k")
     reweighting: str = opt("", "TD: edm | pairwise | linear | none ('': the formulation's default, edm; pairwise "
                                "for CT)")
-    base_lambda: float = opt(0.5, "TD: weight of the base loss (the paper's lambda)")
+    base_lambda: float = opt(0.5, "TD: weight of the base loss (the paper's lambda), in [0, 1e6]")
     coupling: str = opt("", "TD: markov | shared | mixed:M (shared below grid index M, Markov from M on) ('': the "
                             "formulation's default, markov; shared for CT)")
     shared_until: float = opt(0.0, "TD: coupling schedule: shared-noise coupling for this fraction of the steps, "
@@ -135,6 +136,8 @@ class EvalArgs:
     """`diffusion-rl evaluate`: sweep NFE budgets for one or more checkpoints."""
 
     checkpoint: list = field(default_factory=list, metadata={"help": "one or more checkpoint.pt paths"})
+    data: str = opt("", "data set (default: the one named in the checkpoints); its content must be the data they were "
+                        "trained on (the content hash they record)")
     nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated")
     sampler: str = opt("", "heun | euler | dpmpp_2m | dpmpp_2m_lof | ipndm | ddim | ddpm | onestep | multistep "
                            "('': the formulation's default)")
@@ -156,9 +159,11 @@ class DiagnoseArgs:
     checkpoint: str = opt("", "path to checkpoint.pt (its folder's metrics.jsonl gives the per-level training curves)")
     n: int = opt(256, "data samples and sampler trajectories")
     seed: int = opt(0, "seed of the noise and of the trajectories")
-    data: str = opt("", "data set (default: the one named in the checkpoint)")
+    data: str = opt("", "data set (default: the one named in the checkpoint); its content must be the data it was "
+                        "trained on (the content hash it records)")
     out: str = opt("", "output folder for diagnose.png and diagnose.json (default: the checkpoint's folder)")
     device: str = opt("auto", "auto (GPU when there is one) | cpu | cuda")
+    overwrite: bool = opt(False, "replace diagnose.png and diagnose.json in --out")
 
 
 
@@ -310,6 +315,8 @@ TD_OPTIONS = ("estimator", "n_steps", "lmbda", "full_reach", "reweighting", "bas
               "ct_boundary", "ct_target", "target_tau_schedule")
 CT_BASELINE_OPTIONS = ("coupling", "stride", "one_step", "target_tau", "target_halflife_images", "target_rampup",
                        "ct_target", "target_tau_schedule")
+# options of the UNet only (image data): the MLP of the 2-D data sets would ignore them
+UNET_OPTIONS = ("channel_mult", "attention", "skip_scale")
 # options of the consistency formulations only (ct, ict): another formulation would ignore them
 CT_OPTIONS = ("ct_grid", "ct_kappa", "ct_boundary", "ct_target", "ct_weight", "ct_distance", "target_tau_schedule")
 

@@ -252,7 +252,9 @@ def _check_labels(labels: np.ndarray, n: int, what: str) -> tuple[Tensor, int]:
     labels = labels.astype(np.int64)
     if labels.min() < 0:
         raise ConfigError(f"{what} has negative label {int(labels.min())}; accepted: integers 0..K-1")
-    return torch.from_numpy(labels), int(labels.max()) + 1
+    top = int(labels.max())  # labels 0..top make top + 1 classes: whatever uses them (FID's classifier) sizes by it
+    check_limit(f"{what} classes (labels 0..{top:,})", top + 1, "classes")
+    return torch.from_numpy(labels), top + 1
 
 
 def _image_dataset(name: str, images: np.ndarray, labels: np.ndarray | None, what: str) -> Dataset:
@@ -300,13 +302,44 @@ def _load_torchvision(name: str, root: str | None) -> Dataset:
     return _image_dataset(name, images, targets, name)
 
 
+def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Array name -> (shape, dtype) of each array in the .npz at `path`, read from the .npy headers of its zip
+    members: only the headers are decompressed, so a small file that unpacks to terabytes costs nothing."""
+    fmt = np.lib.format
+    headers = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            with z.open(info) as fh:
+                magic = fh.read(fmt.MAGIC_LEN)
+                if len(magic) < fmt.MAGIC_LEN or not magic.startswith(fmt.MAGIC_PREFIX):
+                    continue  # not an array (np.load would hand it over as bytes)
+                version = (magic[-2], magic[-1])
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, _, dtype = read(fh)
+            name = info.filename[:-len(".npy")] if info.filename.endswith(".npy") else info.filename  # np.load's
+            headers[name] = (tuple(shape), dtype)
+    return headers
+
+
+def _check_unpacked(path: str, headers: dict[str, tuple[tuple[int, ...], np.dtype]], key: str) -> None:
+    """Refuse a .npz whose arrays, as the data set holds them (float32 images, int64 labels), exceed the data
+    limit: checked from the headers, before anything is decompressed."""
+    shape, labels = headers[key][0], headers.get("labels")
+    size = 4 * math.prod(shape) + (8 * math.prod(labels[0]) if labels else 0)
+    held = f"{key} of shape {shape} as float32" + (", labels as int64" if labels else "")
+    check_limit(f"data file {path!r} unpacked in memory ({held})", size, "data_bytes")
+
+
 def _load_npz(path: str) -> Dataset:
     try:
+        headers = _npz_headers(path)
         with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
             key = "images" if "images" in keys else "x" if "x" in keys else None
             if key is None:
                 raise ConfigError(f"{path} has arrays {sorted(keys)}; accepted: an 'images' (or 'x') array")
+            if key in headers:
+                _check_unpacked(path, headers, key)
             images = f[key]
             labels = f["labels"] if "labels" in keys else None
     except ConfigError:
@@ -339,12 +372,14 @@ def _load_folder(path: str) -> Dataset:
     if not files:
         raise ConfigError(f"{path} holds no image files; accepted suffixes: {', '.join(IMAGE_SUFFIXES)}")
 
-    arrays = []
+    arrays, unpacked = [], 0
     for f, _ in files:
         try:
             with Image.open(f) as im:  # reads the header only: the size is checked before any pixel is decoded
                 check_limit(f"image {f} side", max(im.size), "image_side")
                 gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")  # palette and colour modes -> RGB
+                unpacked += im.size[0] * im.size[1] * (1 if gray else 3) * 4  # as the data set holds it: float32
+                check_limit(f"images in {path} unpacked in memory (as float32)", unpacked, "data_bytes")
                 arrays.append(np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8))
         except (OSError, Image.DecompressionBombError) as e:
             raise ConfigError(f"cannot read image {f}: {e}") from None

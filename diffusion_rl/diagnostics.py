@@ -22,7 +22,8 @@ from torch import Tensor
 from .formulations import mean_pixels
 from .level_stats import LevelStats  # re-exported: the per-level training curves
 
-__all__ = ["LevelStats", "data_error_per_level", "trajectory_diagnostics", "diagnose", "plot_diagnostics"]
+__all__ = ["LevelStats", "data_error_per_level", "trajectory_diagnostics", "diagnose", "plot_diagnostics",
+           "check_finite_weights"]
 
 
 @torch.no_grad()
@@ -129,21 +130,36 @@ def plot_diagnostics(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+def check_finite_weights(denoiser, checkpoint: str | Path) -> None:
+    """Raise ConfigError when the denoiser loaded from `checkpoint` holds a NaN or infinite weight."""
+    bad = [name for name, t in denoiser.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        from .errors import ConfigError
+
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds non-finite weights ({len(bad)} tensors, e.g. "
+                          f"{bad[0]}): its run diverged or the file is corrupt; there is nothing to diagnose")
+
+
 def diagnose(checkpoint: str | Path, out: str | Path, n: int = 256, seed: int = 0, device="cpu",
              data: str | None = None) -> dict:
     """Compute the per-level diagnostics of a checkpoint's EMA denoiser; write diagnose.json and diagnose.png.
-    `data` overrides the data set named in the checkpoint (a path data set that moved)."""
-    from .training import load_denoiser
+    `data` overrides the data set named in the checkpoint (a path data set that moved): its content must be the
+    data the checkpoint was trained on. Every check (finite weights, the data's shape and content hash, a writable
+    `out`) passes before `out` is created and anything is computed."""
     from .data import load_dataset
+    from .errors import ConfigError
+    from .runs import atomic_write_text, check_writable_folder, record_written
+    from .training import check_data_hash, load_denoiser
 
     checkpoint = Path(checkpoint)
     denoiser, cfg = load_denoiser(checkpoint, device)
+    check_finite_weights(denoiser, checkpoint)
     dataset = load_dataset(data or cfg["dataset"], seed=cfg.get("train", {}).get("seed", 0))
     if tuple(dataset.sample_shape) != tuple(denoiser.sample_shape):
-        from .errors import ConfigError
-
         raise ConfigError(f"the data set {dataset.name!r} has samples of shape {tuple(dataset.sample_shape)}, the "
                           f"checkpoint's network {tuple(denoiser.sample_shape)}; pass the data it was trained on")
+    check_data_hash(dataset, cfg, checkpoint)
+    out = check_writable_folder(out)
     labels = None
     if denoiser.conditional and dataset.labels is not None:  # the trajectories get labels drawn from the data
         labels = dataset.labels[torch.randint(len(dataset.labels), (n,), generator=torch.Generator().manual_seed(seed))]
@@ -151,10 +167,6 @@ def diagnose(checkpoint: str | Path, out: str | Path, n: int = 256, seed: int = 
               "data": data_error_per_level(denoiser, dataset, n, seed, device),
               "trajectory": trajectory_diagnostics(denoiser, n, seed=seed, device=device, labels=labels),
               "training": _per_level_curves(checkpoint.parent / "metrics.jsonl")}
-    from .runs import atomic_write_text, record_written
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     for name in ("diagnose.json", "diagnose.png"):
         record_written(out, name, "diagnose")
     atomic_write_text(out / "diagnose.json", json.dumps(report, indent=1))

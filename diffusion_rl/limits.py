@@ -10,17 +10,20 @@ import os
 
 from .errors import ConfigError
 
-__all__ = ["LIMITS", "limit", "check_limit"]
+__all__ = ["LIMITS", "limit", "check_limit", "check_samples"]
 
 # name -> (default, what it bounds)
 LIMITS: dict[str, tuple[int, str]] = {
     "nfe": (10_000, "network evaluations per sample"),
     "samples": (1_000_000, "samples per command"),
     "image_side": (1_024, "pixels per image side"),
-    "classes": (100_000, "classes of a class-conditional network"),
+    "classes": (100_000, "classes of a data set or a class-conditional network"),
     "parameters": (2_000_000_000, "network parameters"),
-    "data_bytes": (16 * 2 ** 30, "bytes of a data file"),
+    "data_bytes": (16 * 2 ** 30, "bytes of a data set, on disk or unpacked in memory"),
     "steps": (100_000_000, "training steps"),
+    "batch_size": (65_536, "samples per training batch"),
+    "depth": (1_000, "residual blocks per network level"),
+    "grid": (1_024, "samples drawn into a .png"),
 }
 
 
@@ -46,3 +49,10 @@ def check_limit(what: str, value: int | float, name: str) -> None:
     if value > cap:
         raise ConfigError(f"{what} = {value:,} exceeds the limit of {cap:,} {LIMITS[name][1]}; if you mean it, "
                           f"raise it with DIFFUSION_RL_MAX_{name.upper()}={int(value)}")
+
+
+def check_samples(n_samples: int, budgets: int, networks: int) -> None:
+    """Raise ConfigError if a command's samples (`n_samples` at each of `budgets` NFE budgets for each of `networks`
+    networks) exceed the limit "samples", which counts per command."""
+    total = int(n_samples) * int(budgets) * int(networks)
+    check_limit(f"samples drawn ({n_samples:,} x {budgets} NFE budgets x {networks} networks)", total, "samples")

@@ -6,6 +6,7 @@ preconditioning, D(x; level) = c_skip x + c_out F(c_in x, c_noise), so D always 
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -18,7 +19,7 @@ from .formulations import Formulation, expand_as_image
 from .limits import check_limit
 
 __all__ = ["FourierEmbedding", "UNet", "MLP", "Denoiser", "build_network", "network_from_config", "checked_size",
-           "check_dropout"]
+           "check_dropout", "unet_parameters", "mlp_parameters"]
 
 
 class FourierEmbedding(nn.Module):
@@ -92,6 +93,72 @@ class _ResBlock(nn.Module):
         return h if self.attn is None else self.attn(h)
 
 
+_Block = tuple[int, int, bool]  # a residual block's (input channels, output channels, self-attention after it)
+
+
+def _unet_layout(resolution: int, width: int, depth: int, channel_mult: Sequence[int],
+                 attn_resolutions: Sequence[int]) -> tuple[list[_Block | None], list[_Block], list[_Block | None], int]:
+    """The UNet's blocks in build order: (down, mid, up, channels of the last block); None stands for a resampling
+    layer (AvgPool2d down, Upsample up). Plain integers: it allocates nothing."""
+    down: list[_Block | None] = []
+    skips, c = [width], width
+    attn = lambda level: resolution // 2 ** level in attn_resolutions  # noqa: E731
+    for level, mult in enumerate(channel_mult):
+        for _ in range(depth):
+            down.append((c, width * mult, attn(level)))
+            c = width * mult
+            skips.append(c)
+        if level < len(channel_mult) - 1:
+            down.append(None)
+            skips.append(c)
+    mid = [(c, c, bool(attn_resolutions)), (c, c, False)]
+    up: list[_Block | None] = []
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for _ in range(depth + 1):
+            up.append((c + skips.pop(), width * mult, attn(level)))
+            c = width * mult
+        if level > 0:
+            up.append(None)
+    return down, mid, up, c
+
+
+def _embedding_parameters(dim: int, num_classes: int) -> int:
+    classes = num_classes * dim if num_classes > 0 else 0  # the class embedding, when there is one
+    return 2 * (dim * dim + dim) + classes  # _NoiseLabelEmbedding: two Linear(dim, dim)
+
+
+def _block_parameters(cin: int, cout: int, emb_dim: int, attention: bool) -> int:
+    n = 2 * cin + 9 * cin * cout + cout + emb_dim * cout + cout + 2 * cout + 9 * cout * cout + cout  # _ResBlock
+    n += cin * cout + cout if cin != cout else 0  # the 1x1 skip convolution
+    return n + (4 * cout * cout + 6 * cout if attention else 0)  # _SelfAttention: norm, qkv, proj
+
+
+def unet_parameters(resolution: int, channels: int = 1, width: int = 32, depth: int = 1,
+                    channel_mult: Sequence[int] = (1, 2), num_classes: int = 0,
+                    attn_resolutions: Sequence[int] = ()) -> int:
+    """The parameter count of `UNet(...)` with these settings, by arithmetic on Python integers (no allocation,
+    no overflow, however large the width)."""
+    down, mid, up, c = _unet_layout(resolution, width, depth, channel_mult, attn_resolutions)
+    emb_dim = 4 * width
+    n = _embedding_parameters(emb_dim, num_classes) + 9 * channels * width + width  # embedding, conv_in
+    n += sum(_block_parameters(b[0], b[1], emb_dim, b[2]) for b in (*down, *mid, *up) if b is not None)
+    return n + 2 * c + 9 * c * channels + channels  # norm_out, conv_out
+
+
+def mlp_parameters(dim: int = 2, width: int = 128, depth: int = 3, num_classes: int = 0) -> int:
+    """The parameter count of `MLP(...)` with these settings, by arithmetic (no allocation)."""
+    block = 2 * width + 2 * (width * width + width)  # LayerNorm, two Linear(width, width)
+    return _embedding_parameters(width, num_classes) + (dim * width + width) + depth * block + (width * dim + dim)
+
+
+def _check_size(width: int, depth: int, num_classes: int, count: Callable[[], int]) -> None:
+    """The limits a network's settings must meet before any layer is allocated: depth, classes, parameters."""
+    check_limit("depth", depth, "depth")
+    if num_classes > 0:
+        check_limit("num_classes", num_classes, "classes")
+    check_limit(f"network parameters (width {width:,}, depth {depth:,})", count(), "parameters")
+
+
 class UNet(nn.Module):
     """A small UNet for gray or RGB images.
 
@@ -125,34 +192,21 @@ class UNet(nn.Module):
             raise ConfigError(f"attention resolutions {bad} are not feature-map sides of this UNet; accepted: "
                               f"{sorted(sides, reverse=True)}")
         check_positive("skip_scale", skip_scale, integer=False)
+        if not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and m > 0 for m in channel_mult):
+            raise ConfigError(f"channel_mult must be positive integers, got {tuple(channel_mult)}")
+        _check_size(width, depth, num_classes, lambda: unet_parameters(resolution, channels, width, depth,
+                                                                       channel_mult, num_classes, attn_resolutions))
         self.config = {"kind": "unet", "resolution": resolution, "channels": channels, "width": width,
                        "depth": depth, "channel_mult": list(channel_mult), "num_classes": num_classes,
                        "dropout": dropout, "attn_resolutions": list(attn_resolutions), "skip_scale": skip_scale}
         emb_dim = 4 * width
         self.embed = _NoiseLabelEmbedding(emb_dim, num_classes)
         self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
-        self.down = nn.ModuleList()
-        skips, c = [width], width
-        block = lambda cin, cout, level: _ResBlock(cin, cout, emb_dim, dropout,  # noqa: E731
-                                                   resolution // 2 ** level in attn_resolutions, skip_scale)
-        for level, mult in enumerate(channel_mult):
-            for _ in range(depth):
-                self.down.append(block(c, width * mult, level))
-                c = width * mult
-                skips.append(c)
-            if level < len(channel_mult) - 1:
-                self.down.append(nn.AvgPool2d(2))
-                skips.append(c)
-        mid_attn = bool(attn_resolutions)
-        self.mid = nn.ModuleList([_ResBlock(c, c, emb_dim, dropout, mid_attn, skip_scale),
-                                  _ResBlock(c, c, emb_dim, dropout, False, skip_scale)])
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for _ in range(depth + 1):
-                self.up.append(block(c + skips.pop(), width * mult, level))
-                c = width * mult
-            if level > 0:
-                self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        down, mid, up, c = _unet_layout(resolution, width, depth, channel_mult, attn_resolutions)
+        block = lambda b: _ResBlock(b[0], b[1], emb_dim, dropout, b[2], skip_scale)  # noqa: E731
+        self.down = nn.ModuleList(nn.AvgPool2d(2) if b is None else block(b) for b in down)
+        self.mid = nn.ModuleList(block(b) for b in mid)
+        self.up = nn.ModuleList(nn.Upsample(scale_factor=2, mode="nearest") if b is None else block(b) for b in up)
         self.norm_out = nn.GroupNorm(math.gcd(8, c), c)
         self.conv_out = nn.Conv2d(c, channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
@@ -188,6 +242,7 @@ class MLP(nn.Module):
         check_positive("dim", dim)
         check_positive("width", width)
         check_positive("depth", depth)
+        _check_size(width, depth, num_classes, lambda: mlp_parameters(dim, width, depth, num_classes))
         self.dim, self.num_classes = dim, num_classes
         self.config = {"kind": "mlp", "dim": dim, "width": width, "depth": depth, "num_classes": num_classes,
                        "dropout": dropout}
@@ -302,7 +357,8 @@ def check_dropout(dropout: float) -> float:
 
 def checked_size(factory: Callable[[], nn.Module]) -> nn.Module:
     """Build `factory()` on the meta device first (no memory) and refuse a network above the parameter limit;
-    then build it for real."""
+    then build it for real. (UNet and MLP count their parameters by arithmetic before allocating anything; this
+    is for other networks.)"""
     with torch.device("meta"):
         n = sum(p.numel() for p in factory().parameters())
     check_limit("network parameters", n, "parameters")
@@ -310,22 +366,24 @@ def checked_size(factory: Callable[[], nn.Module]) -> nn.Module:
 
 
 def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int | None = None,
-                  depth: int = 1, dropout: float = 0.0, channel_mult: Sequence[int] | None = None,
+                  depth: int | None = None, dropout: float = 0.0, channel_mult: Sequence[int] | None = None,
                   attn_resolutions: Sequence[int] = (), skip_scale: float = 1.0) -> nn.Module:
     """A default raw network for samples of `sample_shape`: an MLP for vectors, a UNet for [C, H, W] images.
 
-    width None picks the default (128 for the MLP, 32 for the UNet); any given width must be a positive integer.
+    width None picks the default (128 for the MLP, 32 for the UNet); depth None likewise (2 MLP blocks, 1 block per
+    UNet level). A given width or depth must be a positive integer and is built as given.
     """
     if width is not None:
         check_positive("width", width)
-    check_positive("depth", depth)
+    if depth is not None:
+        check_positive("depth", depth)
+        check_limit("depth", depth, "depth")
     check_dropout(dropout)
     if num_classes:
         check_limit("num_classes", num_classes, "classes")
     shape = tuple(sample_shape)
-    if len(shape) == 1:
-        return checked_size(lambda: MLP(dim=shape[0], width=width or 128, depth=max(depth, 2),
-                                        num_classes=num_classes, dropout=dropout))
+    if len(shape) == 1:  # UNet and MLP refuse settings above the limits before allocating anything
+        return MLP(dim=shape[0], width=width or 128, depth=depth or 2, num_classes=num_classes, dropout=dropout)
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ConfigError(f"sample shape {shape} is not supported; expected (D,) vectors or square (C, H, W) images")
     c, res, _ = shape
@@ -333,9 +391,8 @@ def build_network(sample_shape: Sequence[int], num_classes: int = 0, width: int 
         channel_mult = (1, 2) if res <= 16 else (1, 2, 2)
         while res % 2 ** (len(channel_mult) - 1):
             channel_mult = channel_mult[:-1]
-    return checked_size(lambda: UNet(res, channels=c, width=width or 32, depth=depth, channel_mult=channel_mult,
-                                     num_classes=num_classes, dropout=dropout, attn_resolutions=attn_resolutions,
-                                     skip_scale=skip_scale))
+    return UNet(res, channels=c, width=width or 32, depth=depth or 1, channel_mult=channel_mult,
+                num_classes=num_classes, dropout=dropout, attn_resolutions=attn_resolutions, skip_scale=skip_scale)
 
 
 def network_from_config(config: dict) -> nn.Module:
@@ -344,7 +401,7 @@ def network_from_config(config: dict) -> nn.Module:
     kinds = {"unet": UNet, "mlp": MLP}
     if config.get("kind") in kinds:
         try:
-            return checked_size(lambda: kinds[config["kind"]](**kwargs))
+            return kinds[config["kind"]](**kwargs)  # each refuses a size above the limits before allocating
         except (TypeError, ValueError, RuntimeError) as e:
             if isinstance(e, ConfigError):
                 raise

@@ -19,6 +19,7 @@ existed has none: there `overwrite` deletes only the run files the command would
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -28,7 +29,7 @@ import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from .errors import ConfigError
 
 __all__ = ["RunFolder", "check_writable_folder", "remove_stale_temporaries", "RUN_FILES", "atomic_write",
            "atomic_write_text", "atomic_save", "record_written", "written_files", "remove_written", "set_aside",
-           "MANIFEST"]
+           "MANIFEST", "no_new_folders_if_failed"]
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json")  # their presence means the folder holds a run
 LOCK = ".lock"
@@ -200,14 +201,23 @@ def _stat(path: str | Path) -> os.stat_result | None:
         return None
 
 
-def check_writable_folder(path: str | Path, what: str = "--out") -> Path:
-    """Create `path` if needed and prove it is a writable folder; ConfigError naming the problem otherwise."""
+def check_writable_folder(path: str | Path, what: str = "--out", create: bool = True) -> Path:
+    """Create `path` if needed and prove it is a writable folder; ConfigError naming the problem otherwise.
+    `create=False` leaves nothing behind: no file may stand in the way, and the nearest existing folder must take
+    a new folder (the check a command makes before its other checks; it creates the folder once they all pass)."""
     path = Path(path)
     if not str(path).strip():
         raise ConfigError(f"{what} is empty; give a folder")
     for parent in [path, *path.parents]:
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not create:  # a folder made and removed in the nearest existing one proves the path can be made
+        nearest = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=nearest, prefix=f".write-test-{os.getpid()}-"))
+        except OSError as e:
+            raise ConfigError(f"{what} {str(path)!r} is not writable ({e.strerror or e})") from None
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -216,6 +226,23 @@ def check_writable_folder(path: str | Path, what: str = "--out") -> Path:
     except OSError as e:
         raise ConfigError(f"{what} {str(path)!r} is not writable ({e.strerror or e})") from None
     return path
+
+
+@contextlib.contextmanager
+def no_new_folders_if_failed(path: str | Path) -> Iterator[None]:
+    """Run the block; if it raises, remove the folders it created on the way to `path` (`path` and the parents that
+    did not exist before) that are still empty: a refused command leaves no new folder behind."""
+    path = Path(path)
+    new = [p for p in [path, *path.parents] if not os.path.lexists(p)]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            try:
+                folder.rmdir()  # only an empty folder goes
+            except OSError:
+                break
+        raise
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

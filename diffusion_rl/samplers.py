@@ -26,7 +26,8 @@ from .limits import check_limit
 from .formulations import CTFormulation, EDMFormulation, Formulation, VPFormulation, expand_as_image
 from .schedules import edm_sampling_sigmas
 
-__all__ = ["SampleResult", "SAMPLERS", "steps_for_nfe", "sample", "default_sampler", "sampler_for_nfe"]
+__all__ = ["SampleResult", "SAMPLERS", "steps_for_nfe", "sample", "default_sampler", "sampler_for_nfe",
+           "NonFiniteSampleError", "check_finite_samples"]
 
 DenoiseFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -37,6 +38,20 @@ class SampleResult:
     nfe: int
     sampler: str
     steps: int
+
+
+class NonFiniteSampleError(RuntimeError):
+    """Sampling produced NaN or infinite values (a diverged network, usually): a failure of the run, not of input."""
+
+
+def check_finite_samples(x: Tensor, source: str) -> Tensor:
+    """Return `x`, or raise NonFiniteSampleError naming the share of samples with a non-finite value and `source`."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1) if x.numel() else torch.zeros(0, dtype=torch.bool)
+    if bool(bad.any()):
+        raise NonFiniteSampleError(f"sampling from {source} produced non-finite values in {int(bad.sum())} of "
+                                   f"{x.shape[0]} samples ({float(bad.float().mean()):.0%}): the network's weights or "
+                                   f"outputs are not finite (a diverged run?); nothing was written")
+    return x
 
 
 def _levels(x: Tensor, level: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from torchrl.envs.utils import step_mdp
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError, check_choice, check_positive
 from diffusion_rl.formulations import Formulation, make_formulation
+from diffusion_rl.training import resolve_device
 
 __all__ = ["DiffusionMRP", "MRPSettings", "check_stride_one_step", "single_action_policy", "STARTS", "OBSERVATION_KEYS",
            "STATE_KEYS"]
@@ -124,7 +125,8 @@ class DiffusionMRP(EnvBase):
         start: where `reset` starts episodes: "max" at index 0 (the noisiest level); "random" at a uniform index
             in [0, N-1-(stride+one_step)], so at least one TD-valid step is possible; "train" at the formulation's
             training levels (method.md §5.1), the start of every training batch. `reset(start=...)` overrides it.
-        device: where states live; the noise generator lives there too.
+        device: where states live; the noise generator lives there too (auto, cpu, cuda, cuda:N or mps, checked
+            by `diffusion_rl.training.resolve_device`).
         seed: seed of the env's generators (None: drawn from torch's global RNG).
         dtype: float dtype of states and rewards (float32; float64 makes reward sums telescope to rounding error).
         hflip: augment images by horizontal flips: each drawn x0 is mirrored with probability 1/2 (data generator).
@@ -146,6 +148,7 @@ class DiffusionMRP(EnvBase):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed must be an int or None, got {seed!r}")
         check_choice("dtype", dtype, (torch.float32, torch.float64))
+        device = resolve_device(device)  # "gpu", or "cuda" without a GPU: a ConfigError naming the accepted devices
 
         super().__init__(device=device, batch_size=batch_size)
         self.formulation = settings.formulation
@@ -277,6 +280,27 @@ class DiffusionMRP(EnvBase):
                 "valid": self.td_valid(level, index)}
 
     # ---- EnvBase API -------------------------------------------------------------------------------------------
+    def step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """EnvBase.step, after checking the tensordict's batch and its action's shape (ConfigError naming them)."""
+        self._check_step_input(tensordict)
+        return super().step(tensordict)
+
+    def rollout(self, max_steps: int, *args, **kwargs) -> TensorDictBase:
+        """EnvBase.rollout, after checking max_steps >= 1 (ConfigError)."""
+        check_positive("max_steps", max_steps)
+        return super().rollout(int(max_steps), *args, **kwargs)
+
+    def _check_step_input(self, tensordict: TensorDictBase) -> None:
+        batch = tuple(tensordict.batch_size)
+        if self.batch_size and batch != tuple(self.batch_size):
+            raise ConfigError(f"env.step got a tensordict of batch {list(batch)}; this env's batch is "
+                              f"{list(self.batch_size)}: accepted {list(self.batch_size)} (build the env with "
+                              f"batch_size=() to step batches of any size)")
+        action = tensordict.get("action", None)
+        if action is not None and tuple(action.shape) != batch:
+            raise ConfigError(f"action of shape {list(action.shape)} does not fit the batch {list(batch)}; accepted "
+                              f"shape {list(batch)}: one action (0) per sample")
+
     def _reset(self, tensordict: TensorDictBase | None = None, start: str | None = None,
                **kwargs) -> TensorDictBase:
         start = check_choice("start", start or self.start, STARTS)

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from .diffusion_mrp import STATE_KEYS, DiffusionMRP
+from diffusion_rl.errors import ConfigError, check_choice
+
+from .diffusion_mrp import STARTS, STATE_KEYS, DiffusionMRP
 
 __all__ = ["DiffusionMRPGym", "ENV_ID", "register_envs"]
 
@@ -38,7 +40,6 @@ class DiffusionMRPGym(gym.Env):
                  seed: int | None = None, render_mode: str | None = None) -> None:
         super().__init__()
         if render_mode is not None:
-            from diffusion_rl.errors import ConfigError
             raise ConfigError(f"render_mode {render_mode!r} is not supported; accepted: None")
         self.mrp = DiffusionMRP(dataset, formulation, batch_size=(), stride=stride, one_step=one_step,
                                 coupling=coupling, start=start, device="cpu", seed=seed)
@@ -65,11 +66,23 @@ class DiffusionMRPGym(gym.Env):
             "label": np.int64(td["label"].item()),
         }
 
+    def reset_starts(self) -> tuple[str, ...]:
+        """The starts `reset(options={"start": ...})` accepts: those whose levels fit the observation space (the
+        training levels only on an env made with start="train")."""
+        return STARTS if self.mrp.start == "train" else tuple(s for s in STARTS if s != "train")
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode; `options` may hold {"start": one of `reset_starts()`} (default: the env's start)."""
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise ConfigError(f"reset options must be a dict or None, got {type(options).__name__}")
+        for key in options:
+            check_choice("reset option", key, ("start",))
+        start = check_choice("reset option start", options.get("start", self.mrp.start), self.reset_starts())
         super().reset(seed=seed)
         if seed is not None:
             self.mrp.set_seed(seed)
-        td = self.mrp.reset()
+        td = self.mrp.reset(start=start)
         self._state = td.select(*STATE_KEYS, "x", "level", "index", "label")
         self._truncated = False
         return self._obs(td), {"x0": td["x0"].cpu().numpy()}

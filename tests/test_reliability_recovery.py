@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -171,7 +170,7 @@ def test_sample_npz_is_written_atomically(tmp_path, monkeypatch, capsys):
             file.write(b"PK half a zip")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", full)
+    monkeypatch.setattr("diffusion_rl.cli._write_npz_chunks", full)  # the .npz writer (chunk by chunk)
     capsys.readouterr()
     assert main(["sample", "--checkpoint", str(tmp_path / "run" / "edm-baseline" / "checkpoint.pt"), "--n", "8",
                  "--out", str(out), "--overwrite"]) == 1
