@@ -54,12 +54,10 @@ class RunPlan:
 
 
 def train_config(args: Args) -> "TrainConfig":
-    """The optimisation settings of `args` (TrainConfig checks them; the batch is checked against its limit here)."""
-    from .limits import check_limit
+    """The optimisation settings of `args` (TrainConfig checks them, the batch's limit too)."""
     from .training import TrainConfig
 
     check_positive("batch_size", args.batch_size)
-    check_limit("batch_size", args.batch_size, "batch_size")
     return TrainConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                        ema_halflife_images=args.ema_halflife_images, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,

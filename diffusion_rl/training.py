@@ -116,6 +116,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size is not None:
             check_positive("batch_size", self.batch_size)
+            check_limit("batch_size", self.batch_size, "batch_size")  # a typo must not become an allocation
         check_positive("lr", self.lr, integer=False)
         check_positive("ema_halflife_images", self.ema_halflife_images, integer=False)
         for name in ("warmup_steps", "checkpoint_every", "grad_clip", "checkpoint_seconds"):
