@@ -30,7 +30,7 @@ stage() {  # stage NAME SECONDS COMMAND...: the command in its time box; how it 
     echo "stage $name: rc $rc after $(( $(date +%s) - t0 )) s (box $box s)"
 }
 stage environment 20 python -m benchmarks.gpu_summary --environment "$OUT/environment.json"
-stage cuda_tests 60 python -m pytest -q tests/test_cuda.py
+stage cuda_tests 60 python -m pytest -q tests/test_cuda.py tests/test_fid_device.py
 stage throughput_eager 80 python -m benchmarks.throughput --shape 3,32,32 --preset cifar10 --batch-size 256 \
     --device cuda --precisions fp32,bf16 --compile off --repeats 10 --warmup 3 --sample-batch 512 --nfe 35 \
     --out "$OUT/throughput_eager.json"

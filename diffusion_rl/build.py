@@ -129,9 +129,10 @@ def plan(args: Args, method: str | None = None) -> RunPlan:
         td = TDSettings(**_target(args)).for_mrp(mrp)
     evaluation = None
     if args.eval:
+        # sampling runs the network in the training precision and compiled when training is (method.md §11)
         evaluation = EvalConfig(nfe_grid=parse_nfe_grid(args.nfe_grid), n_samples=args.n_samples, seed=args.seed,
                                 features=args.features, inception_weights=args.inception_weights or None,
-                                device=args.device)
+                                device=args.device, precision=args.precision, compile=args.compile)
     return RunPlan(args, method, mrp, td, train_config(args), _network(args), evaluation)
 
 

@@ -9,12 +9,14 @@ sliced Wasserstein-2 and energy distance against fresh true samples. Every recor
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import shlex
 import sys
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ __all__ = ["EvalConfig", "Evaluator", "evaluate_learner", "write_results", "plot
 
 DEFAULT_NFE_GRID: tuple[int, ...] = (1, 2, 3, 5, 9, 17, 35)
 FEATURES = ("classifier", "inception")
+PRECISIONS = ("fp32", "bf16", "fp16")  # Denoiser.set_speed's
 
 
 @dataclass
@@ -44,9 +47,11 @@ class EvalConfig:
     seed: int = 0                               # seeds sampling noise and labels
     features: str = "classifier"                # FID features: "classifier" (trained here) or "inception"
     inception_weights: str | None = None        # the FID Inception-v3 state dict (None: look in the usual places)
-    device: str = "auto"                        # where the Inception features are computed (auto: CUDA if any)
+    device: str = "auto"                        # where the image metrics run (auto: CUDA if any)
     batch_size: int = 500                       # samples per sampling batch
     float64: bool = True                        # sample in float64 (the release's protocol)
+    precision: str = "fp32"                     # the network's autocast while sampling: fp32 | bf16 | fp16 (CUDA)
+    compile: bool = False                       # torch.compile the network for sampling
     grid_size: int = 64                         # images in each sample grid PNG
     cache_dir: str | None = None                # feature-network cache (default ~/.cache/diffusion_rl)
     reference_fraction: float = 0.5             # images: the data set's share in the reference part of the split
@@ -58,6 +63,9 @@ class EvalConfig:
         check_positive("n_samples", self.n_samples)
         check_positive("batch_size", self.batch_size)
         check_positive("pr_k", self.pr_k)
+        check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r}")
         if not 0.0 < float(self.reference_fraction) < 1.0:
             raise ConfigError(f"reference_fraction must be in (0, 1), got {self.reference_fraction!r}")
         check_features(self.features, self.inception_weights)
@@ -111,6 +119,9 @@ class Evaluator:
     is the whole data set (the usual FID protocol). Either way the memorisation check measures samples against the
     feature-net part's images, on the scale of the reference part's images (`metrics.memorisation_ratio`).
 
+    The image metrics (feature net, FID/KID statistics, precision/recall, memorisation) run on `config.device`
+    (`metrics.ImageFID`); samples are drawn on the device `generate` is given, in `config.precision`.
+
     `feature_info` goes into every record: the feature net, its held-out accuracy and the images it was trained on,
     the reference, the split (seed, fraction, sizes), the precision/recall k, the memorisation gallery and its
     held-out scale ("heldout_nn_distance"), the reference's class histogram, and the data hash.
@@ -122,6 +133,7 @@ class Evaluator:
     def __post_init__(self) -> None:
         self._fid = None
         self.split = None
+        self._fast: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # denoiser -> its sampling view
         self.feature_info: dict = {}
         if self.dataset.kind == "image":
             self._setup_image_metrics()
@@ -135,16 +147,16 @@ class Evaluator:
 
         cfg, data = self.config, self.dataset
         split = self.split = split_dataset(data, cfg.reference_fraction, cfg.split_seed)
+        from .training import resolve_device
+
+        device = resolve_device(cfg.device)  # the feature net, the statistics and the k-NN work run there
         x = data.x.detach().cpu()
         n, n_feat, n_ref = len(x), split.feature_idx.numel(), split.reference_idx.numel()
         part = f"split seed {split.seed}, {'stratified' if split.stratified else 'unstratified'}"
         feature_part = x[split.feature_idx]
         reference_part = x[split.reference_idx]
         if cfg.features == "inception":
-            net = require_inception(cfg.inception_weights)
-            from .training import resolve_device
-
-            net = net.to(resolve_device(cfg.device))  # 299 x 299 features for FID-50k belong on the GPU
+            net = require_inception(cfg.inception_weights)  # 299 x 299 features for FID-50k belong on the GPU
             self.feature_info = {"feature_net": "inception-v3 (FID, 2015-12-05) pool3 (2048-d)",
                                  "feature_net_accuracy": None,
                                  "feature_net_trained_on": "ImageNet (not this data set: no split needed)",
@@ -163,7 +175,7 @@ class Evaluator:
                              "feature net's images)"}
             reference, labels = reference_part, data.labels.detach().cpu()[split.reference_idx]
         self._fid = ImageFID(reference, net, labels=labels, num_classes=data.num_classes or None,
-                             nn_gallery=feature_part, nn_heldout=reference_part, k=cfg.pr_k)
+                             nn_gallery=feature_part, nn_heldout=reference_part, k=cfg.pr_k, device=device)
         hist = self._fid.reference_class_histogram
         self.feature_info.update({
             **split.describe(),
@@ -185,14 +197,35 @@ class Evaluator:
         from .metrics import evaluate_samples
 
         if self._fid is not None:
-            return self._fid.compute_details(samples.float().cpu())
+            return self._fid.compute_details(samples.float())  # moved to the metric's device batch by batch
         g = torch.Generator().manual_seed(self.config.seed + 12345)
         return evaluate_samples(self.dataset, samples.float().cpu(), fid=self._fid, generator=g), {}
 
+    def sampling_net(self, denoiser: Denoiser) -> Denoiser:
+        """The denoiser `generate` samples with: `denoiser` itself under the defaults (fp32, no compile); else a view
+        of it with `config.precision` and `config.compile` applied (`Denoiser.set_speed`), made once per denoiser.
+
+        The view is a shallow copy: it shares the network and its weights (later weight updates, e.g. of an EMA, are
+        seen), while the precision and the compiled graph are its own, so the caller's denoiser (a learner's EMA)
+        keeps its settings. The ODE state stays in `float64` / float32 as configured; only the raw network runs under
+        autocast (networks.py, `Denoiser.forward`)."""
+        cfg = self.config
+        if cfg.precision == "fp32" and not cfg.compile:
+            return denoiser
+        view = self._fast.get(denoiser)
+        if view is None:
+            channels_last = bool(getattr(denoiser, "channels_last", False))  # the network's memory format, kept
+            view = self._fast[denoiser] = copy.copy(denoiser).set_speed(cfg.precision, cfg.compile, channels_last)
+        return view
+
     def generate(self, denoiser: Denoiser, nfe: int, device: torch.device | str = "cpu") -> tuple[Tensor, str]:
-        """`n_samples` samples at budget `nfe` (seeded), and the sampler used."""
+        """`n_samples` samples at budget `nfe` (seeded), and the sampler used; the network runs as `sampling_net`
+        says (the config's precision and compile)."""
         cfg = self.config
         name = sampler_for_nfe(denoiser.formulation, nfe, cfg.sampler)  # a clear error when it cannot reach nfe
+        if cfg.precision == "fp16" and torch.device(device).type != "cuda":
+            raise ConfigError(f"precision fp16 needs a CUDA device (sampling on {device}); on CPU use bf16 or fp32")
+        denoiser = self.sampling_net(denoiser)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         labels_all = None
         if denoiser.conditional and self.dataset.labels is not None:
@@ -217,6 +250,7 @@ class Evaluator:
         for nfe in self.config.nfe_grid:  # every budget is checked before the first is sampled
             sampler_for_nfe(denoiser.formulation, nfe, self.config.sampler)
         records = []
+        precision = getattr(self.sampling_net(denoiser), "precision", "fp32")  # the network's autocast, recorded
         for nfe in tqdm(self.config.nfe_grid, desc=f"eval {method}", disable=not progress, file=sys.stderr,
                         leave=False):
             t0 = time.perf_counter()
@@ -235,7 +269,8 @@ class Evaluator:
                     "method": method, "sampler": name, "nfe": nfe, "metric": metric, "value": float(value),
                     "dataset": self.dataset.name, "n_samples": self.config.n_samples, **self.feature_info,
                     "seed": self.config.seed, "training_steps": int(training_steps), "wall_time_s": round(wall, 3),
-                    "float64": self.config.float64, "command": _command_line(), **details.get(metric, {})})
+                    "float64": self.config.float64, "precision": precision,
+                    "command": _command_line(), **details.get(metric, {})})
         return records
 
 

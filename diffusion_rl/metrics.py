@@ -18,6 +18,8 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,9 @@ __all__ = [
     "get_feature_net",
     "inception_feature_net",
     "ImageFID",
+    "mean_and_covariance",
+    "psd_sqrt",
+    "frechet_distance",
     "knn_radii",
     "precision_recall",
     "class_histogram",
@@ -212,6 +217,10 @@ def train_feature_net(dataset: Dataset, seed: int = 0, verbose: bool = False, ho
     train_pos, val_pos = _split(part.numel(), holdout, seed)
     train_idx, val_idx = part[train_pos].to(device), part[val_pos].to(device)
     n_train = train_idx.numel()
+    if n_train < 1:  # the held-out image(s) took the whole feature-net part
+        raise ConfigError(f"the feature-net part of {dataset.name!r} has {part.numel()} image(s), too few to train the "
+                          f"FID classifier and hold some out ({holdout:.0%}); give at least 4 labelled images, or "
+                          f"--features inception")
     batch_size = 128
     epochs = max(4, min(40, math.ceil(60_000 / n_train)))
     t0 = time.time()
@@ -325,17 +334,78 @@ class _Passthrough(nn.Module):
         return feats
 
 
+def _module_device(net: nn.Module, default: torch.device) -> torch.device:
+    """The device of a module's first parameter or buffer, else `default` (a module without any)."""
+    for t in (*net.parameters(), *net.buffers()):
+        return t.device
+    return default
+
+
 @torch.no_grad()
-def _features(net: nn.Module, images: Tensor, batch_size: int) -> Tensor:
-    try:
-        device = next(net.parameters()).device
-    except StopIteration:
-        device = images.device
+def _features(net: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """The net's features [N, F] of `images` (clamped to [-1, 1]) as float64 on `device`: the images go to the
+    device one batch at a time, the features stay there."""
     out = []
     for i in range(0, images.shape[0], batch_size):
         batch = images[i:i + batch_size].to(device).float().clamp(-1, 1)
-        out.append(net(batch).reshape(batch.shape[0], -1).double().cpu())
+        out.append(net(batch).reshape(batch.shape[0], -1).double())
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Frechet distance between Gaussians.
+
+
+def mean_and_covariance(feature_sum: Tensor, outer_sum: Tensor, n: int | Tensor) -> tuple[Tensor, Tensor]:
+    """The mean [D] and unbiased covariance [D, D] of n vectors from their sum [D] and the sum of their outer products
+    [D, D] (torchmetrics FrechetInceptionDistance's states): mu = s / n, S = (O - n mu mu^T) / (n - 1), in float64
+    on the inputs' device (the formula of torchmetrics' `compute`)."""
+    n = int(n)
+    if n < 2:
+        raise ConfigError(f"a covariance needs at least 2 vectors, got {n}")
+    mu = feature_sum.double() / n
+    return mu, (outer_sum.double() - n * torch.outer(mu, mu)) / (n - 1)
+
+
+def psd_sqrt(sigma: Tensor) -> Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix [D, D], from its eigendecomposition
+    (torch.linalg.eigh; eigenvalues below 0, which only rounding produces, count as 0). float64, on sigma's device."""
+    s = sigma.double()
+    w, v = torch.linalg.eigh((s + s.T) / 2)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor,
+                     sqrt_sigma1: Tensor | None = None) -> Tensor:
+    """The Frechet (Wasserstein-2) distance between N(mu1, sigma1) and N(mu2, sigma2), squared, as FID defines it
+    (Heusel et al. 2017): |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). A 0-d float64 tensor on the
+    inputs' device.
+
+    The trace of the square root is sum_i sqrt(lambda_i), lambda the eigenvalues of R sigma2 R with R = sigma1^(1/2)
+    (`psd_sqrt`): sigma1 sigma2 = R (R sigma2) has the eigenvalues of (R sigma2) R (AB and BA share them), a
+    symmetric positive semi-definite matrix, so one symmetric eigenvalue problem (torch.linalg.eigvalsh, which CUDA
+    solves on the device) replaces torchmetrics' general torch.linalg.eigvals of sigma1 sigma2; the results agree up
+    to rounding. Rounding's negative eigenvalues count as 0, as in torchmetrics (the real part of their root).
+    `sqrt_sigma1` (= psd_sqrt(sigma1)) may be passed to reuse it across calls.
+    """
+    mu1, mu2, sigma1, sigma2 = mu1.double(), mu2.double(), sigma1.double(), sigma2.double()
+    r = psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1.double()
+    m = r @ sigma2 @ r
+    root_trace = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace
+
+
+@contextmanager
+def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Runs the body with the CPU generator (and, on CUDA, `device`'s generator) seeded with `seed`, restoring their
+    states afterwards. torchmetrics' KID draws its subsets with torch.randperm on the default device's generator (the
+    CPU's unless torch.set_default_device says otherwise), so its subsets, and KID, are the same on every device."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,16 +418,25 @@ def _tolerance(features: Tensor) -> float:
     return 1e-6 * float(features.square().sum(1).mean().sqrt()) if features.numel() else 0.0
 
 
+def _as_features(what: str, x: Tensor, device: torch.device | None = None) -> Tensor:
+    """`x` as float64 [N, D] features (N >= 1) on `device` (default: where it is)."""
+    x = torch.as_tensor(x)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ConfigError(f"{what} must be a [N, D] tensor of features with N >= 1, got shape {tuple(x.shape)}")
+    return x.detach().to(device=device if device is not None else x.device, dtype=torch.float64)
+
+
 def knn_radii(features: Tensor, k: int = 3, block: int = 1024) -> Tensor:
     """The distance from each row of `features` [N, D] (N > k) to its k-th nearest neighbour among the other rows:
-    float64 [N]. Euclidean, computed in blocks of `block` rows (memory O(block N)); duplicates count as neighbours."""
-    f = _as_points("features", features)
+    float64 [N] on the features' device. Euclidean, computed in blocks of `block` rows (memory O(block N));
+    duplicates count as neighbours."""
+    f = _as_features("features", features)
     check_positive("k", k)
     check_positive("block", block)
     n = f.shape[0]
     if n <= k:
         raise ConfigError(f"k-th nearest-neighbour radii need more than k = {k} points, got {n}")
-    out = torch.empty(n, dtype=torch.float64)
+    out = torch.empty(n, dtype=torch.float64, device=f.device)
     for i in range(0, n, block):
         d = torch.cdist(f[i:i + block], f)
         out[i:i + block] = d.kthvalue(k + 1, dim=1).values  # the row's own (zero) distance is the smallest
@@ -375,22 +454,24 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, real_radii: Tensor 
     well-separated modes give precision ~1 and recall ~0.5. Needs N > k and M > k. `real_radii` (= `knn_radii(real,
     k)`) may be passed to reuse them across calls. Distances are Euclidean (matrix-product form), in blocks of
     `block` fake rows, so memory is O(block (N + M)); a distance within 1e-6 of the real features' RMS norm of a
-    radius counts as inside (rounding). NaN/inf in the input gives nan for both.
+    radius counts as inside (rounding). Runs in float64 on `real`'s device (`fake` is moved there). NaN/inf in the
+    input gives nan for both.
     """
-    real, fake = _as_points("real", real), _as_points("fake", fake)
+    real = _as_features("real", real)
+    fake = _as_features("fake", fake, real.device)
     if real.shape[1] != fake.shape[1]:
         raise ConfigError(f"real and fake features must have the same dimension, got {real.shape[1]} and "
                           f"{fake.shape[1]}")
     if _nonfinite(real, fake):
         return {"precision": math.nan, "recall": math.nan}
-    r_real = knn_radii(real, k, block) if real_radii is None else real_radii.detach().double().cpu()
+    r_real = knn_radii(real, k, block) if real_radii is None else real_radii.detach().to(real.device, torch.float64)
     if r_real.shape != (real.shape[0],):
         raise ConfigError(f"real_radii must have shape ({real.shape[0]},), got {tuple(r_real.shape)}")
     r_fake = knn_radii(fake, k, block)
     tol = _tolerance(real)
     r_real, r_fake = r_real + tol, r_fake + tol
-    inside = torch.zeros(fake.shape[0], dtype=torch.bool)
-    covered = torch.zeros(real.shape[0], dtype=torch.bool)
+    inside = torch.zeros(fake.shape[0], dtype=torch.bool, device=real.device)
+    covered = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
     for i in range(0, fake.shape[0], block):
         d = torch.cdist(fake[i:i + block], real)  # [b, N]
         inside[i:i + block] = (d <= r_real[None, :]).any(dim=1)
@@ -422,12 +503,14 @@ def total_variation(p: Tensor, q: Tensor) -> float:
 
 
 class _PixelGallery:
-    """Images [G, ...] flattened once (float32) with their squared norms, for repeated nearest-image queries."""
+    """Images [G, ...] flattened once (float32, on `device`, default where they are) with their squared norms, for
+    repeated nearest-image queries; the queries are moved to the gallery's device one block at a time."""
 
-    def __init__(self, images: Tensor) -> None:
+    def __init__(self, images: Tensor, device: torch.device | None = None) -> None:
         if images.shape[0] < 1:
             raise ConfigError("the nearest-image gallery needs at least one image")
-        self.images = images.detach().reshape(images.shape[0], -1).float().cpu().contiguous()
+        device = device if device is not None else images.device
+        self.images = images.detach().reshape(images.shape[0], -1).to(device, torch.float32).contiguous()
         self.sq_norms = self.images.square().sum(dim=1)
         self.item_shape = tuple(images.shape[1:])
 
@@ -438,11 +521,11 @@ class _PixelGallery:
         if tuple(x.shape[1:]) != self.item_shape:
             raise ConfigError(f"images of shape {tuple(x.shape[1:])} cannot be compared with a gallery of "
                               f"{self.item_shape}")
-        xf = x.detach().reshape(x.shape[0], -1).float().cpu()
+        xf = x.detach().reshape(x.shape[0], -1)
         block = block or max(1, 2 ** 22 // len(self))  # about 16 MB of distances per block
-        out = torch.empty(xf.shape[0], dtype=torch.float64)
+        out = torch.empty(xf.shape[0], dtype=torch.float64, device=self.images.device)
         for i in range(0, xf.shape[0], block):
-            xb = xf[i:i + block]
+            xb = xf[i:i + block].to(self.images.device, torch.float32)
             nearest = (self.sq_norms[None, :] - 2 * xb @ self.images.T).argmin(dim=1)  # |x|^2 is the same per row
             out[i:i + block] = (xb.double() - self.images[nearest].double()).square().mean(dim=1).sqrt()  # exact
         return out
@@ -451,7 +534,7 @@ class _PixelGallery:
 def rms_from_mean(x: Tensor, mean: Tensor) -> float:
     """Root-mean-square per-pixel distance of samples [B, *F] from the data mean [*F]: sqrt(mean (x - mu)^2). Next to
     the data's own value it says whether one-step samples overshoot away from the mean (method.md §10.5)."""
-    return float((x.float() - mean.float()).pow(2).mean().sqrt())
+    return float((x.float() - mean.to(x.device, torch.float32)).pow(2).mean().sqrt())
 
 
 def nearest_neighbour_distance(x: Tensor, gallery: Tensor, block: int | None = None) -> Tensor:
@@ -460,7 +543,7 @@ def nearest_neighbour_distance(x: Tensor, gallery: Tensor, block: int | None = N
     d(x_i) = min_g ||x_i - g||_2 / sqrt(P), P the number of values per image (C H W): the root-mean-square pixel
     difference to the nearest gallery image, in the images' own units (0 for an exact copy; at most 2 for images in
     [-1, 1]). The nearest image is found with float32 matrix products in blocks (about 16 MB each); its distance is
-    then recomputed exactly in float64.
+    then recomputed exactly in float64. Runs on the gallery's device.
     """
     return _PixelGallery(gallery).distances(x, block)
 
@@ -504,11 +587,18 @@ class ImageFID:
     """FID, KID and the companion metrics of generated images against a fixed reference set, in a feature net's
     space (the memorisation check is in pixel space).
 
-    Everything about the reference is computed once: its features (FID/KID statistics), its k-NN radii (precision and
-    recall), its label histogram (class coverage) and the held-out images' nearest-gallery distance (memorisation).
-    Uses torchmetrics' FrechetInceptionDistance (reset_real_features=False) and KernelInceptionDistance (subset size
-    min(1000, n_real, n_fake), cubic polynomial kernel). Features are computed here in batches (images clamped to
-    [-1, 1]) and handed to all feature metrics, so each image passes the net once.
+    Everything about the reference is computed once: its features and FID statistics (mean, covariance and the
+    covariance's square root), its k-NN radii (precision and recall), its label histogram (class coverage) and the
+    held-out images' nearest-gallery distance (memorisation). Uses torchmetrics' FrechetInceptionDistance
+    (reset_real_features=False; its float64 sums of the features and of their outer products) and
+    KernelInceptionDistance (subset size min(1000, n_real, n_fake), cubic polynomial kernel). Features are computed
+    here in batches (images clamped to [-1, 1]) and handed to all feature metrics, so each image passes the net once.
+
+    Where it runs: the feature net, the features, the FID/KID states, the k-NN work and the memorisation gallery live
+    on `device`; images (on any device) are moved there one batch at a time. The statistics are float64 there; the
+    Frechet distance takes one symmetric eigenvalue problem per sample set (`frechet_distance`), KID's subsets run
+    there too (drawn from the CPU generator, seeded: the same subsets on every device), and only the final numbers
+    come back to the host.
 
     `compute` returns, in this order: "fid", "kid", "kid_std"; "precision", "recall" (`precision_recall` with k
     = `k`; nan when either set has <= k points); "class_tv" when class coverage is on (`labels` known and the net has
@@ -532,12 +622,14 @@ class ImageFID:
         max_points: precision/recall use at most this many reference features (a seeded random subset) and the
             first this many samples; the memorisation check at most this many held-out images (seeded subset) and
             samples. Keeps the k-NN work bounded for FID-50k sized sets.
+        device: where the metric runs ("cpu", "cuda", "cuda:1", "auto": CUDA if any; default: the feature net's
+            device). The feature net is moved there (`nn.Module.to`, in place).
     """
 
     def __init__(self, real: Dataset | Tensor, feature_net: nn.Module, batch_size: int | None = None,
                  kid_subsets: int = 100, seed: int = 0, *, labels: Tensor | None = None,
                  num_classes: int | None = None, nn_gallery: Tensor | None = None, nn_heldout: Tensor | None = None,
-                 k: int = 3, max_points: int = 5000) -> None:
+                 k: int = 3, max_points: int = 5000, device: str | torch.device | None = None) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -554,27 +646,39 @@ class ImageFID:
         check_positive("max_points", max_points)
         if images.shape[0] < 2:
             raise ConfigError(f"FID needs at least 2 reference images, got {images.shape[0]}")
-        self.feature_net = feature_net.eval()
+        if device is None:
+            self.device = _module_device(feature_net, torch.device("cpu"))
+        else:  # resolved as training resolves it (imported lazily: metrics does not depend on training otherwise)
+            from .training import resolve_device
+
+            self.device = resolve_device(device)
+        self.feature_net = feature_net.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.kid_subsets = int(kid_subsets)
         self.k = int(k)
         self.max_points = int(max_points)
         self.sample_shape = tuple(images.shape[1:])
-        self.real_features = _features(feature_net, images, self.batch_size)
+        self.real_features = _features(self.feature_net, images, self.batch_size, self.device)
         self._mean = images.detach().float().mean(0).cpu()  # the reference's mean image (rms_from_mean)
         self.data_rms_from_mean = rms_from_mean(images.detach().cpu(), self._mean)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # KID's "saves all features" notice
-            self.fid = FrechetInceptionDistance(feature=_Passthrough(nf), reset_real_features=False)
+            self.fid = FrechetInceptionDistance(feature=_Passthrough(nf), reset_real_features=False).to(self.device)
             self.kid = KernelInceptionDistance(feature=_Passthrough(nf), subsets=int(kid_subsets),
-                                               subset_size=min(1000, images.shape[0]), reset_real_features=False)
+                                               subset_size=min(1000, images.shape[0]),
+                                               reset_real_features=False).to(self.device)
+        # torchmetrics keeps FID's sums in float64 whatever the features' dtype (its add_state defaults are .double())
+        # and KID's features as given (float64 here), on the device the metric was moved to (Metric._apply).
         self.fid.update(self.real_features, real=True)
         self.kid.update(self.real_features, real=True)
+        self._mu_real, self._sigma_real = mean_and_covariance(self.fid.real_features_sum,
+                                                              self.fid.real_features_cov_sum, self.num_real)
+        self._sqrt_sigma_real = psd_sqrt(self._sigma_real)  # once: each sample set then costs one eigvalsh
 
         # precision / recall: the reference's k-NN radii, once
         sub = _seeded_subset(self.num_real, self.max_points, self.seed)
-        self._pr_real = self.real_features if sub is None else self.real_features[sub]
+        self._pr_real = self.real_features if sub is None else self.real_features[sub.to(self.device)]
         self._pr_radii = knn_radii(self._pr_real, self.k) if self._pr_real.shape[0] > self.k else None
 
         # class coverage: the reference's label histogram, once
@@ -593,8 +697,8 @@ class ImageFID:
             self.num_classes = max(int(num_classes), n_out)
             self.reference_class_histogram = class_histogram(labels, self.num_classes).double() / self.num_real
 
-        # memorisation: the gallery and the held-out images' distance to it, once
-        self._gallery = _PixelGallery(nn_gallery) if nn_gallery is not None else None
+        # memorisation: the gallery (on the device) and the held-out images' distance to it, once
+        self._gallery = _PixelGallery(nn_gallery, self.device) if nn_gallery is not None else None
         self.heldout_nn_distance: float | None = None
         if nn_heldout is not None:
             if self._gallery is None:
@@ -638,7 +742,7 @@ class ImageFID:
         if not torch.isfinite(fake).all():  # a diverged sampler: report it instead of a meaningless number
             warnings.warn("generated images contain NaN or infinite values; FID/KID reported as nan", stacklevel=3)
             return {name: math.nan for name in self.metric_names}, {}
-        fake_features = _features(self.feature_net, fake, self.batch_size)
+        fake_features = _features(self.feature_net, fake, self.batch_size, self.device)
         scores, details = self._from_features(fake_features)
         scores["rms_from_mean"] = rms_from_mean(fake, self._mean)  # method.md §10.5: the overshoot check
         details["rms_from_mean"] = {"data_rms_from_mean": round(self.data_rms_from_mean, 6)}
@@ -651,22 +755,27 @@ class ImageFID:
         return scores, details
 
     def compute_from_features(self, fake_features: Tensor) -> dict[str, float]:
-        """Same as `compute` from already-extracted features [M, num_features], without the pixel-space metrics
-        ("nn_distance", "memorisation_ratio", "rms_from_mean")."""
+        """Same as `compute` from already-extracted features [M, num_features] (any device; moved to `device`),
+        without the pixel-space metrics ("nn_distance", "memorisation_ratio", "rms_from_mean")."""
         return self._from_features(fake_features)[0]
 
+    def _frechet(self) -> float:
+        """FID of the fake features in `self.fid` against the reference's cached statistics."""
+        mu, sigma = mean_and_covariance(self.fid.fake_features_sum, self.fid.fake_features_cov_sum,
+                                        self.fid.fake_features_num_samples)
+        return float(frechet_distance(self._mu_real, self._sigma_real, mu, sigma, sqrt_sigma1=self._sqrt_sigma_real))
+
     def _from_features(self, fake_features: Tensor) -> tuple[dict[str, float], dict[str, dict]]:
-        fake_features = fake_features.double().cpu()
+        fake_features = fake_features.detach().to(self.device, torch.float64)
         self.fid.reset()
         self.fid.update(fake_features, real=False)
-        fid = float(self.fid.compute())
+        fid = self._frechet()
         self.kid.reset()
         self.kid.subset_size = min(1000, self.num_real, fake_features.shape[0])
         whole_sets = self.kid.subset_size == self.num_real == fake_features.shape[0]
         self.kid.subsets = 1 if whole_sets else self.kid_subsets  # identical subsets: KID's std is then 0
         self.kid.update(fake_features, real=False)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self.seed)  # KID's subsets use the CPU global RNG
+        with _seeded_rng(self.seed, self.device):  # KID's subsets: torch.randperm on the default generator
             kid, kid_std = self.kid.compute()
         scores = {"fid": fid, "kid": float(kid), "kid_std": float(kid_std)}
         pr_fake = fake_features[:self.max_points]
