@@ -55,6 +55,22 @@ def test_readme_result_tables_equal_their_json():
     assert found, "the README and docs/ lost their result tables"
 
 
+def test_intervals_quoted_in_prose_are_cells_of_the_rendered_tables():
+    """A paired interval the README quotes in prose ("-42.1 [-51.5, -32.7]") is a cell of a rendered table, in the
+    README or in docs/results.md: prose numbers come from the JSON too."""
+    import re
+
+    from benchmarks.report import BLOCK
+
+    text = README.read_text()
+    tables = "".join(t for _, _, t in BLOCK.findall(text)) + (ROOT / "docs" / "results.md").read_text()
+    prose = BLOCK.sub("", text)
+    quoted = re.findall(r"-?\d+(?:\.\d+)? \[-?\d+(?:\.\d+)?, -?\d+(?:\.\d+)?\]", prose)
+    assert quoted, "the README quotes no interval"
+    missing = [q for q in quoted if q not in tables]
+    assert not missing, f"intervals quoted in the README but in no rendered table: {missing}"
+
+
 def test_readme_is_a_front_page_whose_docs_exist():
     """The README stays short, every docs page it links exists, and its documentation map names every docs page."""
     text = README.read_text()
