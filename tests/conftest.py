@@ -15,6 +15,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private feature-net cache, so a test can see whether any feature net was fitted."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DIFFUSION_RL_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def points():
     """2,000 points of the 8-gaussians toy (seed 0)."""

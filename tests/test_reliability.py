@@ -26,14 +26,6 @@ def train(out, *extra, steps=4):
     return main(["train", *MOONS, "--steps", str(steps), "--no-eval", "--out", str(out), *extra])
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private feature-net cache, so a test can see whether any feature net was fitted."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("DIFFUSION_RL_CACHE", str(folder))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 6-step baseline run on moons and on an .npz of images (shared by the cases that need one)."""

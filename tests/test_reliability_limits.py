@@ -21,14 +21,6 @@ from diffusion_rl.cli import main
 MOONS = ["--data", "moons", "--batch-size", "16", "--no-progress"]
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private feature-net cache, so a test can see whether any feature net was fitted."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("DIFFUSION_RL_CACHE", str(folder))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-step baseline on moons and a 1-step one on 16x16 images with a narrow UNet (cheap to sample from)."""
