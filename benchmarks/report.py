@@ -84,9 +84,10 @@ def describe(fields: dict) -> str:
     form = make_formulation(name)
     tau = fields.get("target_tau")
     tau_text = f"target τ {tau:g}" if tau is not None and not math.isclose(tau, DEFAULT_TARGET_TAU) else ""
+    recipe = _consistency_recipe(fields, form)
     if fields.get("method") in (None, "baseline") or str(fields.get("method", "")).endswith("baseline"):
         label = {"EDM": "EDM baseline", "VP": "DDPM eps baseline"}.get(name.upper(), f"{name.upper()} baseline")
-        return ", ".join([label] + ([tau_text] if tau_text else []))
+        return ", ".join([label] + recipe + ([tau_text] if tau_text else []))
     est, n = fields.get("estimator"), fields.get("n_steps")
     head = {"td0": "TD(0)", "nstep": f"n-step({n})"}.get(est, f"TD(λ={fields.get('lmbda')}, n={n})")
     parts = [f"{head} k={fields.get('stride'):g}"]
@@ -100,6 +101,9 @@ def describe(fields: dict) -> str:
         parts.append(f"{fields['coupling']} coupling")
     if fields.get("reweighting") and fields["reweighting"] != form.default_reweighting:
         parts.append("no reweighting" if fields["reweighting"] == "none" else f"{fields['reweighting']} weights")
+    parts += recipe
+    if fields.get("base_lambda") is not None and not math.isclose(fields["base_lambda"], 0.5):
+        parts.append(f"λ {fields['base_lambda']:g}")
     if fields.get("shared_until"):
         parts.append(f"shared coupling for the first {fields['shared_until']:.0%}")
     if fields.get("target_rampup"):
@@ -111,6 +115,24 @@ def describe(fields: dict) -> str:
     if str(fields.get("method", "")).startswith("tdoff"):  # the matched control: the TD run without its TD term
         parts.append("TD term off")
     return ", ".join(parts)
+
+
+def _consistency_recipe(fields: dict, form) -> list[str]:
+    """What a CT / iCT record changes from the library's own recipe (method.md §10.1-§10.4): the preset, the TD-CT
+    loss's earlier choices, the grid size, the target's mode; [] for the other families."""
+    if not getattr(form, "consistency", False):
+        return []
+    loss = fields.get("ct_loss") or {}
+    parts = [f"{fields['preset']} recipe"] if fields.get("preset") else []
+    if loss.get("kappa") == "shared-path":
+        parts.append("shared-path κ")
+    if loss.get("boundary") == "mask":
+        parts.append("masked boundary")
+    if fields.get("ct_target") == "eval":
+        parts.append("eval-mode target")
+    if not fields.get("preset") and fields.get("ct_steps") not in (None, form.steps):
+        parts.append(f"N={fields['ct_steps']}")
+    return parts
 
 
 def load(path: str | Path) -> dict:
