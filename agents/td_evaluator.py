@@ -541,7 +541,6 @@ class TDEvaluator(Learner):
 
         # ---- critics: online over the denoiser, target over a frozen deep copy in eval mode ------------------------
         self.target = copy.deepcopy(self.denoiser).eval().requires_grad_(False)
-        self.apply_speed()  # the target's forward in the online network's precision (and compiled alike)
         self.critic = critic_factory(self.denoiser, form, env.one_step, env.coupling)
         self.target_critic = critic_factory(self.target, form, env.one_step, env.coupling)
         for c in (self.critic, self.target_critic):
@@ -552,7 +551,7 @@ class TDEvaluator(Learner):
                                   base_lambda=settings.base_lambda, n_steps=settings.n_steps,
                                   full_reach=settings.full_reach, td_term=settings.td_term,
                                   ct_target=settings.ct_target, base_weights=base_weights)
-        self.loss_module.static_shapes = self.device.type != "cpu" or self.config.compile
+        self.apply_speed()  # the target's forward in the online network's precision (and compiled alike)
         self._buffer_pairs = list(zip(self.target.buffers(), self.denoiser.buffers()))
         if settings.target_update == "soft":
             with warnings.catch_warnings():  # TorchRL warns about rates below 0.5, which ramp-ups and iCT use
@@ -588,6 +587,13 @@ class TDEvaluator(Learner):
         super().apply_speed()
         if hasattr(self, "target"):  # the Learner calls this before the target exists
             self.target.set_speed(self.config.precision, self.config.compile, self.config.channels_last)
+        if hasattr(self, "loss_module"):  # (a resume may switch compile on)
+            if self.loss_module.replay_dropout and self.config.compile:
+                raise ConfigError("ct_target='train' replays the online call's dropout masks in the target, which "
+                                  "separately compiled graphs do not guarantee: with dropout and compile use "
+                                  "ct_target='eval' (method.md §10.3)")
+            # static shapes on an accelerator or under compile: no host sync, one shape (docs/scaling.md)
+            self.loss_module.static_shapes = self.device.type != "cpu" or self.config.compile
 
     def before_step(self, total: int) -> None:
         super().before_step(total)

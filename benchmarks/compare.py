@@ -89,7 +89,12 @@ def parse_variant(label: str, base: Args) -> tuple[Variant, Args]:
     if grid_set:
         raise ConfigError(f"variant {label!r} sets {', '.join(grid_set)}, which the grid sets for every run (give "
                           f"--data, --seeds, --n-samples, --nfe-grid instead); a variant may set any other Args field")
-    return variant, variant.args(base)
+    args = variant.args(base)
+    moved = [k for k in GRID_KEYS if k != "method" and getattr(args, k) != getattr(base, k)]
+    if moved:  # a preset may carry grid settings (cifar10 names its data): the grid's own win, or it says so
+        raise ConfigError(f"variant {label!r} changes {', '.join(moved)} through its preset, which the grid sets for "
+                          f"every run; give them to the grid instead")
+    return variant, args
 
 
 def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int, T]]:

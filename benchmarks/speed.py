@@ -51,7 +51,8 @@ class MinimalTDStep:
     around copies of the agent's raw network: the rho grid, log-normal levels, the Markov reverse kernel, EDM's
     preconditioning, the loss, Adam, the evaluation EMA and the target EMA, and nothing of the library in the step
     (no formulation, env, TensorDict, critic, estimator or loss module). The target runs on the TD-valid partners
-    only, as the library's CPU path does. `loss` on the env's own draws equals the agent's loss (tested)."""
+    only on a CPU and on every partner, masked, on a GPU, as the library does. `loss` on the env's own draws equals
+    the agent's loss (tested)."""
 
     def __init__(self, agent) -> None:
         f, env = agent.formulation, agent.env
@@ -95,9 +96,12 @@ class MinimalTDStep:
         A = 1 - (self.sigma_of(self.index_of(s) + self.delta) / s) ** 2
         A_n = 1 - (self.sigma_of(self.index_of(s_n) + self.delta) / s_n) ** 2
         D = self.denoise(self.net, x, s)
-        D_n = torch.zeros_like(x)
-        with torch.no_grad():
-            D_n[valid] = self.denoise(self.target, x_n[valid], s_n[valid])
+        with torch.no_grad():  # the partners TD uses: indexed on a CPU, masked on a GPU (no sync), as the library
+            if x.device.type == "cpu":
+                D_n = torch.zeros_like(x)
+                D_n[valid] = self.denoise(self.target, x_n[valid], s_n[valid])
+            else:
+                D_n = torch.where(e(valid), self.denoise(self.target, x_n, s_n), 0.0)
         err = e(A) * (x0 - D) - e(A_n) * (x0 - D_n)  # r + V-(s') - V(s): the kappa x terms cancel
         c_out2 = (s * self.sd) ** 2 / (s ** 2 + self.sd ** 2)
         td = err.pow(2).flatten(1).mean(1) / (A ** 2 * c_out2).clamp(min=1e-8)

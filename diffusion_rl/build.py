@@ -93,8 +93,13 @@ def _consistency(args: Args) -> bool:
 
 def formulation(args: Args):
     """The formulation of `args`: its name, and for ct / ict the TD-CT options (method.md §10.1-§10.4)."""
+    from .config import LPIPS_RECIPES, preset_names
     from .formulations import make_formulation
 
+    recipes = [p for p in preset_names(args.preset) if p in LPIPS_RECIPES]
+    if recipes and args.formulation != "ct":
+        raise ConfigError(f"--preset {recipes[0]} is a consistency-training recipe (method.md §10.4); --formulation "
+                          f"{args.formulation} would drop its grid and target schedule: use --formulation ct")
     if not _consistency(args):
         return make_formulation(args.formulation)
     ct = dict(kappa=args.ct_kappa, boundary=args.ct_boundary)
@@ -105,7 +110,9 @@ def formulation(args: Args):
     elif args.ct_grid or args.ct_weight != "uniform":
         raise ConfigError("ict has its own curriculum and weight (method.md §10): --ct-grid and --ct-weight apply to "
                           "--formulation ct")
-    return make_formulation(args.formulation, **ct)
+    form = make_formulation(args.formulation, **ct)
+    form.distance.load()  # an LPIPS file is checked (and loaded) before any data loads
+    return form
 
 
 def plan(args: Args, method: str | None = None) -> RunPlan:
@@ -129,7 +136,8 @@ def plan(args: Args, method: str | None = None) -> RunPlan:
         td = TDSettings(**_target(args)).for_mrp(mrp)
     evaluation = None
     if args.eval:
-        # sampling runs the network in the training precision and compiled when training is (method.md §11)
+        # sampling runs the network in the training precision (its ODE state stays float64) and compiled when
+        # training is (docs/evaluation.md)
         evaluation = EvalConfig(nfe_grid=parse_nfe_grid(args.nfe_grid), n_samples=args.n_samples, seed=args.seed,
                                 features=args.features, inception_weights=args.inception_weights or None,
                                 device=args.device, precision=args.precision, compile=args.compile)
@@ -194,6 +202,9 @@ def check_command(args: Args, given: set[str] = frozenset(), methods: tuple[str,
 
     if not str(args.out).strip():
         raise ConfigError("--out is empty; give a folder")
+    if args.target_tau_schedule and "target_tau" in given:
+        raise ConfigError(f"--target-tau and the target tau schedule {args.target_tau_schedule!r} exclude each other: "
+                          f"the schedule sets the target's rate on each grid")
     stray = [f"--{k.replace('_', '-')}" for k in CT_OPTIONS if k in given and not _consistency(args)]
     if stray:
         raise ConfigError(f"{', '.join(stray)} applies to the consistency formulations (ct, ict); --formulation "

@@ -62,7 +62,7 @@ def trajectory_diagnostics(denoiser, n: int = 256, strides: tuple[int, ...] = (1
         return d
 
     g = torch.Generator(device=device).manual_seed(seed)
-    res = sample(recording, form, (n, *denoiser.sample_shape), sampler="euler", steps=form.steps, generator=g,
+    res = sample(recording, form, (n, *denoiser.sample_shape), sampler="euler", steps=getattr(form, "max_steps", form.steps), generator=g,
                  device=device, labels=None if labels is None else labels.to(device))
     end = res.x.double().cpu()
     levels = [lv for lv, _ in calls]

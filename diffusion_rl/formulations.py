@@ -234,9 +234,10 @@ class Formulation(ABC):
 
     def check_coupling(self, coupling: str) -> None:
         name, m = parse_coupling(coupling)
-        if name == "mixed" and m > self.steps - 1:
+        last = getattr(self, "max_steps", self.steps) - 1  # a schedule's final grid
+        if name == "mixed" and m > last:
             raise ConfigError(f"coupling {coupling!r}: the switch index {m:g} lies past the grid's last index "
-                              f"{self.steps - 1}; accepted: 0 < M <= {self.steps - 1}")
+                              f"{last}; accepted: 0 < M <= {last}")
 
     def mix_couplings(self, coupling: str, level_t: Tensor, fn: Callable[[str], Any]):
         """For "mixed:m": fn("shared") where index(level_t) < m, else fn("markov"), per sample (tensors or tuples of
@@ -464,6 +465,12 @@ class _Distance:
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
         return self.fn(a, b)
 
+    def load(self) -> "_Distance":
+        """Load what the distance needs (an LPIPS module's file): ConfigError now rather than at the first step."""
+        if hasattr(self.fn, "load"):
+            self.fn.load()
+        return self
+
 
 def make_distance(spec: str) -> _Distance:
     """The consistency loss's distance: "l2" (mean over pixels of the squared difference), "pseudo_huber" or
@@ -475,7 +482,7 @@ def make_distance(spec: str) -> _Distance:
     if str(spec).startswith("lpips:"):
         from .lpips import LPIPSDistance
 
-        return _Distance(spec, LPIPSDistance(spec[len("lpips:"):]))
+        return _Distance(spec, LPIPSDistance(spec[len("lpips:"):]))  # loaded when training starts (build.plan)
     raise ConfigError(f"unknown consistency distance {spec!r}; accepted: l2, pseudo_huber, lpips:<file> (a "
                       f"TorchScript LPIPS module)")
 

@@ -82,8 +82,8 @@ def progressive_grid_size(step: int, total: int, start: int, end: int) -> int:
     """Grid points N at training step `step` of `total` on the consistency-model release's progressive schedule
     (method.md §10.4): N = max(ceil(sqrt(step / total ((end + 1)^2 - start^2) + start^2) - 1), 1) + 1, which grows
     like the square root of progress from `start` points (start >= 2) to end + 1 at the last step."""
-    inner = math.sqrt(step / max(total, 1) * ((end + 1) ** 2 - start ** 2) + start ** 2) - 1
-    return max(math.ceil(inner), 1) + 1
+    inner = math.sqrt(min(step / max(total, 1), 1.0) * ((end + 1) ** 2 - start ** 2) + start ** 2) - 1
+    return max(math.ceil(inner), 1) + 1  # capped at end + 1 past the last step (a resume with more steps)
 
 
 def adaptive_target_tau(steps: int, start_tau: float, start_steps: int) -> float:

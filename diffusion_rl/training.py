@@ -377,9 +377,9 @@ class Learner(ABC):
             if check and not torch.isfinite(norm):
                 raise NonFiniteLossError(f"non-finite gradient norm {norm.item()} at step {self.step} (finite loss "
                                          f"{loss.item():.4g}); the last good checkpoint is left intact")
-        elif self.config.grad_clip > 0:
-            norm = nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
-        else:
+        else:  # fp16: the scaler skips a step whose unscaled gradients overflow, so only the loss is watched
+            if self.config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
             norm = None
         if not check:
             self._watch_finite(loss, norm)
@@ -412,9 +412,10 @@ class Learner(ABC):
         """Raise NonFiniteLossError if a step since the last check had a non-finite loss or gradient norm (one host
         sync). The training loop calls it at every log line and `save` before every checkpoint, so no checkpoint
         holds a step past a non-finite one and the run stops with its last good checkpoint."""
-        if self._first_bad is None:
-            return
-        bad = int(self._first_bad)
+        bad = -1 if self._first_bad is None else int(self._first_bad)
+        if self.dist.world_size > 1 and distributed.any_rank(bad >= 0) and bad < 0:
+            raise NonFiniteLossError(f"another rank's loss or gradient norm became non-finite (found at step "
+                                     f"{self.step}); the last good checkpoint is left intact")
         if bad >= 0:
             raise NonFiniteLossError(f"non-finite loss or gradient norm at step {bad} (found at step {self.step}); "
                                      f"the last good checkpoint is left intact")
@@ -623,6 +624,7 @@ class Learner(ABC):
         """Restore a checkpoint. Settings that change the run's identity must match (the first difference is
         named); RESUME_MAY_CHANGE may differ. Those named in `keep` keep this learner's value (a changed learning
         rate is warned about); the others take the checkpoint's."""
+        self._steps_dev = self._first_bad = None  # the finiteness watch restarts from the checkpoint's step
         mine = json.loads(json.dumps(self.full_config()))
         saved = ckpt["config"]
         if saved.get("world_size", 1) != self.dist.world_size:  # each rank's data stream depends on the world size
@@ -727,9 +729,19 @@ def _identity(config: dict) -> dict:
     """A run's config without the train settings a resume may change (RESUME_MAY_CHANGE)."""
     out = dict(config)
     out["train"] = {k: v for k, v in config.get("train", {}).items() if k not in RESUME_MAY_CHANGE}
+    out["train"].setdefault("optimizer", "adam")  # checkpoints before RAdam was offered trained with Adam
     mc = config.get("method_config")
     if isinstance(mc, dict) and "lambda" in mc:  # checkpoints before the base weight had one name
-        out["method_config"] = {("base_lambda" if k == "lambda" else k): v for k, v in mc.items()}
+        out["method_config"] = mc = {("base_lambda" if k == "lambda" else k): v for k, v in mc.items()}
+    form = config.get("formulation")
+    if isinstance(form, dict) and form.get("name") in ("ct", "ict") and "kappa" not in form:
+        # TD-CT checkpoints from before the release's loss (method.md §10.1-§10.3) were trained with the library's
+        # earlier choices: a resume must name them (--ct-kappa shared-path ...), never switch maths silently
+        old = {"kappa": "shared-path", "boundary": "mask",
+               "distance": "l2" if form["name"] == "ct" else "pseudo_huber"}
+        out["formulation"] = {**old, **({"weight": "uniform"} if form["name"] == "ct" else {}), **form}
+        if isinstance(mc, dict):
+            out["method_config"] = {"ct_target": "eval", **mc}
     return out
 
 

@@ -47,8 +47,9 @@ class ValueNet(nn.Module):
             raise ConfigError("ValueNet needs a formulation: the denoiser has none and none was given")
         one_step = form.default_one_step if one_step is None else one_step
         check_positive("one_step", one_step, integer=False)
-        if one_step > form.steps - 1:
-            raise ConfigError(f"one_step must be in (0, {form.steps - 1}] index units, got {one_step}")
+        last = getattr(form, "max_steps", form.steps) - 1  # a schedule's final grid
+        if one_step > last:
+            raise ConfigError(f"one_step must be in (0, {last}] index units, got {one_step}")
         self.denoiser = denoiser
         self.formulation = form
         self.one_step = float(one_step)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -136,9 +135,7 @@ def test_limits_refuse_before_any_allocation(case, argv, env, code, needle, tmp_
         argv = [*argv, "--out", str(tmp_path / "out")]
     before = {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
     capsys.readouterr()
-    t0 = time.perf_counter()
     assert main(argv) == code, capsys.readouterr().err
-    assert time.perf_counter() - t0 < 30  # refused at once (a depth of 10^5 used to take minutes to build)
     err = capsys.readouterr().err.strip()
     assert needle in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err

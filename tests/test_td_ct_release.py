@@ -232,14 +232,27 @@ def test_lpips_from_a_weights_file(tmp_path):
     want = (((up(a) + 1) / 2 - (up(b) + 1) / 2) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(form.base_loss(a, b, torch.ones(3)), want)
     assert form.config()["distance"] == f"lpips:{path}"
+    missing = CTFormulation(distance=f"lpips:{tmp_path / 'missing.pt'}")  # sampling from a checkpoint needs no file
     with pytest.raises(ConfigError, match="do not exist"):
-        CTFormulation(distance=f"lpips:{tmp_path / 'missing.pt'}")
+        missing.distance.load()  # training loads it before any work (build.formulation)
+    with pytest.raises(ConfigError, match="do not exist"):
+        make_learner(Args(formulation="ct", method="td", ct_distance=f"lpips:{tmp_path / 'missing.pt'}", eval=False))
+    import copy
+    assert copy.deepcopy(form).distance.fn is form.distance.fn  # the EMA and target copies share the metric
     with pytest.raises(ConfigError, match="accepted: l2, pseudo_huber"):
         CTFormulation(distance="lpips")
 
 
 def test_ct_options_are_refused_elsewhere():
     from diffusion_rl.build import check_command
+
+    with pytest.raises(ConfigError, match="consistency-training recipe"):
+        check_command(apply_preset(Args(preset="ct-release", formulation="edm"), {"formulation"}),
+                      given={"formulation", "preset"})
+    with pytest.raises(ConfigError, match="exclude each other"):
+        check_command(apply_preset(Args(preset="ct-release", method="td", target_tau=0.99), {"target_tau"}),
+                      given={"target_tau", "preset"})
+    assert progressive_grid_size(20, 10, 2, 150) == 151  # capped past the end
 
     with pytest.raises(ConfigError, match="--ct-kappa applies to the consistency formulations"):
         check_command(Args(formulation="edm", method="td", ct_kappa="shared-path"), given={"ct_kappa"})

@@ -9,7 +9,7 @@ from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.formulations import make_formulation
 from diffusion_rl.networks import Denoiser, build_network
-from diffusion_rl.training import NonFiniteLossError, TrainConfig, load_checkpoint
+from diffusion_rl.training import NonFiniteLossError, TrainConfig, load_checkpoint, objective
 from envs import DiffusionMRP
 
 
@@ -90,13 +90,18 @@ def test_non_finite_gradients_stop_before_the_step_with_a_finite_loss(tmp_path):
 
 
 def test_training_without_clipping_is_unchanged_by_the_gradient_check(tmp_path):
-    """With grad_clip 0 the check only measures the norm: the same weights as a step without it."""
-    a = make(None)
-    list(a.train(3, progress=False))
-    b = make(None)  # (dropout draws from the global generator, which make() seeds: build each learner just in time)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.utils, "get_total_norm", lambda grads: torch.tensor(1.0))
-        list(b.train(3, progress=False))
+    """With grad_clip 0 the finiteness check only measures the norm: update() equals a bare step (loss, backward,
+    optimizer step at the same learning rate) on the same batch, weight for weight."""
+    a, b = make(None), make(None)
+    batch = a.collect()
+    torch.manual_seed(1)  # dropout draws from the global generator: the same masks for both
+    a.update(batch)
+    torch.manual_seed(1)
+    for group in b.optimizer.param_groups:
+        group["lr"] = b._lr()
+    b.optimizer.zero_grad(set_to_none=True)
+    objective(b.loss(batch)).backward()
+    b.optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(a.denoiser.parameters(), b.denoiser.parameters()))
 
 
@@ -250,3 +255,26 @@ def test_the_env_batch_is_the_learner_batch(env_batch, config, batch):
     assert agent.collect().batch_size == (batch,)
     out = agent.update(agent.collect())
     assert torch.isfinite(out["loss"]) if "loss" in out.keys() else True
+
+
+def test_checkpoints_from_before_the_new_settings_resume_under_their_own_maths(tmp_path):
+    """A checkpoint written before RAdam was offered resumes (it trained with Adam); a TD-CT checkpoint from before the
+    release's loss is named, not resumed under the new maths (method.md §10.1-§10.3)."""
+    from agents import TDEvaluator
+    from diffusion_rl.training import _identity
+
+    L = make(tmp_path)
+    list(L.train(2, progress=False))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del ckpt["config"]["train"]["optimizer"]
+    make(None).load_state_dict(ckpt)  # no complaint: the old run's optimizer was Adam
+    ds = load_dataset("8gaussians", n_points=2000)
+    ct = TDEvaluator(DiffusionMRP(ds, "ct", seed=0), config=TrainConfig(batch_size=8), device="cpu")
+    old = json.loads(json.dumps(ct.full_config()))
+    for k in ("kappa", "boundary", "weight", "distance"):
+        del old["formulation"][k]
+    del old["method_config"]["ct_target"]
+    assert _identity(old)["formulation"]["kappa"] == "shared-path"
+    assert _identity(old)["method_config"]["ct_target"] == "eval"
+    with pytest.raises(ConfigError, match="formulation.boundary: saved 'mask' vs now 'clamp'"):
+        ct.load_state_dict({**ct.state_dict(), "config": old})
