@@ -211,7 +211,11 @@ def check_command(args: Args, given: set[str] = frozenset(), methods: tuple[str,
                           f"{args.formulation} would ignore it")
     from .data import TOYS  # the 2-D data sets: an MLP, which has no UNet levels (every path data set is images)
 
-    stray = [f"--{k.replace('_', '-')}" for k in UNET_OPTIONS if k in given and args.data in TOYS]
+    from .config import PRESETS, preset_names
+
+    from_presets = {k: name for name in preset_names(args.preset) for k in PRESETS[name] if k in UNET_OPTIONS}
+    stray = [f"--{k.replace('_', '-')}" + (f" (from --preset {from_presets[k]})" if k not in given else "")
+             for k in UNET_OPTIONS if (k in given or k in from_presets) and args.data in TOYS]
     if stray:
         raise ConfigError(f"{', '.join(stray)} applies to the UNet of image data; the MLP of the 2-D data set "
                           f"{args.data!r} would ignore it")

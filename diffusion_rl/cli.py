@@ -313,7 +313,10 @@ def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
         raise ConfigError(f"checkpoints were trained with different seeds {sorted(seeds)}; evaluate them apart")
     with _when_out_of_memory(DATA_ADVICE):
         dataset = load_dataset(datasets.pop(), seed=seeds.pop())
+    from .diagnostics import check_finite_weights
+
     for path, (denoiser, cfg) in zip(a.checkpoint, loaded):
+        check_finite_weights(denoiser, path)  # a diverged run: refused before any sampling, not scored as NaN
         check_data_hash(dataset, cfg, path)  # FID against other data would score the wrong reference
         for nfe in nfe_grid:  # a sampler named on the command line is never swapped for another
             sampler_for_nfe(denoiser.formulation, nfe, a.sampler or None)

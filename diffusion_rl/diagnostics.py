@@ -137,7 +137,7 @@ def check_finite_weights(denoiser, checkpoint: str | Path) -> None:
         from .errors import ConfigError
 
         raise ConfigError(f"checkpoint {str(checkpoint)!r} holds non-finite weights ({len(bad)} tensors, e.g. "
-                          f"{bad[0]}): its run diverged or the file is corrupt; there is nothing to diagnose")
+                          f"{bad[0]}): its run diverged or the file is corrupt; there is nothing to evaluate")
 
 
 def diagnose(checkpoint: str | Path, out: str | Path, n: int = 256, seed: int = 0, device="cpu",

@@ -116,6 +116,9 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
      "--channel-mult applies to the UNet of image data; the MLP of the 2-D data set 'moons' would ignore it"),
     ("attention on moons", ["train", *MOONS, "--attention", "16"], 2, "--attention applies to the UNet"),
     ("skip-scale on moons", ["train", *MOONS, "--skip-scale", "0.7071"], 2, "--skip-scale applies to the UNet"),
+    ("cifar10 preset on moons", ["train", *MOONS, "--preset", "cifar10"], 2,
+     "--channel-mult (from --preset cifar10), --attention (from --preset cifar10), --skip-scale (from --preset "
+     "cifar10) applies to the UNet"),
     ("depth -1", ["train", *MOONS, "--depth", "-1"], 2, "depth must be a positive integer, got -1"),
     # 3. raw errors of exit 1 that are bad input
     ("one-image data set, eval on", "one_image", 2, "splitting 1 images"),
@@ -135,6 +138,7 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
     ("base-lambda nan", ["train", *MOONS, "--method", "td", "--base-lambda", "nan"], 2,
      "base_lambda must be a finite number >= 0"),
     ("diagnose NaN weights", "nan_diagnose", 2, "holds non-finite weights"),
+    ("evaluate NaN weights", "nan_evaluate", 2, "holds non-finite weights"),
     # 4. non-finite samples: a failure of the run, exit 1, nothing written
     ("sample NaN weights", "nan_sample", 1, "produced non-finite values in 8 of 8 samples (100%)"),
     # 5. diagnose's outputs are protected; refused commands leave no folder (every case checks that)
