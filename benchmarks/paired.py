@@ -30,7 +30,7 @@ from benchmarks.variant import Variant
 
 __all__ = ["BASELINE", "FAILS_ABOVE", "FEW_STEP", "REACH", "TDOFF", "Comparison", "MixedCodeError", "SolverRegime",
            "block_footnote", "code_note", "code_of", "comparison_lines", "comparison_rows", "comparisons",
-           "difference_text", "few_step_verdicts", "md_table", "pairs", "per_seed", "reach_control",
+           "difference_text", "few_step_verdicts", "fmt", "md_table", "nfe_header", "small_values", "pairs", "per_seed", "reach_control",
            "reference_baseline", "regime_note", "solver_regime"]
 
 FEW_STEP = 9  # "wins everywhere" means at every NFE in [3, 9] (NFE 1-2: see docs/evaluation.md, "Reading the results")
@@ -253,6 +253,12 @@ def solver_regime(records: Iterable[dict], check: list[dict] | None, threshold: 
     return SolverRegime(name, dict(sorted(fails.items())), tuple(sorted(set(unchecked), key=str)))
 
 
+def nfe_header(nfe: int | None) -> str:
+    """A table's column name: 'NFE 5', or 'per run' for a metric of the network itself (the ground truth's
+    denoiser and consistency errors carry no NFE)."""
+    return "per run" if nfe is None else f"NFE {nfe}"
+
+
 def few_step_verdicts(comps: list[Comparison], fails: Collection[tuple[str, int]] = (), max_nfe: int = FEW_STEP,
                       include_failing: bool = False) -> dict[str, dict[str, dict]]:
     """Per solver, each TD variant against its baseline at every NFE in [3, max_nfe]: 'wins' only when the paired
@@ -263,7 +269,7 @@ def few_step_verdicts(comps: list[Comparison], fails: Collection[tuple[str, int]
     for c in comps:
         if c.kind != BASELINE:
             continue
-        few = [n for n in sorted(c.cells) if 3 <= n <= max_nfe]
+        few = [n for n in sorted(c.cells) if n is not None and 3 <= n <= max_nfe]  # (None: a per-run metric)
         if not few:  # a file scored at other budgets only (consistency models at NFE 1-2): no verdict to give
             continue
         excluded = [] if include_failing else [n for n in few if (c.solver, n) in fails]
@@ -274,27 +280,38 @@ def few_step_verdicts(comps: list[Comparison], fails: Collection[tuple[str, int]
     return out
 
 
-def _num(x: float) -> str:
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+def small_values(metric: str) -> bool:
+    """Whether a metric's values are small enough to need 3 significant digits below 0.1: the ground truth's errors
+    (a consistency error of 0.0112); FID and the like keep 2 decimals."""
+    return metric.startswith("gt_")
 
 
-def difference_text(p: PairedDifference) -> str:
+def fmt(x: float, small: bool = False) -> str:
+    """A table's number: 3 significant digits with at most 2 decimals (12.3, 4.56, 0.43); with `small`, 3
+    significant digits below 0.1 too (0.0112)."""
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}" if small and 0 < abs(x) < 0.1 else f"{x:.2f}"
+
+
+def difference_text(p: PairedDifference, small: bool = False) -> str:
     """'-3.10 [-5.20, -1.00], 3/3': the mean of A - B, its interval ('(1 seed)' without one), and the seeds where A
-    is lower out of those compared (ties named); bold when the interval excludes 0."""
-    head = _num(p.mean) + (f" [{_num(p.interval[0])}, {_num(p.interval[1])}]" if p.interval else " (1 seed)")
+    is lower out of those compared (ties named); bold when the interval excludes 0. `small`: see `fmt`."""
+    f = lambda x: fmt(x, small)  # noqa: E731
+    head = f(p.mean) + (f" [{f(p.interval[0])}, {f(p.interval[1])}]" if p.interval else " (1 seed)")
     text = f"{head}, {p.a_lower}/{p.n}" + (f" ({p.ties} tied)" if p.ties else "")
     return text if p.verdict == NO_DIFFERENCE else f"**{text}**"
 
 
 def comparison_rows(comps: list[Comparison], labels: dict[str, str], solver_names: dict[str, str],
-                    fails: Collection[tuple[str, int]] = ()) -> tuple[list[str], list[list[str]]]:
+                    fails: Collection[tuple[str, int]] = (), small: bool = False) -> tuple[list[str], list[list[str]]]:
     """The header and rows of a table of `comps`: solver, A, B, what B is, then per NFE `difference_text` (with
-    ' †' where the solver fails)."""
+    ' †' where the solver fails; `small`: see `fmt`)."""
     nfes = sorted({n for c in comps for n in c.cells})
     rows = [[solver_names.get(c.solver, c.solver), labels.get(c.a, c.a), labels.get(c.b, c.b), c.kind]
-            + [difference_text(c.cells[n]) + (" †" if (c.solver, n) in fails else "") if n in c.cells else "-"
+            + [difference_text(c.cells[n], small) + (" †" if (c.solver, n) in fails else "") if n in c.cells else "-"
                for n in nfes] for c in comps]
-    return ["solver", "A", "B", "B is A's"] + [f"NFE {n}" for n in nfes], rows
+    return ["solver", "A", "B", "B is A's"] + [nfe_header(n) for n in nfes], rows
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -314,7 +331,8 @@ def comparison_lines(d: dict, metric: str, solver_names: dict[str, str], regime:
     fails = set(regime.fails)
     out = [f"Paired comparisons: A - B per seed over the seeds both ran ({metric.upper()}; below 0: A lower), mean "
            "[95% Student-t interval], seeds where A is lower / seeds compared; bold where the interval excludes 0; "
-           "† the solver fails here:", "", md_table(*comparison_rows(comps, d["labels"], solver_names, fails)), ""]
+           "† the solver fails here:", "",
+           md_table(*comparison_rows(comps, d["labels"], solver_names, fails, small_values(metric))), ""]
     verdict = few_step_verdicts(comps, fails, FEW_STEP, include_failing)
     if verdict:
         out += [f"TD variants whose paired 95% interval against their baseline lies below 0 at every NFE in "

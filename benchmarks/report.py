@@ -33,7 +33,8 @@ from collections.abc import Collection
 from pathlib import Path
 
 from benchmarks.paired import (FAILS_ABOVE, MixedCodeError, SolverRegime, block_footnote, code_note, comparison_lines,
-                               md_table, reference_baseline, regime_note, solver_regime)
+                               fmt, md_table, nfe_header, reference_baseline, regime_note, small_values,
+                               solver_regime)
 from benchmarks.variant import Variant
 from diffusion_rl.config import Args
 from diffusion_rl.formulations import make_formulation
@@ -55,16 +56,11 @@ MIXED_CODE_FILES = ("digits_ct_vs_td_ct.json", "digits_sweep.json", "digits_targ
                     "digits_vp_td_vs_ddpm_solvers.json", "mnist5k_sweep.json")
 
 
-def fmt(x: float) -> str:
-    """3 significant digits, at most 2 decimals."""
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
-
-
-def cell_text(s: dict) -> str:
+def cell_text(s: dict, small: bool = False) -> str:
     """'mean ± std' over seeds; one seed has no spread: 'value (1 seed)'."""
     if s.get("n_seeds", 2) == 1:
-        return f"{fmt(s['mean'])} (1 seed)"
-    return f"{fmt(s['mean'])} ± {fmt(s['std'])}"
+        return f"{fmt(s['mean'], small)} (1 seed)"
+    return f"{fmt(s['mean'], small)} ± {fmt(s['std'], small)}"
 
 
 def split_label(variant: str) -> tuple[str, str]:
@@ -163,13 +159,13 @@ def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | N
     most = max((s.get("n_seeds", 1) for s in rows), default=1)
     for v in variants or dict.fromkeys(s["variant"] for s in rows):
         base, solver = split_label(v)
-        cell = {s["nfe"]: cell_text(s) + (" †" if (solver, s["nfe"]) in fails else "")
+        cell = {s["nfe"]: cell_text(s, small_values(metric)) + (" †" if (solver, s["nfe"]) in fails else "")
                 for s in rows if s["variant"] == v}
         name = (labels or {}).get(base, base) + ("" if solver == "default" else f", {SOLVERS.get(solver, solver)}")
         seeds = max((s.get("n_seeds", 1) for s in rows if s["variant"] == v), default=most)
         name += f" ({seeds} seeds)" if 1 < seeds < most else ""  # one seed shows in every cell already
         lines.append([name] + [cell.get(n, "-") for n in nfes])
-    return md_table(["variant"] + [f"NFE {n}" for n in nfes], lines)
+    return md_table(["variant"] + [nfe_header(n) for n in nfes], lines)
 
 
 def reach_controls(d: dict, metric: str = "fid") -> str:
@@ -647,7 +643,7 @@ def paired_block(d: dict, metric: str, a_variants: list[str], nfes: list[int] | 
     if nfes is not None:
         comps = [dataclasses.replace(c, cells={n: p for n, p in c.cells.items() if n in nfes}) for c in comps]
     reg = regime(d)
-    table = md_table(*comparison_rows(comps, d["labels"], solver_names(d), set(reg.fails)))
+    table = md_table(*comparison_rows(comps, d["labels"], solver_names(d), set(reg.fails), small_values(metric)))
     return table + "\n" + (f"\n{block_footnote(reg)}\n" if "†" in table else "")
 
 
