@@ -308,7 +308,8 @@ def comparison_rows(comps: list[Comparison], labels: dict[str, str], solver_name
     """The header and rows of a table of `comps`: solver, A, B, what B is, then per NFE `difference_text` (with
     ' †' where the solver fails; `small`: see `fmt`)."""
     nfes = sorted({n for c in comps for n in c.cells})
-    rows = [[solver_names.get(c.solver, c.solver), labels.get(c.a, c.a), labels.get(c.b, c.b), c.kind]
+    rows = [["none (the network alone)" if set(c.cells) == {None} else solver_names.get(c.solver, c.solver),
+             labels.get(c.a, c.a), labels.get(c.b, c.b), c.kind]
             + [difference_text(c.cells[n], small) + (" †" if (c.solver, n) in fails else "") if n in c.cells else "-"
                for n in nfes] for c in comps]
     return ["solver", "A", "B", "B is A's"] + [nfe_header(n) for n in nfes], rows

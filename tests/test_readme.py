@@ -57,13 +57,14 @@ def test_readme_result_tables_equal_their_json():
 
 def test_intervals_quoted_in_prose_are_cells_of_the_rendered_tables():
     """A paired interval the README quotes in prose ("-42.1 [-51.5, -32.7]") is a cell of a rendered table, in the
-    README or in docs/results.md: prose numbers come from the JSON too."""
+    README, a docs page's report block or docs/results.md: prose numbers come from the JSON too."""
     import re
 
     from benchmarks.report import BLOCK
 
     text = README.read_text()
-    tables = "".join(t for _, _, t in BLOCK.findall(text)) + (ROOT / "docs" / "results.md").read_text()
+    tables = "".join(t for page in hand_written_pages() for _, _, t in BLOCK.findall(page.read_text()))
+    tables += (ROOT / "docs" / "results.md").read_text()
     prose = BLOCK.sub("", text)
     quoted = re.findall(r"-?\d+(?:\.\d+)? \[-?\d+(?:\.\d+)?, -?\d+(?:\.\d+)?\]", prose)
     assert quoted, "the README quotes no interval"
