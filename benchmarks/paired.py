@@ -281,17 +281,18 @@ def few_step_verdicts(comps: list[Comparison], fails: Collection[tuple[str, int]
 
 
 def small_values(metric: str) -> bool:
-    """Whether a metric's values are small enough to need 3 significant digits below 0.1: the ground truth's errors
-    (a consistency error of 0.0112); FID and the like keep 2 decimals."""
-    return metric.startswith("gt_")
+    """Whether a metric's values are small enough to need 3 significant digits below 1: the ground truth's errors
+    (a consistency error of 0.0112) and the samples' RMS distance from the data mean (0.643); FID and the like keep
+    2 decimals."""
+    return metric.startswith("gt_") or metric == "rms_from_mean"
 
 
 def fmt(x: float, small: bool = False) -> str:
     """A table's number: 3 significant digits with at most 2 decimals (12.3, 4.56, 0.43); with `small`, 3
-    significant digits below 0.1 too (0.0112)."""
+    significant digits below 1 too (0.0112, 0.643)."""
     if abs(x) >= 10:
         return f"{x:.1f}"
-    return f"{x:.3g}" if small and 0 < abs(x) < 0.1 else f"{x:.2f}"
+    return f"{x:.3g}" if small and 0 < abs(x) < 1 else f"{x:.2f}"
 
 
 def difference_text(p: PairedDifference, small: bool = False) -> str:
