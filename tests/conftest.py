@@ -35,3 +35,28 @@ def digits():
     """scikit-learn's 8x8 digits."""
     from diffusion_rl.data import load_dataset
     return load_dataset("digits")
+
+
+def file_times(root) -> dict:
+    """Every file under root with its modification time: equal before and after means nothing was touched."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def refused(capsys):
+    """refused(argv, code, needle): the command line `diffusion-rl argv` exits with `code` (argparse's exit
+    included) and one line on stderr that contains `needle`, with no traceback."""
+    from diffusion_rl.cli import main
+
+    def check(argv: list[str], code: int, needle: str) -> str:
+        capsys.readouterr()
+        try:
+            got = main(argv)
+        except SystemExit as e:
+            got = int(e.code)
+        err = capsys.readouterr().err.strip()
+        assert got == code, err
+        assert needle in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+    return check

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import file_times
 from diffusion_rl.cli import main
 
 MOONS = ["--data", "moons", "--batch-size", "16", "--no-progress"]
@@ -215,23 +216,19 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
 
 
 @pytest.mark.parametrize("case,argv,code,needle", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_refused_before_any_work(case, argv, code, needle, tmp_path, trained, cache, capsys):
+def test_bad_input_is_refused_before_any_work(case, argv, code, needle, tmp_path, trained, cache, refused):
     if isinstance(argv, str):
         argv = _case_setup(argv, tmp_path, trained)
     elif "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "out")]
-    before = {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert main(argv) == code, capsys.readouterr().err
-    err = capsys.readouterr().err.strip()
-    assert needle in err, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    before = file_times(trained)
+    refused(argv, code, needle)
     # no work: no checkpoint, log, results or samples written, no feature net fitted, the finished runs untouched
     written = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".jsonl", ".json", ".png")
                and p.name not in ("bad.pt", "wide.pt", "moved.pt", "bomb.png", "s.png")]
     assert not written, written
     assert not cache.exists() or not any(cache.rglob("*.pt"))
-    assert before == {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
+    assert before == file_times(trained)
     if (tmp_path / "victim.txt").exists():
         assert (tmp_path / "victim.txt").read_text() == "precious"
     for fh in _HELD:

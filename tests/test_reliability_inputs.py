@@ -13,18 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import file_times
 from diffusion_rl.cli import main
 from diffusion_rl.errors import ConfigError
 
 MOONS = ["--data", "moons", "--batch-size", "16", "--no-progress"]
-
-
-def run(argv: list[str]) -> int:
-    """main(argv)'s exit code, argparse's exit included."""
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return int(e.code)
 
 
 def labelled_npz(path: Path, n: int, seed: int = 0) -> Path:
@@ -165,23 +158,19 @@ def _tree(root: Path) -> dict:
 
 
 @pytest.mark.parametrize("case,argv,code,needle", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_one_line_and_leaves_nothing(case, argv, code, needle, tmp_path, trained, capsys):
+def test_bad_input_is_one_line_and_leaves_nothing(case, argv, code, needle, tmp_path, trained, refused):
     if isinstance(argv, str):
         argv = _case_setup(argv, tmp_path, trained)
     elif "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "new" / "out")]
-    before, runs = _tree(tmp_path), {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert run(argv) == code, capsys.readouterr().err
-    err = capsys.readouterr().err.strip()
-    assert needle in err, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    before, runs = _tree(tmp_path), file_times(trained)
+    refused(argv, code, needle)
     after = _tree(tmp_path)
     if case in KEEP_OUT:
         assert not [p for p in set(after) - set(before) if p.suffix in (".pt", ".jsonl", ".json", ".png", ".npz")]
     else:
         assert after == before, sorted(map(str, set(after) ^ set(before)))  # no new folder, no file written
-    assert runs == {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
+    assert runs == file_times(trained)
 
 
 # ---- 1. a given depth is built and recorded as given -----------------------------------------------------------------

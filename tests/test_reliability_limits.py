@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import file_times
 from diffusion_rl.cli import main
 
 MOONS = ["--data", "moons", "--batch-size", "16", "--no-progress"]
@@ -125,7 +126,7 @@ BAD = [  # (case, argv or a setup name, environment, exit code, what the message
 
 
 @pytest.mark.parametrize("case,argv,env,code,needle", BAD, ids=[b[0] for b in BAD])
-def test_limits_refuse_before_any_allocation(case, argv, env, code, needle, tmp_path, trained, cache, capsys,
+def test_limits_refuse_before_any_allocation(case, argv, env, code, needle, tmp_path, trained, cache, refused,
                                              monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -133,19 +134,15 @@ def test_limits_refuse_before_any_allocation(case, argv, env, code, needle, tmp_
         argv = _case_setup(argv, tmp_path, trained)
     elif "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "out")]
-    before = {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert main(argv) == code, capsys.readouterr().err
-    err = capsys.readouterr().err.strip()
-    assert needle in err, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    before = file_times(trained)
+    refused(argv, code, needle)
     written = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".jsonl", ".json", ".png", ".npz")
                and p.parent.name not in ("imgs",) and p.name not in ("wide.pt", "deep.pt", "bomb.npz", "zeros.npz",
                                                                     "lab.npz", "i.npz")]
     assert not written, written
     assert not (tmp_path / "out").exists()
     assert not cache.exists() or not any(cache.rglob("*.pt"))
-    assert before == {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
+    assert before == file_times(trained)
 
 
 def _allocator_error() -> RuntimeError:
