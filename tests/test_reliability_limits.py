@@ -316,6 +316,24 @@ def test_networks_refuse_huge_settings_before_allocating(monkeypatch):
             make()
 
 
+def test_checked_size_counts_a_custom_network_on_meta_before_building_it(monkeypatch):
+    from diffusion_rl.errors import ConfigError
+    from diffusion_rl.networks import checked_size
+
+    monkeypatch.setenv("DIFFUSION_RL_MAX_PARAMETERS", "1000")
+    built = []
+
+    def linear(n: int) -> torch.nn.Module:
+        built.append(torch.empty(0).device.type)  # the default device the factory runs under
+        return torch.nn.Linear(n, n)
+
+    with pytest.raises(ConfigError, match="network parameters = 1,001,000 exceeds the limit of 1,000"):
+        checked_size(lambda: linear(1000))
+    assert built == ["meta"]  # counted without memory, never built for real
+    net = checked_size(lambda: linear(3))
+    assert built == ["meta", "meta", "cpu"] and net.weight.device.type == "cpu" and net.weight.shape == (3, 3)
+
+
 def test_npz_headers_are_read_without_unpacking(tmp_path):
     from diffusion_rl.data import _npz_headers
 
