@@ -44,15 +44,18 @@ def file_times(root) -> dict:
 
 @pytest.fixture
 def refused(capsys):
-    """refused(argv, code, needle): the command line `diffusion-rl argv` exits with `code` (argparse's exit
-    included) and one line on stderr that contains `needle`, with no traceback."""
+    """refused(argv, code, needle): `diffusion_rl.cli.main(argv)` returns `code` and writes one line on stderr
+    that contains `needle`, with no traceback. With argparse_exit=True argparse's own exit (SystemExit, for a value
+    of the wrong type) counts as the exit code too; otherwise main must return."""
     from diffusion_rl.cli import main
 
-    def check(argv: list[str], code: int, needle: str) -> str:
+    def check(argv: list[str], code: int, needle: str, argparse_exit: bool = False) -> str:
         capsys.readouterr()
         try:
             got = main(argv)
         except SystemExit as e:
+            if not argparse_exit:
+                raise
             got = int(e.code)
         err = capsys.readouterr().err.strip()
         assert got == code, err

@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, argv, code, needle, tmp_
     elif "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "new" / "out")]
     before, runs = _tree(tmp_path), file_times(trained)
-    refused(argv, code, needle)
+    refused(argv, code, needle, argparse_exit=True)
     after = _tree(tmp_path)
     if case in KEEP_OUT:
         assert not [p for p in set(after) - set(before) if p.suffix in (".pt", ".jsonl", ".json", ".png", ".npz")]
