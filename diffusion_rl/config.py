@@ -19,6 +19,8 @@ __all__ = ["Args", "SampleArgs", "EvalArgs", "DiagnoseArgs", "METHODS", "PRESETS
            "preset_names"]
 
 METHODS = ("baseline", "td", "tdoff")
+SAMPLER_HELP = ("heun | euler | dpmpp_2m | dpmpp_2m_lof | ipndm | ddim | ddpm | onestep | multistep "
+                "('': the formulation's default)")  # samplers.SAMPLERS' names; this module imports no torch
 
 
 def opt(default, help: str):
@@ -122,8 +124,7 @@ class SampleArgs:
 
     checkpoint: str = opt("", "path to checkpoint.pt")
     nfe: int = opt(35, "sampling budget")
-    sampler: str = opt("", "heun | euler | dpmpp_2m | dpmpp_2m_lof | ipndm | ddim | ddpm | onestep | multistep "
-                           "('': the formulation's default)")
+    sampler: str = opt("", SAMPLER_HELP)
     n: int = opt(64, "number of samples")
     seed: int = opt(0, "sampling seed")
     out: str = opt("samples.png", ".png (grid) or .npz (array in [-1, 1])")
@@ -139,8 +140,7 @@ class EvalArgs:
     data: str = opt("", "data set (default: the one named in the checkpoints); its content must be the data they were "
                         "trained on (the content hash they record)")
     nfe_grid: str = opt("1,2,3,5,9,17,35", "evaluation NFE budgets, comma-separated")
-    sampler: str = opt("", "heun | euler | dpmpp_2m | dpmpp_2m_lof | ipndm | ddim | ddpm | onestep | multistep "
-                           "('': the formulation's default)")
+    sampler: str = opt("", SAMPLER_HELP)
     n_samples: int = opt(1000, "evaluation samples per NFE")
     features: str = opt("classifier", "FID features: classifier (trained on the data here) | inception")
     inception_weights: str = opt("", "the FID Inception-v3 weights file (a state dict: torch-fidelity's or "

@@ -250,6 +250,15 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "[]", out
 
 
+def test_sampler_help_names_every_sampler():
+    """config's --sampler help is written out (config imports no torch): it must name exactly samplers.SAMPLERS."""
+    from diffusion_rl.config import SAMPLER_HELP
+    from diffusion_rl.samplers import SAMPLERS
+
+    named = [w.strip() for w in SAMPLER_HELP.split("(")[0].split("|")]
+    assert named == list(SAMPLERS)
+
+
 # ---- faults ----------------------------------------------------------------------------------------------------------
 def test_overwrite_replaces_and_stale_lock_is_reported(tmp_path, capsys):
     assert train(tmp_path) == 0
