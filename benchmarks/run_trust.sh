@@ -10,8 +10,10 @@
 # and a restart skips the finished runs (a file is refused by a command of another commit). Times on a 2-core CPU:
 #   digits: 6 variants x 5 seeds, ~4 min of one core a run (~2 core-hours);
 #   gmm:    gmm:digits, 3 variants x 3 seeds with the ground-truth metrics (~40 core-minutes);
-#   budget: baseline, TD and tdoff at 750 / 1,500 / 3,000 / 6,000 steps, 3 seeds (~1.5 core-hours);
-#   mnist5k: baseline, TD and tdoff, 3 seeds at 3,000 steps (~1.2 core-hours a run: a GPU is the place for it);
+#   budget: baseline, TD and tdoff at 750 / 1,500 / 3,000 / 6,000 steps, 3 seeds (~6.5 core-hours: a 6,000-step
+#           run takes ~35 min of one core for the baseline, ~50 for TD, beside a second worker);
+#   mnist5k: baseline, TD and tdoff, 3 seeds at 3,000 steps, seed by seed so that an unfinished grid is paired
+#           (~1.2 core-hours a run: a GPU is the place for it; on the CPU it spans sessions, resumably);
 #   ct:     CT and TD-CT paired under the release's recipes (ct-release, ct-openai) and the library's (with the
 #           release's loss, and TD-CT with its earlier loss), then the probes of the push (linear weight, lambda 2
 #           and 5, N = 80, tau 0), 3 seeds at 1,500 steps, NFE 1, 2, 4, variant by variant in that order
@@ -42,7 +44,7 @@ for grid in "${GRIDS[@]}"; do
     budget) run -m benchmarks.compare --variants baseline td tdoff --seeds 0 1 2 --steps 6000 \
               --score-at 750,1500,3000 --nfe-grid 3,5,9,35 --samplers default,dpmpp_2m --out "$OUT/digits_budget.json" ;;
     mnist5k) run -m benchmarks.compare --data mnist5k --variants baseline td tdoff --seeds 0 1 2 --steps 3000 \
-               $SOLVERS --order variant --out "$OUT/mnist5k.json" ;;
+               $SOLVERS --out "$OUT/mnist5k.json" ;;
     ct) run -m benchmarks.compare --variants baseline:preset=ct-release td:preset=ct-release \
           baseline:formulation=ct td:formulation=ct td:formulation=ct,ct_kappa=shared-path,ct_boundary=mask,ct_target=eval \
           baseline:preset=ct-openai td:preset=ct-openai \
