@@ -11,7 +11,8 @@
 #   digits: 6 variants x 5 seeds, ~4 min of one core a run (~2 core-hours);
 #   gmm:    gmm:digits, 3 variants x 3 seeds with the ground-truth metrics (~40 core-minutes);
 #   budget: baseline, TD and tdoff at 750 / 1,500 / 3,000 / 6,000 steps, 3 seeds (~6.5 core-hours: a 6,000-step
-#           run takes ~35 min of one core for the baseline, ~50 for TD, beside a second worker);
+#           run trains ~32 min on one core for the baseline and tdoff, ~44 for TD, beside a second worker,
+#           then ~4 min of scoring);
 #   mnist5k: baseline, TD and tdoff, 3 seeds at 3,000 steps, seed by seed so that an unfinished grid is paired
 #           (~1.2 core-hours a run: a GPU is the place for it; on the CPU it spans sessions, resumably);
 #   ct:     CT and TD-CT paired under the release's recipes (ct-release, ct-openai) and the library's (with the
