@@ -144,7 +144,23 @@ def load(path: str | Path) -> dict:
         label = describe(r) + (f", {r['steps']} steps" if len(budgets) > 1 else "")
         labels.setdefault(split_label(r["variant"])[0], label)
     d["labels"] = labels
+    if len(budgets) > 1:
+        _order_by_budget(d)
     return d
+
+
+def _order_by_budget(d: dict) -> None:
+    """A grid scored at several budgets lists its runs and summary rows budget by budget, each budget's variants in
+    the order they first appear (records land in the order runs finish, which interleaves budgets and seeds)."""
+    def key(label: str, first: dict[str, int]) -> tuple[int, int]:
+        v = Variant.parse(label.partition("|")[0])
+        given = v.given
+        rest = Variant(v.method, tuple((k, x) for k, x in v.options if k != "steps")).base
+        return int(given.get("steps", 0)), first.setdefault(rest, len(first))
+
+    first: dict[str, int] = {}
+    d["runs"] = dict(sorted(d["runs"].items(), key=lambda kv: (*key(kv[0], first), int(kv[0].rpartition("seed=")[2]))))
+    d["summary"] = sorted(d["summary"], key=lambda s: key(s["variant"], first))  # stable: solvers keep their order
 
 
 def markdown_table(summary: list[dict], metric: str = "fid", nfes: list[int] | None = None,

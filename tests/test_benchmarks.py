@@ -251,6 +251,24 @@ def test_a_budget_curve_file_renders_with_its_budgets_in_the_labels(tmp_path, mo
     assert not (tmp_path / "docs" / "plots" / "plateau_fid_over_baseline.png").exists()  # no TD rows to compare
 
 
+def test_a_budget_grid_lists_its_rows_budget_by_budget_whatever_order_its_runs_finished_in(tmp_path):
+    from benchmarks import report
+
+    rec = lambda v, n, s: {"variant": f"{v}:steps={n}", "steps": n, "seed": s, "nfe": 3, "metric": "fid",  # noqa
+                           "value": 1.0, "sampler": "heun", "data": "digits"}
+    finished = [("td", 200, 0), ("baseline", 100, 1), ("baseline", 200, 0), ("td", 100, 10), ("td", 100, 2),
+                ("baseline", 100, 0)]  # the order runs landed in: budgets and seeds interleaved
+    runs = {f"{v}:steps={n}|seed={s}": [rec(v, n, s)] for v, n, s in finished}
+    path = tmp_path / "budget.json"
+    path.write_text(json.dumps({"command": "compare", "runs": runs,
+                                "summary": summarise([r for recs in runs.values() for r in recs])}))
+    d = report.load(path)
+    assert list(d["runs"]) == ["td:steps=100|seed=2", "td:steps=100|seed=10", "baseline:steps=100|seed=0",
+                               "baseline:steps=100|seed=1", "td:steps=200|seed=0", "baseline:steps=200|seed=0"]
+    assert [s["variant"] for s in d["summary"]] == ["td:steps=100", "baseline:steps=100", "td:steps=200",
+                                                     "baseline:steps=200"]
+
+
 def test_one_seed_has_no_spread_to_show_or_to_win_beyond():
     from benchmarks.report import cell_text
 
