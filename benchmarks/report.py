@@ -356,31 +356,40 @@ def plot_vs_stride(d: dict, path: Path, metric: str = "fid", fails: Collection[t
 
 
 def plot_vs_steps(d: dict, path: Path, metric: str = "fid", fails: Collection[tuple[str, int]] = ()) -> bool:
-    """FID vs training steps (a budget curve: is the baseline near its plateau?), one line per NFE and method, for
-    files whose variants differ in `steps` (at least three budgets); an NFE where the default solver fails (`fails`)
-    drawn pale and dotted, its label saying so. False (nothing written) otherwise."""
+    """FID vs training steps (a budget curve: is the baseline near its plateau, does a gap close?), one panel per
+    solver, one colour per method and one marker per NFE, for files whose variants differ in `steps` (at least three
+    budgets); an NFE where the solver fails (`fails`) drawn pale and dotted, its label saying so. False (nothing
+    written) otherwise."""
     runs = {split_label(r["variant"])[0]: r for recs in d["runs"].values() for r in recs}
     if len({r["steps"] for r in runs.values()}) < 3:
         return False
     plt = _pyplot()
-    summary = [s for s in d["summary"] if s["metric"] == metric and split_label(s["variant"])[1] == "default"]
+    summary = [s for s in d["summary"] if s["metric"] == metric]
     family = {v: re.sub(r"(?<=[:,])steps=\d+,?|:steps=\d+$", "", v).rstrip(":,") for v in runs}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for fam in dict.fromkeys(family.values()):
-        for nfe in sorted({s["nfe"] for s in summary}):
-            pts = sorted((runs[v]["steps"], s["mean"], s["std"]) for v in runs if family[v] == fam
-                         for s in summary if s["variant"] == v and s["nfe"] == nfe)
-            failing = ("default", nfe) in fails
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        label=f"{fam}, NFE {nfe}" + (" (solver fails here)" if failing else ""),
-                        ls=":" if failing else "-", alpha=0.45 if failing else 1.0)
-    ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel=f"{metric.upper()} (mean ± std over seeds)",
-           title=solver_name(d, "default"))
-    steps = sorted({r["steps"] for r in runs.values()})
-    ax.set_xticks(steps, [str(x) for x in steps])
-    ax.minorticks_off()
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    families = list(dict.fromkeys(family.values()))
+    nfes = sorted({s["nfe"] for s in summary})
+    solvers = _solvers(summary)
+    fig, axes = plt.subplots(1, len(solvers), figsize=(6 * len(solvers), 4.5), squeeze=False)
+    for ax, solver in zip(axes[0], solvers):
+        for i, fam in enumerate(families):
+            for j, nfe in enumerate(nfes):
+                pts = sorted((runs[b]["steps"], s["mean"], s["std"]) for s in summary
+                             for b, sv in [split_label(s["variant"])]
+                             if sv == solver and s["nfe"] == nfe and family.get(b) == fam)
+                if not pts:
+                    continue
+                failing = (solver, nfe) in fails
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
+                            color=f"C{i}", marker="osD^v<>"[j % 7], ls=":" if failing else "-",
+                            alpha=0.45 if failing else 1.0,
+                            label=f"{fam}, NFE {nfe}" + (" (solver fails here)" if failing else ""))
+        ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel=f"{metric.upper()} (mean ± std over seeds)",
+               title=solver_name(d, solver))
+        steps = sorted({r["steps"] for r in runs.values()})
+        ax.set_xticks(steps, [str(x) for x in steps])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6, ncol=len(families))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
