@@ -154,12 +154,12 @@ def _order_by_budget(d: dict) -> None:
     the order they first appear (records land in the order runs finish, which interleaves budgets and seeds)."""
     def key(label: str, first: dict[str, int]) -> tuple[int, int]:
         v = Variant.parse(label.partition("|")[0])
-        given = v.given
         rest = Variant(v.method, tuple((k, x) for k, x in v.options if k != "steps")).base
-        return int(given.get("steps", 0)), first.setdefault(rest, len(first))
+        return int(v.given.get("steps", 0)), first.setdefault(rest, len(first))
 
     first: dict[str, int] = {}
-    d["runs"] = dict(sorted(d["runs"].items(), key=lambda kv: (*key(kv[0], first), int(kv[0].rpartition("seed=")[2]))))
+    seed = lambda run: int(run.rpartition("seed=")[2])  # noqa: E731
+    d["runs"] = dict(sorted(d["runs"].items(), key=lambda kv: (*key(kv[0], first), seed(kv[0]))))
     d["summary"] = sorted(d["summary"], key=lambda s: key(s["variant"], first))  # stable: solvers keep their order
 
 
