@@ -65,7 +65,7 @@ from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
 
-from .grid import ResultGrid, summarise
+from .grid import ResultGrid, run_key, summarise
 from .variant import Variant
 
 T = TypeVar("T")
@@ -379,7 +379,7 @@ def run_one(g: Grid, seed: int, variant: Variant, args: Args, version: str) -> N
     # each result this run gives: the budgets of --score-at, then --steps
     stops = [(b, variant.at_steps(b)) for b in g.score_at] + [
         (args.steps, variant.at_steps(args.steps) if g.score_at else variant)]
-    key = f"{stops[-1][1].label}|seed={seed}"  # the run's last result: claimed for the whole run
+    key = run_key(stops[-1][1].label, seed)  # the run's last result: claimed for the whole run
     if not g.results.claim(key):  # finished, or another worker runs it
         return
     evaluators = g.evaluators(seed)
@@ -401,7 +401,7 @@ def run_one(g: Grid, seed: int, variant: Variant, args: Args, version: str) -> N
             for _ in learner.train(budget, progress=False):
                 pass
         train_s += time.perf_counter() - ts
-        scored_key = f"{shown.label}|seed={seed}"
+        scored_key = run_key(shown.label, seed)
         if scored_key != key and scored_key in g.results.runs():  # scored before a restart: only retrained
             continue
         sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / shown.folder() / f"seed{seed}"

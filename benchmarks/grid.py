@@ -22,7 +22,17 @@ from typing import Iterator
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.runs import atomic_write_text
 
-__all__ = ["ResultGrid", "summarise"]
+__all__ = ["ResultGrid", "run_key", "run_seed", "summarise"]
+
+
+def run_key(label: str, seed: int) -> str:
+    """The key of one run's records: 'td:stride=6|seed=2'."""
+    return f"{label}|seed={seed}"
+
+
+def run_seed(key: str) -> int:
+    """The seed of a run key ('td:stride=6|seed=2' -> 2)."""
+    return int(key.rpartition("|seed=")[2])
 
 
 def summarise(records: list[dict]) -> list[dict]:

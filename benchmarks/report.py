@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Collection
 from pathlib import Path
 
+from benchmarks.grid import run_seed
 from benchmarks.paired import (FAILS_ABOVE, MixedCodeError, SolverRegime, block_footnote, code_note, comparison_lines,
                                fmt, md_table, nfe_header, reference_baseline, regime_note, small_values,
                                solver_regime)
@@ -154,12 +155,10 @@ def _order_by_budget(d: dict) -> None:
     the order they first appear (records land in the order runs finish, which interleaves budgets and seeds)."""
     def key(label: str, first: dict[str, int]) -> tuple[int, int]:
         v = Variant.parse(label.partition("|")[0])
-        rest = Variant(v.method, tuple((k, x) for k, x in v.options if k != "steps")).base
-        return int(v.given.get("steps", 0)), first.setdefault(rest, len(first))
+        return int(v.given.get("steps", 0)), first.setdefault(v.without("steps").base, len(first))
 
     first: dict[str, int] = {}
-    seed = lambda run: int(run.rpartition("seed=")[2])  # noqa: E731
-    d["runs"] = dict(sorted(d["runs"].items(), key=lambda kv: (*key(kv[0], first), seed(kv[0]))))
+    d["runs"] = dict(sorted(d["runs"].items(), key=lambda kv: (*key(kv[0], first), run_seed(kv[0]))))
     d["summary"] = sorted(d["summary"], key=lambda s: key(s["variant"], first))  # stable: solvers keep their order
 
 
@@ -361,35 +360,33 @@ def plot_vs_steps(d: dict, path: Path, metric: str = "fid", fails: Collection[tu
     budgets); an NFE where the solver fails (`fails`) drawn pale and dotted, its label saying so. False (nothing
     written) otherwise."""
     runs = {split_label(r["variant"])[0]: r for recs in d["runs"].values() for r in recs}
-    if len({r["steps"] for r in runs.values()}) < 3:
+    steps = sorted({r["steps"] for r in runs.values()})
+    if len(steps) < 3:
         return False
     plt = _pyplot()
-    summary = [s for s in d["summary"] if s["metric"] == metric]
-    family = {v: re.sub(r"(?<=[:,])steps=\d+,?|:steps=\d+$", "", v).rstrip(":,") for v in runs}
-    families = list(dict.fromkeys(family.values()))
-    nfes = sorted({s["nfe"] for s in summary})
-    solvers = _solvers(summary)
-    fig, axes = plt.subplots(1, len(solvers), figsize=(6 * len(solvers), 4.5), squeeze=False)
-    for ax, solver in zip(axes[0], solvers):
-        for i, fam in enumerate(families):
-            for j, nfe in enumerate(nfes):
-                pts = sorted((runs[b]["steps"], s["mean"], s["std"]) for s in summary
-                             for b, sv in [split_label(s["variant"])]
-                             if sv == solver and s["nfe"] == nfe and family.get(b) == fam)
-                if not pts:
-                    continue
-                failing = (solver, nfe) in fails
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
-                            color=f"C{i}", marker="osD^v<>"[j % 7], ls=":" if failing else "-",
-                            alpha=0.45 if failing else 1.0,
-                            label=f"{fam}, NFE {nfe}" + (" (solver fails here)" if failing else ""))
+    curves: dict[str, dict[tuple[str, int], list[tuple[int, float, float]]]] = {}  # solver -> (method, NFE) -> points
+    for s in d["summary"]:
+        if s["metric"] == metric:
+            base, solver = split_label(s["variant"])
+            curve = curves.setdefault(solver, {}).setdefault((Variant.parse(base).without("steps").base, s["nfe"]), [])
+            curve.append((runs[base]["steps"], s["mean"], s["std"]))
+    methods = list(dict.fromkeys(m for per in curves.values() for m, _ in per))
+    nfes = sorted({n for per in curves.values() for _, n in per})
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
+    for ax, (solver, per) in zip(axes[0], curves.items()):
+        for (method, nfe), pts in sorted(per.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
+            pts.sort()
+            failing = (solver, nfe) in fails
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3,
+                        color=f"C{methods.index(method)}", marker="osD^v<>"[nfes.index(nfe) % 7],
+                        ls=":" if failing else "-", alpha=0.45 if failing else 1.0,
+                        label=f"{method}, NFE {nfe}" + (" (solver fails here)" if failing else ""))
         ax.set(xscale="log", yscale="log", xlabel="training steps", ylabel=f"{metric.upper()} (mean ± std over seeds)",
                title=solver_name(d, solver))
-        steps = sorted({r["steps"] for r in runs.values()})
         ax.set_xticks(steps, [str(x) for x in steps])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6, ncol=len(families))
+        ax.legend(fontsize=6, ncol=len(methods))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -489,7 +486,7 @@ def file_section(path: Path, plots: Path, mixed_code: bool = False, include_fail
     compared = comparison_lines(d, metric, solver_names(d), reg, name, mixed_code, include_failing)  # before plots
     first = next(iter(d["runs"].values()))[0]
     budgets = sorted({r.get("steps") for recs in d["runs"].values() for r in recs} - {None})
-    seeds = sorted({int(k.rpartition("seed=")[2]) for k in d["runs"]})
+    seeds = sorted({run_seed(k) for k in d["runs"]})
     devices = Counter(recs[0].get("device") for recs in d["runs"].values())  # a grid filled on several says so
     device = (f"device {first.get('device')}" if len(devices) == 1
               else "devices " + ", ".join(f"{dev} ({n} run{'s' if n > 1 else ''})" for dev, n in devices.items()))

@@ -75,6 +75,10 @@ class Variant:
         """The variant that trains for `steps` ('td' -> 'td:steps=N'): what a run scored on its way equals."""
         return dataclasses.replace(self, options=(*self.options, ("steps", str(steps))))
 
+    def without(self, key: str) -> "Variant":
+        """The variant without option `key` ('td:stride=6,steps=750' -> 'td:stride=6'): a budget grid's method."""
+        return dataclasses.replace(self, options=tuple((k, v) for k, v in self.options if k != key))
+
     def folder(self) -> str:
         """The label (without solver) as a folder name, one to one ('td:stride=6,n_steps=2' ->
         'td@stride=6+n_steps=2'; other characters than letters, digits, '_.-~=' are %-escaped)."""

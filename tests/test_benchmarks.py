@@ -468,6 +468,17 @@ def test_scoring_a_run_on_its_way_leaves_its_training_unchanged():
         assert torch.equal(a, b)  # dropout drew the same masks after the scoring as without it
 
 
+def test_a_run_key_round_trips_its_seed_and_a_variant_drops_one_option():
+    from benchmarks.grid import run_key, run_seed
+    from benchmarks.variant import Variant
+
+    assert run_key("td:stride=6 @dpmpp_2m", 12) == "td:stride=6 @dpmpp_2m|seed=12"
+    assert run_seed(run_key("td:stride=6", 12)) == 12
+    v = Variant.parse("td:steps=750,stride=6 @ipndm")
+    assert v.without("steps").label == "td:stride=6 @ipndm" and v.without("lmbda") == v
+    assert Variant.parse("baseline:steps=750").without("steps").base == "baseline"
+
+
 def test_score_at_labels_and_refusals():
     from benchmarks.compare import check_score_at
     from benchmarks.variant import Variant
