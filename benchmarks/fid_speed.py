@@ -40,7 +40,7 @@ from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError, check_choice
 from diffusion_rl.evaluation import EvalConfig, Evaluator
 from diffusion_rl.inception import InceptionV3FID
-from diffusion_rl.metrics import get_feature_net
+from diffusion_rl.feature_net import get_feature_net
 from diffusion_rl.training import resolve_device
 
 from .throughput import device_label, preset_network, synthetic_images

@@ -1,9 +1,9 @@
 """diffusion-rl: train diffusion models with temporal-difference learning.
 
 Core: `formulations` (EDM, VP/DDPM, CT), `networks` (raw nets and the preconditioned `Denoiser`), `samplers`,
-`data`, `metrics`, `training` (the shared `Learner` loop) and `evaluation` (FID across NFE). The RL layer lives in
-the sibling packages `envs` (DiffusionMRP) and `agents` (TDEvaluator, baselines). The method is explained in
-docs/method.md.
+`data`, `metrics` (with `feature_net`, the FID classifier and its data split), `training` (the shared `Learner`
+loop) and `evaluation` (FID across NFE). The RL layer lives in the sibling packages `envs` (DiffusionMRP) and
+`agents` (TDEvaluator, baselines). The method is explained in docs/method.md.
 
 The names below are imported on first use, so `import diffusion_rl` (and the command line's --help) stays fast.
 """

@@ -96,7 +96,7 @@ def check_features(features: str, inception_weights: str | None = None, load: bo
 def require_inception(weights: str | None = None):
     """The FID Inception-v3 with its weights (`weights`, else found on disk); ConfigError when there are none, or
     the file is unreadable or does not match."""
-    from .metrics import inception_feature_net
+    from .feature_net import inception_feature_net
 
     net = inception_feature_net(weights)
     if net is None:
@@ -112,7 +112,7 @@ def _command_line() -> str:
 class Evaluator:
     """Scores samples of one data set; builds the reference statistics once and reuses them across NFEs.
 
-    Images: the data set is split once by `metrics.split_dataset` (`config.reference_fraction`, `config.split_seed`;
+    Images: the data set is split once by `feature_net.split_dataset` (`config.reference_fraction`, `config.split_seed`;
     stratified by label) into a feature-net part and a reference part (`split`). With classifier features the
     classifier is trained (and validated) on the feature-net part only, and FID/KID/precision/recall/class coverage
     are measured against the reference part only. Inception-v3 was not trained on the data, so with it the reference
@@ -143,7 +143,8 @@ class Evaluator:
         self.feature_info["data_hash"] = hasher() if callable(hasher) else None  # every record names its data
 
     def _setup_image_metrics(self) -> None:
-        from .metrics import ImageFID, get_feature_net, split_dataset
+        from .feature_net import get_feature_net, split_dataset
+        from .metrics import ImageFID
 
         cfg, data = self.config, self.dataset
         split = self.split = split_dataset(data, cfg.reference_fraction, cfg.split_seed)

@@ -7,7 +7,7 @@ from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
 from diffusion_rl.inception import InceptionV3FID, load_inception
-from diffusion_rl.metrics import inception_feature_net
+from diffusion_rl.feature_net import inception_feature_net
 
 
 @pytest.fixture(scope="module")

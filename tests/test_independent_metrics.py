@@ -8,14 +8,14 @@ import os
 import pytest
 import torch
 
-from diffusion_rl import metrics
+from diffusion_rl import feature_net
 from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
 from diffusion_rl.formulations import make_formulation
-from diffusion_rl.metrics import (FeatureNet, ImageFID, class_histogram, get_feature_net, knn_radii,
-                                  memorisation_ratio, nearest_neighbour_distance, precision_recall, split_dataset,
-                                  total_variation, train_feature_net)
+from diffusion_rl.feature_net import FeatureNet, get_feature_net, split_dataset, train_feature_net
+from diffusion_rl.metrics import (ImageFID, class_histogram, knn_radii, memorisation_ratio, nearest_neighbour_distance,
+                                  precision_recall, total_variation)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -78,7 +78,7 @@ def test_the_cache_key_includes_the_split(tmp_path, monkeypatch: pytest.MonkeyPa
         net.accuracy, net.trained_on = 0.5, split.describe()
         return net
 
-    monkeypatch.setattr(metrics, "train_feature_net", quick_train)
+    monkeypatch.setattr(feature_net, "train_feature_net", quick_train)
     s, other = split_dataset(data), split_dataset(data, seed=1)
     a = get_feature_net(data, cache_dir=str(tmp_path), split=s)
     assert get_feature_net(data, cache_dir=str(tmp_path), split=s).trained_on == a.trained_on  # loaded

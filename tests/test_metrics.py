@@ -11,11 +11,11 @@ import torch
 from scipy import linalg
 from torch import Tensor, nn
 
-from diffusion_rl import metrics
+from diffusion_rl import feature_net
 from diffusion_rl.data import Dataset, load_dataset
 from diffusion_rl.errors import ConfigError
-from diffusion_rl.metrics import (FeatureNet, ImageFID, energy_distance, get_feature_net, inception_feature_net,
-                                  sliced_wasserstein2, split_dataset)
+from diffusion_rl.feature_net import FeatureNet, get_feature_net, inception_feature_net, split_dataset
+from diffusion_rl.metrics import ImageFID, energy_distance, sliced_wasserstein2
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -154,13 +154,13 @@ def test_image_fid_rejects_wrong_shape_and_flags_nan() -> None:
 def test_feature_net_digits_trains_and_is_cached(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = load_dataset("digits")
     calls = []
-    real_train = metrics.train_feature_net
+    real_train = feature_net.train_feature_net
 
     def counting_train(*args, **kwargs):
         calls.append(1)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(metrics, "train_feature_net", counting_train)
+    monkeypatch.setattr(feature_net, "train_feature_net", counting_train)
     rng_before = torch.random.get_rng_state()
     net = get_feature_net(d, cache_dir=str(tmp_path))
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # global RNG untouched
@@ -188,7 +188,7 @@ def test_feature_net_digits_trains_and_is_cached(tmp_path, monkeypatch: pytest.M
 
 def test_feature_net_cache_env_var(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIFFUSION_RL_CACHE", str(tmp_path))
-    assert metrics._default_cache() == os.path.join(str(tmp_path), "features")
+    assert feature_net._default_cache() == os.path.join(str(tmp_path), "features")
 
 
 def test_feature_net_needs_labeled_images() -> None:
