@@ -4,8 +4,9 @@ import json
 import pytest
 
 from benchmarks.compare import parse_variant, summarise
-from benchmarks.paired import comparisons, few_step_verdicts
-from benchmarks.report import describe, markdown_table, reach_controls, reference_baseline, render_block, update_readme
+from benchmarks.labels import describe
+from benchmarks.paired import comparisons, few_step_verdicts, reference_baseline
+from benchmarks.report import markdown_table, reach_controls, render_block, update_readme
 from diffusion_rl.config import Args
 from diffusion_rl.errors import ConfigError
 
@@ -208,7 +209,8 @@ def test_throughput_times_both_steps_and_the_target_forward_that_bounds_their_ra
 
 
 def test_budget_curve_needs_three_budgets_and_the_default_solver_is_named_by_its_records(tmp_path):
-    from benchmarks.report import plot_vs_steps, solver_name
+    from benchmarks.labels import solver_name
+    from benchmarks.plots import plot_vs_steps
 
     runs = {f"baseline:steps={n}|seed=0": [{"variant": f"baseline:steps={n}", "steps": n, "sampler": "ddim"}]
             for n in (100, 200, 400)}
@@ -330,7 +332,8 @@ def test_sample_montage_tiles_the_saved_grids_of_one_seed(tmp_path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from benchmarks.report import plot_sample_montage, sample_grid_rows
+    from benchmarks.plots import plot_sample_montage
+    from benchmarks.report import sample_grid_rows
 
     grids = [("baseline", "default", 3), ("td@stride=6", "default", 3), ("td@stride=6", "ipndm", 5)]
     for variant, solver, nfe in grids:

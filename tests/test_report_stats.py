@@ -214,7 +214,7 @@ def test_the_command_line_refuses_mixed_code_with_a_clear_error_and_takes_mixed_
 
 
 def test_labels_name_the_matched_control_and_full_reach():
-    from benchmarks.report import describe
+    from benchmarks.labels import describe
 
     td = {"method": "td-edm", "formulation": "edm", "estimator": "td0", "stride": 6.0, "one_step": 0.2,
           "coupling": "markov", "reweighting": "edm"}
