@@ -2,7 +2,8 @@
 from .baselines import ConsistencyBaseline, DiffusionBaseline
 from .estimators import ESTIMATORS, make_estimator, returns, td_errors
 from .functional import REWEIGHTINGS, combine_losses, split_objective, td_weight
-from .td_evaluator import TARGET_UPDATES, TDEvaluator, TDLoss, TDSettings
+from .td_evaluator import TARGET_UPDATES, TDEvaluator, TDSettings
+from .td_loss import TDLoss
 
 __all__ = ["DiffusionBaseline", "ConsistencyBaseline", "TDEvaluator", "TDLoss", "TDSettings", "ESTIMATORS",
            "REWEIGHTINGS", "TARGET_UPDATES", "make_estimator", "returns", "td_errors", "td_weight", "combine_losses", "split_objective"]

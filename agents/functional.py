@@ -1,6 +1,6 @@
 """The TD loss's maths as pure functions on tensors (method.md §5, §6, §10): no modules, no TensorDicts.
 
-`TDLoss` (agents/td_evaluator.py) is a thin TorchRL wrapper around these, as TorchRL keeps its value functionals
+`TDLoss` (agents/td_loss.py) is a thin TorchRL wrapper around these, as TorchRL keeps its value functionals
 apart from its estimator classes.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The TD loss of agents/td_evaluator.py against method.md §2-§10, on fixed inputs and with a Gaussian oracle."""
+"""The TD loss of agents/td_loss.py against method.md §2-§10, on fixed inputs and with a Gaussian oracle."""
 from __future__ import annotations
 
 import math
