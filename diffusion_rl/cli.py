@@ -58,7 +58,7 @@ def _train_and_eval_on_rank(plans: list, with_untrained: bool, given: set[str], 
     from .data import load_dataset
     from .evaluation import Evaluator, format_table, plot_metric_vs_nfe, write_results
     from .runs import RunFolder, check_writable_folder, record_written
-    from .training import RESUME_MAY_CHANGE
+    from .checkpoints import RESUME_MAY_CHANGE
 
     args = plans[0].args
     out = Path(args.out)
@@ -218,7 +218,8 @@ def _cmd_sample(a: SampleArgs) -> int:
 
     from .evaluation import save_sample_grid
     from .samplers import check_finite_samples, sample, sampler_for_nfe
-    from .training import load_denoiser, resolve_device
+    from .checkpoints import load_denoiser
+    from .training import resolve_device
 
     device = resolve_device(a.device)
     denoiser, _ = load_denoiser(a.checkpoint, device)
@@ -301,7 +302,8 @@ def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
     from .runs import record_written
     from .samplers import sampler_for_nfe
-    from .training import check_data_hash, load_denoiser, resolve_device
+    from .checkpoints import check_data_hash, load_denoiser
+    from .training import resolve_device
 
     device = resolve_device(a.device)
     loaded = [load_denoiser(p, device) for p in a.checkpoint]

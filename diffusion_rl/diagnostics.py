@@ -149,7 +149,7 @@ def diagnose(checkpoint: str | Path, out: str | Path, n: int = 256, seed: int = 
     from .data import load_dataset
     from .errors import ConfigError
     from .runs import atomic_write_text, check_writable_folder, record_written
-    from .training import check_data_hash, load_denoiser
+    from .checkpoints import check_data_hash, load_denoiser
 
     checkpoint = Path(checkpoint)
     denoiser, cfg = load_denoiser(checkpoint, device)

@@ -1,11 +1,11 @@
 """The training loop shared by every learner: optimizer, evaluation EMA, checkpoints, metrics, resume.
 
-A `Learner` owns an online `Denoiser`, its evaluation EMA, Adam (or RAdam) with linear warm-up and a step
-counter; its `envs.DiffusionMRP` produces every batch and owns the run's pair of generators (data order and noise). Subclasses say
-how to `collect()` a batch from the env and how to compute its `loss(batch)` (scalar "loss_*" terms whose sum is the
-objective); `update()` and `train()` do the rest, RL style. Checkpoints hold model, EMA, optimizer, RNG
-states, step and config; they are written atomically and loaded with `torch.load(weights_only=True)`, so
-`resume()` continues a run exactly (bit for bit on CPU).
+A `Learner` owns an online `Denoiser`, its evaluation EMA, Adam (or RAdam) with linear warm-up and a step counter;
+its `envs.DiffusionMRP` produces every batch and owns the run's pair of generators (data order and noise).
+Subclasses say how to `collect()` a batch from the env and how to compute its `loss(batch)` (scalar "loss_*" terms
+whose sum is the objective); `update()` and `train()` do the rest, RL style. Checkpoints hold model, EMA,
+optimizer, RNG states, step and config; they are written atomically and loaded with `torch.load(weights_only=True)`
+(diffusion_rl/checkpoints.py), so `resume()` continues a run exactly (bit for bit on CPU).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -33,14 +32,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, preemption
+from .checkpoints import RESUME_MAY_CHANGE, checkpoint_identity, config_diff, load_checkpoint, run_identity
 from .level_stats import LevelStats
 from .errors import ConfigError, check_choice, check_positive
 from .limits import check_limit
 from .networks import Denoiser, build_network
 from .runs import KINDS, atomic_save, atomic_write, record_written, remove_stale_temporaries, remove_written
 
-__all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "load_checkpoint",
-           "load_denoiser", "batch_from_env", "split_batch", "objective", "check_checkpoint_fields", "check_data_hash"]
+__all__ = ["TrainConfig", "Learner", "NonFiniteLossError", "resolve_device", "atomic_save", "batch_from_env",
+           "split_batch", "objective"]
 
 
 def objective(losses: TensorDict) -> torch.Tensor:
@@ -130,79 +130,6 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard=True needs the tensorboard package: pip install 'diffusion-rl[tensorboard]'")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with weights_only=True; a missing or corrupt file raises ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise ConfigError(f"checkpoint {str(path)!r} is corrupt or not a diffusion-rl checkpoint ({type(e).__name__})")
-    missing = {"model", "ema", "optimizer", "step", "config", "rng"} - set(ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise ConfigError(f"checkpoint {str(path)!r} is not a diffusion-rl checkpoint (missing {sorted(missing)})")
-    check_checkpoint_fields(ckpt, path)
-    return ckpt
-
-
-# the config entries a checkpoint's readers use, with their types (the first two are required)
-CHECKPOINT_CONFIG_TYPES: dict[str, type] = {"network": dict, "formulation": dict, "dataset": str, "train": dict,
-                                            "method": str}
-
-
-def check_checkpoint_fields(ckpt: dict, path: str | Path) -> None:
-    """Raise ConfigError naming the first field of a loaded checkpoint whose type its readers cannot use (a step
-    that is not an integer >= 0, a config entry of another type)."""
-    where = f"checkpoint {str(path)!r} is corrupt"
-    for key in ("step", "images_seen"):
-        v = ckpt.get(key, 0)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{where}: its {key} {v!r} is not an integer >= 0")
-    cfg = ckpt["config"]
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{where}: its config is a {type(cfg).__name__}, not a dict")
-    for key, kind in CHECKPOINT_CONFIG_TYPES.items():
-        if (key in cfg or key in ("network", "formulation")) and not isinstance(cfg.get(key), kind):
-            raise ConfigError(f"{where}: its {key} config is a {type(cfg.get(key)).__name__}, not a {kind.__name__}")
-    if not isinstance(cfg["formulation"].get("name"), str):
-        raise ConfigError(f"{where}: its formulation config names no formulation")
-
-
-def check_data_hash(dataset, config: dict, checkpoint: str | Path) -> None:
-    """Raise ConfigError when `dataset`'s content differs from the data the checkpoint (its `config`) recorded it
-    was trained on; a checkpoint without a recorded hash passes."""
-    saved, now = config.get("data_hash"), dataset.content_hash()
-    if saved is not None and saved != now:
-        raise ConfigError(f"the data {dataset.name!r} differs from the data {str(checkpoint)!r} was trained on "
-                          f"({config.get('dataset')!r}): content hash {now} now vs {saved} saved; pass the data it "
-                          f"was trained on")
-
-
-def load_denoiser(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[Denoiser, dict]:
-    """(EMA denoiser in eval mode, or the online one with ema=False; the checkpoint's config) from a checkpoint."""
-    from .formulations import make_formulation
-    from .networks import network_from_config
-
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    fcfg = dict(cfg["formulation"])
-    formulation = make_formulation(fcfg.pop("name"), **fcfg)
-    denoiser = Denoiser(network_from_config(cfg["network"]), formulation)
-    try:
-        denoiser.load_state_dict(ckpt["ema" if ema else "model"])
-    except (RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"checkpoint {str(path)!r}: its tensors do not fit its network config ({first})") from None
-    denoiser.step = int(ckpt["step"])
-    return denoiser.to(device).eval(), cfg
-
-
-# train settings a resume may change without changing the run's identity
-RESUME_MAY_CHANGE: tuple[str, ...] = ("lr", "checkpoint_every", "checkpoint_seconds", "log_every", "tensorboard",
-                                      "precision", "compile", "channels_last", "tf32")
 
 
 DEFAULT_BATCH = 128  # the batch of an env with no batch size of its own (batch_size=()) and a config with none
@@ -523,7 +450,7 @@ class Learner(ABC):
             return
         ckpt = self.out_dir / "checkpoint.pt"
         if os.path.lexists(ckpt):
-            other = _checkpoint_identity(ckpt)
+            other = checkpoint_identity(ckpt)
             if other.get("run_id") != self.run_id:
                 if not overwrite:
                     raise ConfigError(f"out_dir {str(self.out_dir)!r} holds another run's checkpoint (run "
@@ -637,10 +564,10 @@ class Learner(ABC):
                           f"now: the same content (hash {mine['data_hash']}), so the run continues on it",
                           stacklevel=2)
             saved = {**saved, "dataset": mine["dataset"]}
-        if strict_config and _identity(saved) != _identity(mine):
-            no_hash = ({**_identity(saved), "data_hash": None}, {**_identity(mine), "data_hash": None})
+        if strict_config and run_identity(saved) != run_identity(mine):
+            no_hash = ({**run_identity(saved), "data_hash": None}, {**run_identity(mine), "data_hash": None})
             if no_hash[0] != no_hash[1]:
-                raise ConfigError(f"checkpoint config does not match this run: {_config_diff(*no_hash)}")
+                raise ConfigError(f"checkpoint config does not match this run: {config_diff(*no_hash)}")
             raise ConfigError(f"the data differs from the checkpoint's: content hash {mine.get('data_hash')} now vs "
                               f"{saved.get('data_hash')} saved (data set {saved.get('dataset')!r}); resume on the "
                               f"same data")
@@ -714,42 +641,3 @@ class Learner(ABC):
         data = b"".join(line + b"\n" for line in keep)
         if data != original:  # rewritten only when a line goes
             atomic_write(log, lambda tmp: tmp.write_bytes(data))
-
-
-def _checkpoint_identity(path: Path) -> dict:
-    """{"run_id", "step"} of a checkpoint, read without loading its tensors; {} when unreadable."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {"run_id": str(ckpt.get("run_id")), "step": int(ckpt.get("step"))}
-    except Exception:  # noqa: BLE001 - unreadable: another run's, or none
-        return {}
-
-
-def _identity(config: dict) -> dict:
-    """A run's config without the train settings a resume may change (RESUME_MAY_CHANGE)."""
-    out = dict(config)
-    out["train"] = {k: v for k, v in config.get("train", {}).items() if k not in RESUME_MAY_CHANGE}
-    out["train"].setdefault("optimizer", "adam")  # checkpoints before RAdam was offered trained with Adam
-    mc = config.get("method_config")
-    if isinstance(mc, dict) and "lambda" in mc:  # checkpoints before the base weight had one name
-        out["method_config"] = mc = {("base_lambda" if k == "lambda" else k): v for k, v in mc.items()}
-    form = config.get("formulation")
-    if isinstance(form, dict) and form.get("name") in ("ct", "ict") and "kappa" not in form:
-        # TD-CT checkpoints from before the release's loss (method.md §10.1-§10.3) were trained with the library's
-        # earlier choices: a resume must name them (--ct-kappa shared-path ...), never switch maths silently
-        old = {"kappa": "shared-path", "boundary": "mask",
-               "distance": "l2" if form["name"] == "ct" else "pseudo_huber"}
-        out["formulation"] = {**old, **({"weight": "uniform"} if form["name"] == "ct" else {}), **form}
-        if isinstance(mc, dict):
-            out["method_config"] = {"ct_target": "eval", **mc}
-    return out
-
-
-def _config_diff(a: Any, b: Any, prefix: str = "") -> str:
-    """The first differing key between two nested config dicts, as 'key: saved X vs now Y'."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: saved {a!r} vs now {b!r}"
-

@@ -110,7 +110,7 @@ def test_a_rank_that_dies_stops_the_torchrun_job_and_the_last_checkpoint_stays(t
     import subprocess
     import sys
 
-    from diffusion_rl.training import load_checkpoint
+    from diffusion_rl.checkpoints import load_checkpoint
 
     script = tmp_path / "dying_rank.py"
     script.write_text(DYING_RANK)

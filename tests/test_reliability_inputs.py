@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, argv, code, needle, tmp_
 # ---- 1. a given depth is built and recorded as given -----------------------------------------------------------------
 @pytest.mark.parametrize("extra,depth", [([], 2), (["--depth", "1"], 1), (["--depth", "3"], 3)])
 def test_the_mlp_is_built_with_the_depth_given(extra, depth, tmp_path):
-    from diffusion_rl.training import load_denoiser
+    from diffusion_rl.checkpoints import load_denoiser
 
     assert main(["train", *MOONS, "--steps", "2", "--no-eval", "--out", str(tmp_path), *extra]) == 0
     denoiser, cfg = load_denoiser(tmp_path / "edm-baseline" / "checkpoint.pt")

@@ -9,7 +9,8 @@ from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.formulations import make_formulation
 from diffusion_rl.networks import Denoiser, build_network
-from diffusion_rl.training import NonFiniteLossError, TrainConfig, load_checkpoint, objective
+from diffusion_rl.checkpoints import load_checkpoint
+from diffusion_rl.training import NonFiniteLossError, TrainConfig, objective
 from envs import DiffusionMRP
 
 
@@ -261,7 +262,7 @@ def test_checkpoints_from_before_the_new_settings_resume_under_their_own_maths(t
     """A checkpoint written before RAdam was offered resumes (it trained with Adam); a TD-CT checkpoint from before the
     release's loss is named, not resumed under the new maths (method.md §10.1-§10.3)."""
     from agents import TDEvaluator
-    from diffusion_rl.training import _identity
+    from diffusion_rl.checkpoints import run_identity
 
     L = make(tmp_path)
     list(L.train(2, progress=False))
@@ -274,7 +275,7 @@ def test_checkpoints_from_before_the_new_settings_resume_under_their_own_maths(t
     for k in ("kappa", "boundary", "weight", "distance"):
         del old["formulation"][k]
     del old["method_config"]["ct_target"]
-    assert _identity(old)["formulation"]["kappa"] == "shared-path"
-    assert _identity(old)["method_config"]["ct_target"] == "eval"
+    assert run_identity(old)["formulation"]["kappa"] == "shared-path"
+    assert run_identity(old)["method_config"]["ct_target"] == "eval"
     with pytest.raises(ConfigError, match="formulation.boundary: saved 'mask' vs now 'clamp'"):
         ct.load_state_dict({**ct.state_dict(), "config": old})
