@@ -141,9 +141,15 @@ class Formulation(ABC):
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
         """A sample at the noisiest level, from which samplers start."""
 
-    @abstractmethod
     def posterior(self, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
-        """(A, kappa) with E[x_s | x_t, x0] = A x0 + kappa x_t under the coupling (method.md §3)."""
+        """(A, kappa) with E[x_s | x_t, x0] = A x0 + kappa x_t under the coupling (method.md §3, §8)."""
+        self.check_coupling(coupling)
+        mixed = self.mix_couplings(coupling, level_t, lambda c: self.plain_posterior(level_t, level_s, c))
+        return self.plain_posterior(level_t, level_s, coupling) if mixed is None else mixed
+
+    @abstractmethod
+    def plain_posterior(self, level_t: Tensor, level_s: Tensor, coupling: str) -> tuple[Tensor, Tensor]:
+        """`posterior` under a plain coupling, "markov" or "shared" (a mixed one is `posterior`'s)."""
 
     def one_step_posterior(self, level: Tensor, one_step: float,
                            coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
@@ -156,9 +162,15 @@ class Formulation(ABC):
         A, kappa = self.one_step_posterior(level, one_step, coupling)
         return expand_as_image(A, x) * x0 + expand_as_image(kappa, x) * x
 
-    @abstractmethod
     def posterior_variance(self, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov") -> Tensor:
         """Var[x_s | x_t, x0] per pixel under the coupling (0 for shared noise: x_s is then determined)."""
+        self.check_coupling(coupling)
+        mixed = self.mix_couplings(coupling, level_t, lambda c: self.plain_posterior_variance(level_t, level_s, c))
+        return self.plain_posterior_variance(level_t, level_s, coupling) if mixed is None else mixed
+
+    @abstractmethod
+    def plain_posterior_variance(self, level_t: Tensor, level_s: Tensor, coupling: str) -> Tensor:
+        """`posterior_variance` under a plain coupling, "markov" or "shared"."""
 
     def reverse_step(self, x0: Tensor, x_t: Tensor, level_t: Tensor, level_s: Tensor, coupling: Coupling = "markov",
                      generator: torch.Generator | None = None) -> Tensor:

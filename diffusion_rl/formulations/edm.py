@@ -46,20 +46,12 @@ class EDMFormulation(Formulation):
     def prior(self, shape, generator=None, device="cpu", dtype=torch.float32) -> Tensor:
         return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.sigma_max
 
-    def posterior(self, level_t, level_s, coupling="markov"):
+    def plain_posterior(self, level_t, level_s, coupling):
         # method.md §3, §8: Markov kappa = (sigma_s/sigma_t)^2, shared kappa = sigma_s/sigma_t, A = 1 - kappa (VE).
-        self.check_coupling(coupling)
-        mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior(level_t, level_s, c))
-        if mixed is not None:
-            return mixed
         return ve_coupling(level_s / level_t, coupling)
 
-    def posterior_variance(self, level_t, level_s, coupling="markov"):
+    def plain_posterior_variance(self, level_t, level_s, coupling):
         # x_t = x_s + sqrt(st^2 - ss^2) n2 with x_s ~ N(x0, ss^2): Var = ss^2 (st^2 - ss^2) / st^2.
-        self.check_coupling(coupling)
-        mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior_variance(level_t, level_s, c))
-        if mixed is not None:
-            return mixed
         if coupling == "shared":
             return torch.zeros_like(level_t)
         return (level_s.pow(2) * (1 - (level_s / level_t).pow(2))).clamp(min=0)

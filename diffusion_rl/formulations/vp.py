@@ -107,11 +107,7 @@ class VPFormulation(Formulation):
     def prior(self, shape, generator=None, device="cpu", dtype=torch.float32):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
-    def posterior(self, level_t, level_s, coupling="markov"):
-        self.check_coupling(coupling)
-        mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior(level_t, level_s, c))
-        if mixed is not None:
-            return mixed
+    def plain_posterior(self, level_t, level_s, coupling):
         ab_t, ab_s = self.alpha_bar(level_t), self.alpha_bar(level_s)
         if coupling == "markov":
             # method.md §9 (derived): the DDPM posterior q(x_s | x_t, x0); here A + kappa != 1.
@@ -123,12 +119,8 @@ class VPFormulation(Formulation):
             A = ab_s.sqrt() - kappa * ab_t.sqrt()
         return A, kappa
 
-    def posterior_variance(self, level_t, level_s, coupling="markov"):
+    def plain_posterior_variance(self, level_t, level_s, coupling):
         # DDPM's beta-tilde between any s < t: (1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s); 0 for shared noise.
-        self.check_coupling(coupling)
-        mixed = self.mix_couplings(coupling, level_t, lambda c: self.posterior_variance(level_t, level_s, c))
-        if mixed is not None:
-            return mixed
         if coupling == "shared":
             return torch.zeros_like(torch.as_tensor(level_t, dtype=torch.float32))
         ab_t, ab_s = self.alpha_bar(level_t), self.alpha_bar(level_s)
