@@ -39,8 +39,8 @@ from diffusion_rl.config import Args, add_dataclass_args, dataclass_from_args, o
 from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError, check_choice
 from diffusion_rl.evaluation import EvalConfig, Evaluator
-from diffusion_rl.inception import InceptionV3FID
 from diffusion_rl.feature_net import get_feature_net
+from diffusion_rl.inception import InceptionV3FID
 from diffusion_rl.training import resolve_device
 
 from .throughput import device_label, preset_network, synthetic_images

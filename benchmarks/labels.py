@@ -1,5 +1,6 @@
 """Readable names for the rows and panels of the benchmark report: a variant's label from its record's settings
-(`describe`), the solver's table name (`solver_name`), and the split of a row label 'variant @solver'."""
+(`describe`), a solver's table name (`SOLVERS`, `solver_name`, `solver_names`), the split of a row label
+'variant @solver' (`split_label`, `is_baseline`) and the solvers a summary holds (`solvers_of`)."""
 from __future__ import annotations
 
 import math
@@ -102,4 +103,5 @@ def solver_names(d: dict) -> dict[str, str]:
 
 
 def solvers_of(summary: list[dict]) -> list[str]:
+    """The solvers of a compare JSON's summary rows, in their order of appearance."""
     return list(dict.fromkeys(split_label(s["variant"])[1] for s in summary))

@@ -55,10 +55,10 @@ def _train_and_eval_on_rank(plans: list, with_untrained: bool, given: set[str], 
     import contextlib
 
     from .build import build_learner
+    from .checkpoints import RESUME_MAY_CHANGE
     from .data import load_dataset
     from .evaluation import Evaluator, format_table, plot_metric_vs_nfe, write_results
     from .runs import RunFolder, check_writable_folder, record_written
-    from .checkpoints import RESUME_MAY_CHANGE
 
     args = plans[0].args
     out = Path(args.out)
@@ -216,9 +216,9 @@ def _cmd_sample(a: SampleArgs) -> int:
     import numpy as np
     import torch
 
+    from .checkpoints import load_denoiser
     from .evaluation import save_sample_grid
     from .samplers import check_finite_samples, sample, sampler_for_nfe
-    from .checkpoints import load_denoiser
     from .training import resolve_device
 
     device = resolve_device(a.device)
@@ -299,10 +299,10 @@ def _cmd_evaluate(a: EvalArgs) -> int:
 def _evaluate(a: EvalArgs, nfe_grid: tuple[int, ...]) -> int:
 
     from .data import load_dataset
+    from .checkpoints import check_data_hash, load_denoiser
     from .evaluation import EvalConfig, Evaluator, format_table, plot_metric_vs_nfe, write_results
     from .runs import record_written
     from .samplers import sampler_for_nfe
-    from .checkpoints import check_data_hash, load_denoiser
     from .training import resolve_device
 
     device = resolve_device(a.device)

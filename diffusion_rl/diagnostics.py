@@ -147,9 +147,9 @@ def diagnose(checkpoint: str | Path, out: str | Path, n: int = 256, seed: int = 
     data the checkpoint was trained on. Every check (finite weights, the data's shape and content hash, a writable
     `out`) passes before `out` is created and anything is computed."""
     from .data import load_dataset
+    from .checkpoints import check_data_hash, load_denoiser
     from .errors import ConfigError
     from .runs import atomic_write_text, check_writable_folder, record_written
-    from .checkpoints import check_data_hash, load_denoiser
 
     checkpoint = Path(checkpoint)
     denoiser, cfg = load_denoiser(checkpoint, device)

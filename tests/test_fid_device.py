@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
-from diffusion_rl.formulations import make_formulation
 from diffusion_rl.feature_net import FeatureNet
+from diffusion_rl.formulations import make_formulation
 from diffusion_rl.metrics import ImageFID, frechet_distance, mean_and_covariance, psd_sqrt
 from diffusion_rl.networks import MLP, Denoiser
 

@@ -12,8 +12,8 @@ from diffusion_rl import feature_net
 from diffusion_rl.data import Dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
-from diffusion_rl.formulations import make_formulation
 from diffusion_rl.feature_net import FeatureNet, get_feature_net, split_dataset, train_feature_net
+from diffusion_rl.formulations import make_formulation
 from diffusion_rl.metrics import (ImageFID, class_histogram, knn_radii, memorisation_ratio, nearest_neighbour_distance,
                                   precision_recall, total_variation)
 

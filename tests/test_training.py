@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from agents import DiffusionBaseline
+from diffusion_rl.checkpoints import load_checkpoint
 from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.formulations import make_formulation
 from diffusion_rl.networks import Denoiser, build_network
-from diffusion_rl.checkpoints import load_checkpoint
 from diffusion_rl.training import NonFiniteLossError, TrainConfig, objective
 from envs import DiffusionMRP
 

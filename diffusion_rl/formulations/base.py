@@ -60,7 +60,7 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 class Formulation(ABC):
-    """The noise process of one diffusion family; see the module docstring."""
+    """The noise process of one diffusion family; see the package docstring (formulations/__init__.py)."""
 
     name: str = ""
     level_name: str = "sigma"  # what a "level" is in this family: sigma (EDM, CT) or the timestep t (VP), method.md §1
