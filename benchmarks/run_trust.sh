@@ -14,7 +14,9 @@
 #           run trains ~32 min on one core for the baseline and tdoff, ~44 for TD, beside a second worker,
 #           then ~4 min of scoring);
 #   mnist5k: baseline, TD and tdoff, 3 seeds at 3,000 steps, seed by seed so that an unfinished grid is paired
-#           (~1.2 core-hours a run: a GPU is the place for it; on the CPU it spans sessions, resumably);
+#           (~2 to 2.5 hours of one core a run beside a second worker: a GPU is the place for it; on the CPU it
+#           spans sessions: its models train in runs/trust/mnist5k_models, checkpointing on their way, so a run
+#           stopped midway continues from its last checkpoint);
 #   ct:     CT and TD-CT paired under the release's recipes (ct-release, ct-openai) and the library's (with the
 #           release's loss, and TD-CT with its earlier loss), then the probes of the push (linear weight, lambda 2
 #           and 5, N = 80, tau 0), 3 seeds at 1,500 steps, NFE 1, 2, 4, variant by variant in that order
@@ -45,7 +47,7 @@ for grid in "${GRIDS[@]}"; do
     budget) run -m benchmarks.compare --variants baseline td tdoff --seeds 0 1 2 --steps 6000 \
               --score-at 750,1500,3000 --nfe-grid 3,5,9,35 --samplers default,dpmpp_2m --out "$OUT/digits_budget.json" ;;
     mnist5k) run -m benchmarks.compare --data mnist5k --variants baseline td tdoff --seeds 0 1 2 --steps 3000 \
-               $SOLVERS --out "$OUT/mnist5k.json" ;;
+               $SOLVERS --keep-models "$HERE/runs/trust/mnist5k_models" --out "$OUT/mnist5k.json" ;;
     ct) run -m benchmarks.compare --variants baseline:preset=ct-release td:preset=ct-release \
           baseline:formulation=ct td:formulation=ct td:formulation=ct,ct_kappa=shared-path,ct_boundary=mask,ct_target=eval \
           baseline:preset=ct-openai td:preset=ct-openai \
