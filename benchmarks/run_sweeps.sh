@@ -3,8 +3,8 @@
 # by several workers at once: start the same command in two shells (or with WORKERS=2) and they share the grid.
 #   digits sweep:  ~3.5 h of one core per seed on a 2-core CPU; CT: ~25 min; target lag at 3x: ~1 h;
 #   TD-VP under DDIM and DPM-Solver++: ~25 min; the baseline's budget curve: ~1 h;
-#   mnist5k: 18 runs of ~1-1.25 h of one core each (train 45-60 min, score 15) on a 2-core CPU (a GPU is the place
-#   for it); run variant by variant, so an unfinished grid has the baseline and TD(0) at all three seeds first;
+#   mnist5k: 18 runs of ~1-2.5 h of one core each (train 43-94 min, TD(lambda) ~133; score 12-23) on a 2-core CPU
+#   (a GPU is the place for it); run variant by variant, so an unfinished grid has the baseline and TD(0) at all three seeds first;
 #   its baseline's budget curve: one 6,000-step run per seed scored on its way (~1.7 h of one core per seed).
 #   The mnist5k grid keeps the models of runs started with --keep-models (runs/models/, ~19 MB each, not
 #   committed), so new solvers can score them later without retraining.
