@@ -135,9 +135,11 @@ def run_settings(learner, args: Args) -> dict:
     for k in ("estimator", "stride", "one_step", "n_steps", "lmbda", "coupling", "reweighting"):
         s[k] = mc.get(k)
     s["full_reach"] = mc.get("full_reach", False) if mc.get("estimator") else None
+    for k in ("base_lambda", "shared_until"):  # TD's own settings: no baseline has them (CT's has a target)
+        if k not in mc:
+            s[k] = None
     if not mc:  # the baseline has no TD settings
-        s.update(base_lambda=None, target_tau=None, target_halflife_images=None, target_rampup=None,
-                 shared_until=None)
+        s.update(target_tau=None, target_halflife_images=None, target_rampup=None)
     elif args.target_halflife_images or args.target_rampup:
         s.update(target_tau=None)
     form = learner.formulation

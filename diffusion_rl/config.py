@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import ConfigError, check_choice
+from .errors import ConfigError, check_choice, check_distinct
 
 __all__ = ["Args", "SampleArgs", "EvalArgs", "DiagnoseArgs", "METHODS", "PRESETS", "opt", "apply_preset",
            "cast_field", "field_help", "add_dataclass_args", "dataclass_from_args", "parse_nfe_grid", "check_seed",
@@ -245,7 +245,7 @@ def parse_nfe_grid(text: str) -> tuple[int, ...]:
 
     for nfe in grid:
         check_limit("nfe", nfe, "nfe")
-    return grid
+    return check_distinct("nfe grid", grid)  # a repeated budget would count as another seed
 
 
 def check_seed(seed) -> int:

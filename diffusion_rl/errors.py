@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ConfigError", "check_choice", "check_positive", "check_non_negative", "check_range"]
+__all__ = ["ConfigError", "check_choice", "check_positive", "check_non_negative", "check_range", "check_distinct"]
 
 
 class ConfigError(ValueError):
@@ -47,3 +47,12 @@ def check_range(what: str, value: Any, low: float, high: float) -> Any:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high):
         raise ConfigError(f"{what} must be in [{low}, {high}], got {value!r}")
     return value
+
+
+def check_distinct(what: str, values: Iterable[Any]) -> tuple:
+    """Return `values` as a tuple if no value repeats, else raise naming the repeated ones."""
+    values = tuple(values)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"{what} {list(values)} repeats {', '.join(map(str, repeated))}; give each value once")
+    return values

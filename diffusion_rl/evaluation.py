@@ -25,7 +25,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .errors import ConfigError, check_choice, check_positive
+from .errors import ConfigError, check_choice, check_distinct, check_positive
 from .networks import Denoiser
 from .samplers import sample, sampler_for_nfe
 
@@ -59,7 +59,7 @@ class EvalConfig:
     pr_k: int = 3                               # images: the k-th neighbour setting precision/recall radii
 
     def __post_init__(self) -> None:
-        self.nfe_grid = tuple(int(check_positive("nfe", n)) for n in self.nfe_grid)
+        self.nfe_grid = check_distinct("nfe_grid", (int(check_positive("nfe", n)) for n in self.nfe_grid))
         check_positive("n_samples", self.n_samples)
         check_positive("batch_size", self.batch_size)
         check_positive("pr_k", self.pr_k)

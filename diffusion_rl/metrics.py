@@ -431,7 +431,7 @@ class ImageFID:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        """The keys `compute` returns, in order."""
+        """The names of the metrics `compute` returns (as a set: its dict may list them in another order)."""
         names = ["fid", "kid", "kid_std", "precision", "recall", "rms_from_mean"]
         if self.reference_class_histogram is not None:
             names.append("class_tv")

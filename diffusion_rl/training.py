@@ -527,7 +527,9 @@ class Learner(ABC):
                 "optimizer": self.optimizer.state_dict(),
                 "extra": {k: m.state_dict() for k, m in self.extra_modules().items()},
                 "step": self.step, "images_seen": self.images_seen, "run_id": self.run_id,
-                "config": json.loads(json.dumps(self.full_config())), "rng": rng}
+                "config": json.loads(json.dumps(self.full_config())), "rng": rng,
+                # fp16's loss scale and its growth counter: without them a resumed run skips other steps
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def save(self, path: str | Path | None = None) -> Path | None:
         """Write a checkpoint atomically (default out_dir/checkpoint.pt); returns its path. Under DDP every rank must
@@ -603,6 +605,8 @@ class Learner(ABC):
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.apply_speed()  # the resumed config's precision and compile settings
+        if self.scaler is not None and ckpt.get("scaler"):  # still fp16: continue its loss scale
+            self.scaler.load_state_dict(ckpt["scaler"])
 
     def resume(self, path: str | Path | None = None, keep: tuple[str, ...] = RESUME_MAY_CHANGE) -> "Learner":
         """Continue from a checkpoint (default out_dir/checkpoint.pt); the config must match. Of the settings a

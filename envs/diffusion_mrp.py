@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
@@ -106,6 +107,14 @@ def _as_batch_size(batch_size) -> torch.Size:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise ConfigError(f"batch_size must be an int or a tuple of non-negative ints, got {batch_size!r}")
     return torch.Size(dims)
+
+
+def stream_seeds(seed: int) -> tuple[int, int]:
+    """The seeds of an env's noise and data generators, drawn from `seed` by numpy's SeedSequence: unrelated to
+    each other and to those of any other seed (seeding them with seed and seed + 1 made one seed's data stream the
+    next seed's noise stream)."""
+    noise, data = np.random.SeedSequence(int(seed) % (2 ** 63)).generate_state(2, dtype=np.uint64)
+    return int(noise) % (2 ** 63), int(data) % (2 ** 63)
 
 
 class DiffusionMRP(EnvBase):
@@ -202,10 +211,10 @@ class DiffusionMRP(EnvBase):
     def _set_seed(self, seed: int | None) -> None:
         if seed is None:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        seed = int(seed) % (2 ** 63)
-        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        noise_seed, data_seed = stream_seeds(seed)
+        self._generator = torch.Generator(device=self.device).manual_seed(noise_seed)
         # data order and start levels index CPU tensors: their own CPU generator
-        self._data_generator = torch.Generator().manual_seed((seed + 1) % (2 ** 63))
+        self._data_generator = torch.Generator().manual_seed(data_seed)
 
     @property
     def generator(self) -> torch.Generator:

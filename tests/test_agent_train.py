@@ -201,6 +201,19 @@ def test_resume_matches_uninterrupted_run(tmp_path, kw):
     assert full.env.generator.get_state().equal(resumed.env.generator.get_state())
 
 
+def test_a_checkpoint_carries_the_fp16_loss_scale(monkeypatch):
+    # fp16 needs CUDA (tests/test_cuda.py resumes a real fp16 run); here a CPU scaler stands in for its state
+    src = make()
+    src.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=3)
+    src.scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    state = src.state_dict()
+    assert state["scaler"]["scale"] == 8.0 and "scaler" not in make().state_dict()
+    dst = make()
+    monkeypatch.setattr(type(dst), "apply_speed", lambda self: setattr(self, "scaler", torch.amp.GradScaler("cpu")))
+    dst.load_state_dict(state)
+    assert dst.scaler.get_scale() == 8.0 and dst.scaler.get_growth_interval() == 3
+
+
 def test_resume_refuses_other_method_settings(tmp_path):
     ag = make(out_dir=tmp_path)
     list(ag.train(2, progress=False))

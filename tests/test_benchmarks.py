@@ -516,6 +516,7 @@ def _compare(monkeypatch, *argv: str) -> dict:
 
 @pytest.mark.parametrize("argv,match", [
     (["--nfe-grid", "3,x"], "nfe grid '3,x' must be comma-separated positive integers"),
+    (["--nfe-grid", "3,5,3"], r"nfe grid \[3, 5, 3\] repeats 3; give each value once"),
     (["--seeds", "0", "-1"], r"seed must be an integer in \[0, 2\^63\), got -1"),
     (["--samplers", "ddim"], "unknown sampler for formulation 'edm' 'ddim'"),
     (["--variants", "td:estimator=nstep,n_steps=6"], "n_steps=6 exceeds the 5 TD-valid strides")])
@@ -664,3 +665,16 @@ def test_ground_truth_records_split_the_error_and_are_refused_without_a_truth(tm
     curve = recs[("td", "gt_consistency_error")]["by_level"]
     assert len(curve["error"]) == len(curve["sigma"]) > 0
     assert recs[("td", "gt_denoiser_error")]["value"] > 0
+
+
+@pytest.mark.parametrize("formulation", ["edm", "ct"])
+def test_a_baselines_records_carry_no_td_settings(formulation):
+    # the CT baseline has a target network but no TD term: its records must not claim TD's base-loss weight
+    from benchmarks.compare import run_settings
+    from diffusion_rl.build import make_learner
+
+    args = Args(data="moons", formulation=formulation, progress=False)
+    base, td = (run_settings(make_learner(args, method=m), args) for m in ("baseline", "td"))
+    assert base["base_lambda"] is None and base["shared_until"] is None and base["estimator"] is None
+    assert td["base_lambda"] == args.base_lambda and td["estimator"] == "td0"
+    assert (base["target_tau"] is not None) == (formulation == "ct")

@@ -19,6 +19,21 @@ def test_training_steps_on_cuda(method, precision):
     assert torch.isfinite(out["loss"]) and learner.step == 3
 
 
+def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path):
+    def learner(out):
+        lr = make_learner(Args(data="digits", method="td", precision="fp16", device="cuda", progress=False))
+        lr.out_dir = out  # train() checkpoints at the end of each call
+        return lr
+    full = learner(tmp_path / "full")
+    list(full.train(8, progress=False))
+    half = learner(tmp_path / "half")
+    list(half.train(4, progress=False))
+    resumed = learner(tmp_path / "half").resume()
+    list(resumed.train(8, progress=False))
+    assert resumed.scaler.get_scale() == full.scaler.get_scale()
+    assert all(torch.equal(a, b) for a, b in zip(full.denoiser.parameters(), resumed.denoiser.parameters()))
+
+
 def test_compiled_td_step_on_cuda_matches_eager():
     eager, compiled = (make_learner(Args(data="digits", method="td", compile=c, device="cuda", progress=False))
                        for c in (False, True))

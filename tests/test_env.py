@@ -318,6 +318,19 @@ def test_reset_step_seeding(digits):
     assert not torch.equal(c.rollout(4)["x"], r1["x"])
 
 
+
+def test_neighbouring_seeds_share_no_random_stream(points):
+    # with seed and seed + 1 one seed's data stream (levels, data order) was the next seed's noise stream
+    draws = {}
+    for seed in range(4):
+        env = DiffusionMRP(points, "edm", seed=seed)
+        for name, g in (("noise", env.generator), ("data", env.data_generator)):
+            draws[name, seed] = torch.randn(64, generator=g)
+    for (k1, v1) in draws.items():
+        for (k2, v2) in draws.items():
+            if k1 < k2:
+                assert not torch.isin(v1, v2).any(), (k1, k2)
+
 # ---------------------------------------------------------------- sample_trajectories ---------------------------
 
 @pytest.mark.parametrize("form", ["edm", "vp"])

@@ -300,6 +300,11 @@ def test_compile_is_asked_once_for_the_shared_network_and_fp16_needs_cuda(monkey
         Evaluator(_points(), EvalConfig(nfe_grid=(5,), n_samples=8, precision="fp16")).generate(den, 5, "cpu")
 
 
+def test_a_repeated_budget_is_refused():  # its records would count as a second seed in every summary
+    with pytest.raises(ConfigError, match=r"nfe_grid \[3, 5, 3\] repeats 3"):
+        EvalConfig(nfe_grid=(3, 5, 3))
+
+
 # ---------------------------------------------------------------------------------------- the fid_speed benchmark
 
 

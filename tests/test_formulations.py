@@ -46,6 +46,15 @@ def test_vp_index_round_trip_and_alpha_bar_exact_at_integers():
     assert f.alpha_bar(torch.tensor(0.0)) == 1
 
 
+def test_vp_integer_timesteps_give_what_float_ones_give():
+    # DDPM timesteps are integers: an integer level is not truncated to an integer index or coefficient
+    f = VPFormulation()
+    t = torch.tensor([1, 250, 500, 999])
+    assert torch.allclose(f.index(t), f.index(t.double()))
+    for ints, floats in zip(f.one_step_posterior(t, 0.2), f.one_step_posterior(t.double(), 0.2)):
+        assert ints.is_floating_point() and torch.allclose(ints, floats)
+
+
 def test_edm_preconditioning_and_weight():
     f = EDMFormulation()
     s = torch.tensor([0.01, 0.5, 3.0, 80.0])

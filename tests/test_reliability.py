@@ -190,6 +190,7 @@ BAD = [  # (case, argv or a setup name, exit code, what the message must name)
     ("negative half-life", ["train", *MOONS, "--method", "td", "--target-halflife-images", "-5"], 2,
      "target_halflife_images must be a finite number >= 0"),
     ("nfe grid with a hole", ["train", *MOONS, "--nfe-grid", "1,,2"], 2, "comma-separated positive integers"),
+    ("nfe grid with a repeat", ["train", *MOONS, "--nfe-grid", "2,2"], 2, "repeats 2"),
     ("eval options with --no-eval", ["train", *MOONS, "--no-eval", "--n-samples", "50"], 2, "--no-eval skips"),
     ("demo --method", ["demo", *MOONS, "--method", "td"], 2, "demo trains both methods"),
     ("n-steps past the grid", ["train", *MOONS, "--method", "td", "--estimator", "nstep", "--n-steps", "1000"], 2,

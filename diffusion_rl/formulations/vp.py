@@ -78,7 +78,8 @@ class VPFormulation(Formulation):
 
     def index(self, level: Tensor) -> Tensor:
         sigma = self.sigma_ve(torch.as_tensor(level).clamp(1, self.timesteps))
-        return edm_index_of_sigma(sigma, self.steps, self.sigma_ve_min, self.sigma_ve_max, self.rho).to(level.dtype)
+        index = edm_index_of_sigma(sigma, self.steps, self.sigma_ve_min, self.sigma_ve_max, self.rho)
+        return index.to(level.dtype) if level.is_floating_point() else index  # integer timesteps: a float index
 
     def one_step_posterior(self, level: Tensor, one_step: float,
                            coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
@@ -88,6 +89,8 @@ class VPFormulation(Formulation):
         if mixed is not None:
             return mixed
         A, kappa = ve_coupling(self.sigma_ve(self.shift(level, one_step)) / self.sigma_ve(level), coupling)
+        if not level.is_floating_point():  # integer timesteps: float coefficients
+            return A, kappa
         return A.to(level.dtype), kappa.to(level.dtype)
 
     def one_step_mean(self, x0: Tensor, x: Tensor, level: Tensor, one_step: float,
