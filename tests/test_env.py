@@ -318,7 +318,6 @@ def test_reset_step_seeding(digits):
     assert not torch.equal(c.rollout(4)["x"], r1["x"])
 
 
-
 def test_neighbouring_seeds_share_no_random_stream(points):
     # with seed and seed + 1 one seed's data stream (levels, data order) was the next seed's noise stream
     draws = {}
@@ -330,6 +329,7 @@ def test_neighbouring_seeds_share_no_random_stream(points):
         for (k2, v2) in draws.items():
             if k1 < k2:
                 assert not torch.isin(v1, v2).any(), (k1, k2)
+
 
 # ---------------------------------------------------------------- sample_trajectories ---------------------------
 

@@ -9,6 +9,11 @@ from ..schedules import alpha_bar_from_betas, cosine_betas, edm_index_of_sigma, 
 from .base import Coupling, Formulation, expand_as_image, ve_coupling
 
 
+def _float_like(x: Tensor, ref: Tensor) -> Tensor:
+    """`x` (a float result) in the dtype of the input `ref`, or as it is when `ref` holds integer timesteps."""
+    return x.to(ref.dtype) if ref.is_floating_point() else x
+
+
 class VPFormulation(Formulation):
     """DDPM / VP, discrete time (Ho et al. 2020); the raw network predicts eps.
 
@@ -61,7 +66,7 @@ class VPFormulation(Formulation):
         lo = (torch.searchsorted(-table, -target) - 1).clamp(0, self.timesteps - 1)
         frac = (table[lo] - target) / (table[lo] - table[lo + 1])
         t = (lo.to(table.dtype) + frac).clamp(1, self.timesteps)
-        return t.to(sigma.dtype) if sigma.is_floating_point() else t
+        return _float_like(t, sigma)
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """abar at (possibly fractional) timesteps t in [0, T]."""
@@ -70,7 +75,7 @@ class VPFormulation(Formulation):
         lo = t.floor().long().clamp(max=self.timesteps - 1)
         frac = (t - lo).to(table.dtype)
         out = (table[lo] * (1 - frac) + table[lo + 1] * frac).exp()
-        return out.to(t.dtype) if t.is_floating_point() else out
+        return _float_like(out, t)
 
     def level(self, index: Tensor) -> Tensor:
         sigma = edm_sigma_of_index(index, self.steps, self.sigma_ve_min, self.sigma_ve_max, self.rho)
@@ -79,7 +84,7 @@ class VPFormulation(Formulation):
     def index(self, level: Tensor) -> Tensor:
         sigma = self.sigma_ve(torch.as_tensor(level).clamp(1, self.timesteps))
         index = edm_index_of_sigma(sigma, self.steps, self.sigma_ve_min, self.sigma_ve_max, self.rho)
-        return index.to(level.dtype) if level.is_floating_point() else index  # integer timesteps: a float index
+        return _float_like(index, level)
 
     def one_step_posterior(self, level: Tensor, one_step: float,
                            coupling: Coupling = "markov") -> tuple[Tensor, Tensor]:
@@ -89,9 +94,7 @@ class VPFormulation(Formulation):
         if mixed is not None:
             return mixed
         A, kappa = ve_coupling(self.sigma_ve(self.shift(level, one_step)) / self.sigma_ve(level), coupling)
-        if not level.is_floating_point():  # integer timesteps: float coefficients
-            return A, kappa
-        return A.to(level.dtype), kappa.to(level.dtype)
+        return _float_like(A, level), _float_like(kappa, level)
 
     def one_step_mean(self, x0: Tensor, x: Tensor, level: Tensor, one_step: float,
                       coupling: Coupling = "markov") -> Tensor:
