@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -36,13 +37,19 @@ def run_seed(key: str) -> int:
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Mean, std and values over seeds of every (variant, nfe, metric)."""
+    """Mean, std and values over seeds of every (variant, nfe, metric); the std is nan when a value is not finite
+    (a diverged sampler's nan FID), which `statistics.stdev` would refuse."""
     groups: dict[tuple, list[float]] = {}
     for r in records:
         groups.setdefault((r["variant"], r["nfe"], r["metric"]), []).append(r["value"])
-    return [{"variant": v, "nfe": n, "metric": m, "mean": statistics.fmean(vals),
-             "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n_seeds": len(vals), "values": vals}
-            for (v, n, m), vals in groups.items()]
+
+    def std(vals: list[float]) -> float:
+        if len(vals) < 2:
+            return 0.0
+        return statistics.stdev(vals) if all(map(math.isfinite, vals)) else math.nan
+
+    return [{"variant": v, "nfe": n, "metric": m, "mean": statistics.fmean(vals), "std": std(vals),
+             "n_seeds": len(vals), "values": vals} for (v, n, m), vals in groups.items()]
 
 
 def _pid_alive(pid: int) -> bool:

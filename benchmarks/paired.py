@@ -284,7 +284,7 @@ def small_values(metric: str) -> bool:
     """Whether a metric's values are small enough to need 3 significant digits below 1: the ground truth's errors
     (a consistency error of 0.0112) and the samples' RMS distance from the data mean (0.643); FID and the like keep
     2 decimals."""
-    return metric.startswith("gt_") or metric == "rms_from_mean"
+    return metric.startswith("gt_") or metric in ("rms_from_mean", "sw2", "energy", "class_tv")
 
 
 def fmt(x: float, small: bool = False) -> str:
@@ -296,10 +296,12 @@ def fmt(x: float, small: bool = False) -> str:
 
 
 def difference_text(p: PairedDifference, small: bool = False) -> str:
-    """'-3.10 [-5.20, -1.00], 3/3': the mean of A - B, its interval ('(1 seed)' without one), and the seeds where A
-    is lower out of those compared (ties named); bold when the interval excludes 0. `small`: see `fmt`."""
+    """'-3.10 [-5.20, -1.00], 3/3': the mean of A - B, its interval ('(1 seed)' without one, '(not finite)' when a
+    seed's value is nan or infinite), and the seeds where A is lower out of those compared (ties named); bold when
+    the interval excludes 0. `small`: see `fmt`."""
     f = lambda x: fmt(x, small)  # noqa: E731
-    head = f(p.mean) + (f" [{f(p.interval[0])}, {f(p.interval[1])}]" if p.interval else " (1 seed)")
+    missing = " (1 seed)" if p.finite else " (not finite)"
+    head = f(p.mean) + (f" [{f(p.interval[0])}, {f(p.interval[1])}]" if p.interval else missing)
     text = f"{head}, {p.a_lower}/{p.n}" + (f" ({p.ties} tied)" if p.ties else "")
     return text if p.verdict == NO_DIFFERENCE else f"**{text}**"
 

@@ -376,9 +376,16 @@ def paired_block(d: dict, metric: str, a_variants: list[str], nfes: list[int] | 
     with the solver-regime footnote; comparisons mixing code versions are refused (MixedCodeError)."""
     from benchmarks.paired import comparisons, comparison_rows, md_table
 
-    comps = [c for c in comparisons(d, metric) if c.a in a_variants]
-    if not comps:
-        raise ValueError(f"report block: no paired comparison has A in {a_variants}")
+    every = comparisons(d, metric)
+    unknown = [v for v in a_variants if v not in {c.a for c in every}]
+    if unknown:
+        raise ValueError(f"report block: no paired comparison has A in {unknown}; the file's A variants are "
+                         f"{sorted({c.a for c in every})}")
+    comps = [c for c in every if c.a in a_variants]
+    absent = [n for n in nfes or () if not any(n in c.cells for c in comps)]
+    if absent:
+        raise ValueError(f"report block: NFE {absent} not in these comparisons; they have "
+                         f"{sorted({n for c in comps for n in c.cells if n is not None})}")
     if nfes is not None:
         comps = [dataclasses.replace(c, cells={n: p for n, p in c.cells.items() if n in nfes}) for c in comps]
     reg = regime(d)
@@ -430,8 +437,8 @@ def main() -> None:
                 d = load(f)
                 reg = regime(d)
                 table = markdown_table(d["summary"], a.metric, nfes, d["labels"], None, set(reg.fails))
-                rest = comparison_lines(d, a.metric, solver_names(d), reg, str(f), a.mixed_code,
-                                        a.include_failing_solvers)
+                mixed = a.mixed_code or Path(f).resolve() in {(RESULTS / n).resolve() for n in MIXED_CODE_FILES}
+                rest = comparison_lines(d, a.metric, solver_names(d), reg, str(f), mixed, a.include_failing_solvers)
                 note = regime_note(reg, SOLVERS, a.include_failing_solvers, verdicts=bool(rest))
                 print(f"{f} ({a.metric}, mean ± std over seeds)\n\n{table}\n\n{note}\n\n"
                       + "\n".join(rest))

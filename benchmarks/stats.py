@@ -24,7 +24,8 @@ A_LOWER, B_LOWER, NO_DIFFERENCE = "A lower", "B lower", "no difference shown"
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """A - B per shared seed and what they show. `interval` is None with one seed (no spread to estimate)."""
+    """A - B per shared seed and what they show. `interval` is None with one seed (no spread to estimate) and when a
+    difference is not finite (a diverged sampler's nan FID): such a seed counts as neither side lower."""
 
     seeds: tuple[int, ...]
     differences: tuple[float, ...]
@@ -38,6 +39,11 @@ class PairedDifference:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def finite(self) -> bool:
+        """Whether every seed's difference is a finite number."""
+        return all(map(math.isfinite, self.differences))
 
     @property
     def verdict(self) -> str:
@@ -56,7 +62,8 @@ class PairedDifference:
 def paired(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95) -> PairedDifference:
     """The paired comparison of A and B (seed -> value, the same metric, solver and NFE) over the seeds both have:
     mean difference A - B, its two-sided Student-t interval at `confidence` (n - 1 degrees of freedom), and the counts
-    of seeds where A is lower, B is lower, or they tie. ValueError when no seed is shared."""
+    of seeds where A is lower, B is lower, or they tie (a nan difference is none of them). No interval when a
+    difference is not finite. ValueError when no seed is shared."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence {confidence} must lie in (0, 1)")
     seeds = tuple(sorted(set(a) & set(b)))
@@ -65,7 +72,7 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0
     diffs = tuple(float(a[s]) - float(b[s]) for s in seeds)
     mean = statistics.fmean(diffs)
     interval = None
-    if len(diffs) > 1:
+    if len(diffs) > 1 and all(map(math.isfinite, diffs)):
         t = float(_scipy_stats.t.ppf((1 + confidence) / 2, len(diffs) - 1))
         half = t * statistics.stdev(diffs) / math.sqrt(len(diffs))
         interval = (mean - half, mean + half)

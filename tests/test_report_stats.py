@@ -52,6 +52,22 @@ def test_difference_text_bolds_a_shown_difference_and_names_the_seeds_won():
     assert difference_text(paired({0: 40.0}, {0: 77.0})) == "-37.0 (1 seed), 1/1"
 
 
+def test_a_nan_or_infinite_value_gives_no_interval_instead_of_crashing_the_report():
+    """A diverged sampler records nan FID; `statistics.stdev` raises on nan, which stopped the whole report."""
+    nan, inf = float("nan"), float("inf")
+    p = paired({0: nan, 1: 3.0, 2: 4.0}, {0: 2.0, 1: 2.0, 2: 2.0})
+    assert p.interval is None and not p.finite and p.verdict == NO_DIFFERENCE
+    assert (p.a_lower, p.b_lower, p.ties) == (0, 2, 0)  # the nan seed is none of them
+    assert difference_text(p) == "nan (not finite), 0/3"
+    assert paired({0: inf, 1: 3.0}, {0: 2.0, 1: 2.0}).interval is None
+    assert paired({0: 3.0, 1: 4.0}, {0: 2.0, 1: 2.0}).finite
+    rows = summarise([{"variant": "td", "nfe": 3, "metric": "fid", "value": v} for v in (nan, 3.0)]
+                     + [{"variant": "td", "nfe": 5, "metric": "fid", "value": v} for v in (1.0, 3.0)])
+    by_nfe = {r["nfe"]: r for r in rows}
+    assert math.isnan(by_nfe[3]["std"]) and math.isnan(by_nfe[3]["mean"]) and by_nfe[3]["n_seeds"] == 2
+    assert by_nfe[5]["std"] == pytest.approx(math.sqrt(2))
+
+
 def _record(variant, seed, nfe, value, code="abc123", **settings):
     return {"variant": variant, "seed": seed, "nfe": nfe, "metric": "fid", "value": value, "code": code,
             "data": "digits", "formulation": "edm", "sampler": "ipndm", **settings}
@@ -211,6 +227,10 @@ def test_the_command_line_refuses_mixed_code_with_a_clear_error_and_takes_mixed_
     res = subprocess.run(cmd + ["--mixed-code"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0 and "Paired comparisons" in res.stdout
     assert "0.00 [0.00, 0.00], 0/2 (2 tied)" in res.stdout
+    committed = ROOT / "benchmarks" / "results" / "digits_td_vs_edm.json"  # in MIXED_CODE_FILES: code versions unknown
+    res = subprocess.run([sys.executable, "-m", "benchmarks.report", str(committed)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0 and "Paired comparisons" in res.stdout, res.stderr  # the files the page renders
 
 
 def test_labels_name_the_matched_control_and_full_reach():
@@ -246,3 +266,7 @@ def test_a_paired_block_renders_the_chosen_comparisons_at_the_chosen_nfes(tmp_pa
     assert "TD term off" not in lines[2]  # A is td; tdoff appears only as td's B
     with pytest.raises(ValueError, match="no paired comparison has A in"):
         render_block(str(path), "paired=td:stride=9")
+    with pytest.raises(ValueError, match=r"no paired comparison has A in \['td:stride=9'\]"):
+        render_block(str(path), "paired=td;td:stride=9")  # a misspelt name beside a good one is not dropped
+    with pytest.raises(ValueError, match=r"NFE \[7\] not in these comparisons; they have \[5, 9\]"):
+        render_block(str(path), "paired=td nfe=5,7")
