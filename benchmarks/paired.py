@@ -10,10 +10,13 @@ by their per-seed differences (`benchmarks.stats.paired`), never by two means an
 - for `td:estimator=nstep,n_steps=N,full_reach=true[,stride=K]`, its equal-reach control TD(0) at stride N K with
   the same other options (the same TD samples, the same reach; method.md §7).
 
-Two guards keep a comparison honest:
+Three guards keep a comparison honest:
 
 - **one code version**: the records of a comparison must carry one known `code` (the commit `compare` ran);
   records of several or unknown versions are refused (`MixedCodeError`) unless the caller allows it (`mixed_code`);
+- **shared settings**: A and B must agree on every setting of `SHARED_SETTINGS` that both name (data and its split,
+  budget, batch, optimiser, network, precision, scoring); a pair that differs is refused (`UnfairPairError`), so a
+  `td:lr=0.001` is never silently set against a `baseline` trained at another rate;
 - **the solver's own regime**: a (solver, NFE) cell where the solver, given the exact denoiser of a Gaussian fitted
   to the data (`benchmarks/results/solver_check.json`), is more than `FAILS_ABOVE` off the ODE's solution is marked
   "solver fails here" and left out of verdicts unless asked (`include_failing`).
@@ -28,10 +31,11 @@ from dataclasses import dataclass
 from benchmarks.stats import A_LOWER, NO_DIFFERENCE, PairedDifference, paired
 from benchmarks.variant import Variant
 
-__all__ = ["BASELINE", "FAILS_ABOVE", "FEW_STEP", "REACH", "TDOFF", "Comparison", "MixedCodeError", "SolverRegime",
-           "block_footnote", "code_note", "code_of", "comparison_lines", "comparison_rows", "comparisons",
-           "difference_text", "few_step_verdicts", "fmt", "md_table", "nfe_header", "small_values", "pairs", "per_seed", "reach_control",
-           "reference_baseline", "regime_note", "solver_regime"]
+__all__ = ["BASELINE", "FAILS_ABOVE", "FEW_STEP", "REACH", "SHARED_SETTINGS", "TDOFF", "Comparison",
+           "MixedCodeError", "SolverRegime", "UnfairPairError", "block_footnote", "check_shared_settings",
+           "code_note", "code_of", "comparison_lines", "comparison_rows", "comparisons", "difference_text",
+           "few_step_verdicts", "fmt", "md_table", "nfe_header", "pairs", "per_seed", "reach_control",
+           "reference_baseline", "regime_note", "small_values", "solver_regime"]
 
 FEW_STEP = 9  # "wins everywhere" means at every NFE in [3, 9] (NFE 1-2: see docs/evaluation.md, "Reading the results")
 FAILS_ABOVE = 0.5  # exact-denoiser error (solver_check.json) above which a (solver, NFE) cell is "solver fails here"
@@ -39,8 +43,18 @@ BASELINE, TDOFF, REACH = "baseline", "matched control", "equal-reach control"  #
 REWEIGHTED = "baseline (A: the reweighting alone)"  # a tdoff control against the baseline: the base-loss reweighting
 
 
+# what both sides of a comparison must share wherever both records name it; what TD adds (stride, base-loss weights,
+# target network) may differ, and the matched control shares those too by construction (`pairs`)
+SHARED_SETTINGS = ("data", "data_hash", "split_key", "formulation", "preset", "training_steps", "batch_size", "lr",
+                   "optimizer", "width", "float64", "precision", "n_samples", "ct_steps", "lpips_substitute")
+
+
 class MixedCodeError(ValueError):
     """A comparison would set records of different (or unknown) code versions against each other."""
+
+
+class UnfairPairError(ValueError):
+    """A comparison would set runs trained or scored with different shared settings against each other."""
 
 
 @dataclass(frozen=True)
@@ -174,10 +188,30 @@ def check_one_code(records: Iterable[dict], what: str) -> None:
                              "mixed_code=True (--mixed-code on the command line) to compare them anyway")
 
 
+def check_shared_settings(a: Iterable[dict], b: Iterable[dict], what: str) -> None:
+    """UnfairPairError naming the settings of `SHARED_SETTINGS` where A's records and B's records, both naming the
+    setting, hold different values."""
+    def values(records: Iterable[dict]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for r in records:
+            for k in SHARED_SETTINGS:
+                if r.get(k) is not None:
+                    out.setdefault(k, set()).add(repr(r[k]))
+        return out
+
+    va, vb = values(a), values(b)
+    differ = [f"{k} {' / '.join(sorted(va[k]))} against {' / '.join(sorted(vb[k]))}"
+              for k in SHARED_SETTINGS if k in va and k in vb and va[k] != vb[k]]
+    if differ:
+        raise UnfairPairError(f"{what} would compare runs that differ in {'; '.join(differ)}; add the control with "
+                              "the same settings (e.g. baseline:lr=0.001 beside td:lr=0.001)")
+
+
 def comparisons(d: dict, metric: str = "fid", mixed_code: bool = False, where: str = "") -> list[Comparison]:
     """Every pair of `pairs(d)` under every solver both ran, with the paired difference A - B at every NFE where
     they share a seed; ordered by solver, then pair. MixedCodeError (naming `where`, e.g. the file) when a
-    comparison's records are of several or unknown code versions and `mixed_code` is False."""
+    comparison's records are of several or unknown code versions and `mixed_code` is False; UnfairPairError when
+    its two sides differ in a shared setting (`check_shared_settings`)."""
     values = per_seed(d, metric)
     records: dict[str, list[dict]] = {}
     for recs in d.get("runs", {}).values():
@@ -194,9 +228,11 @@ def comparisons(d: dict, metric: str = "fid", mixed_code: bool = False, where: s
                      if (la, n) in values and (lb, n) in values and set(values[la, n]) & set(values[lb, n])}
             if cells:
                 found.setdefault((a, b, kind), []).append(Comparison(a, b, kind, solver, cells))
-    if not mixed_code:
-        for a, b, _ in found:
-            check_one_code(records[a] + records[b], f"{where + ': ' if where else ''}{a} against {b}")
+    for a, b, _ in found:
+        what = f"{where + ': ' if where else ''}{a} against {b}"
+        check_shared_settings(records[a], records[b], what)
+        if not mixed_code:
+            check_one_code(records[a] + records[b], what)
     return sorted((c for cs in found.values() for c in cs), key=lambda c: solvers.index(c.solver))
 
 

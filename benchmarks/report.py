@@ -33,8 +33,8 @@ from pathlib import Path
 
 from benchmarks.grid import run_seed
 from benchmarks.labels import SOLVERS, describe, solver_name, solver_names, solvers_of, split_label
-from benchmarks.paired import (FAILS_ABOVE, MixedCodeError, SolverRegime, block_footnote, code_note, comparison_lines,
-                               fmt, md_table, nfe_header, regime_note, small_values, solver_regime)
+from benchmarks.paired import (FAILS_ABOVE, MixedCodeError, SolverRegime, UnfairPairError, block_footnote, code_note,
+                               comparison_lines, fmt, md_table, nfe_header, regime_note, small_values, solver_regime)
 from benchmarks.plots import plot_ratio_heatmap, plot_sample_montage, plot_vs_nfe, plot_vs_steps, plot_vs_stride
 from benchmarks.variant import Variant
 
@@ -342,7 +342,9 @@ def results_page(files: list[Path], plots: Path, appendices: list[tuple[Path, st
             "NFE 1-2 of the EDM family measure the untrained-at-that-budget regime, not quality (see \"Reading the "
             "results\" in [evaluation.md](evaluation.md#reading-the-results)). Comparisons are paired by seed: each TD "
             "variant against its baseline, its matched control (tdoff: the same batches, TD-valid mask and base-loss "
-            "weights without the TD term) and, for a full-reach n-step variant, its equal-reach TD(0) control.", ""]
+            "weights without the TD term) and, for a full-reach n-step variant, its equal-reach TD(0) control. The "
+            "two sides of a comparison share the data and its split, the budget, batch, optimiser, network, "
+            "precision and scoring (`SHARED_SETTINGS` in benchmarks/paired.py): a pair that differs is refused.", ""]
     return "\n".join(head + [file_section(f, plots, allowed is None or Path(f).resolve() in allowed, include_failing)
                              for f in files] + [APPENDICES[kind](f) for f, kind in appendices])
 
@@ -458,7 +460,7 @@ def main() -> None:
         changed = refresh_blocks()
         print("refreshed the report blocks of " + (", ".join(str(c.relative_to(ROOT)) for c in changed) or
                                                    "no page (all were current)"))
-    except MixedCodeError as e:
+    except (MixedCodeError, UnfairPairError) as e:
         p.error(str(e))
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.grid import summarise
-from benchmarks.paired import (BASELINE, REACH, REWEIGHTED, TDOFF, MixedCodeError, code_note, comparison_rows,
-                               comparisons, difference_text, pairs, regime_note, solver_regime)
+from benchmarks.paired import (BASELINE, REACH, REWEIGHTED, TDOFF, MixedCodeError, UnfairPairError, code_note,
+                               comparison_rows, comparisons, difference_text, pairs, regime_note, solver_regime)
 from benchmarks.stats import A_LOWER, B_LOWER, NO_DIFFERENCE, paired
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +103,24 @@ def test_each_td_variant_meets_its_baseline_its_tdoff_control_and_its_equal_reac
     header, rows = comparison_rows(comps, {"td:stride=6": "TD(0) k=6"}, {"ipndm": "iPNDM"}, fails={("ipndm", 3)})
     assert header == ["solver", "A", "B", "B is A's", "NFE 3"]
     assert ["iPNDM", "TD(0) k=6", "tdoff:stride=6", TDOFF, "0.00 [0.00, 0.00], 0/2 (2 tied) †"] in rows
+
+
+def test_a_pair_whose_runs_differ_in_a_shared_setting_is_refused_naming_the_setting():
+    """td:lr=0.001 would otherwise be set against the plain baseline trained at another rate (the most specific
+    baseline whose options it shares); what TD adds (stride, base-loss weights) may differ."""
+    def grid(td_settings):
+        runs = {f"baseline|seed={s}": [_record("baseline", s, 3, 1.0, lr=0.002, steps=1500)] for s in (0, 1)}
+        runs |= {f"td:lr=0.001|seed={s}": [_record("td:lr=0.001", s, 3, 2.0, **td_settings)] for s in (0, 1)}
+        return _file(runs)
+
+    fair = {"lr": 0.002, "steps": 1500, "stride": 3.0, "base_lambda": 0.5}
+    assert len(comparisons(grid(fair))) == 1
+    with pytest.raises(UnfairPairError, match=r"td:lr=0.001 against baseline would compare runs that differ in lr "
+                                              r"0.001 against 0.002"):
+        comparisons(grid({**fair, "lr": 0.001}), where="grid.json")
+    with pytest.raises(UnfairPairError, match="data 'mnist5k' against 'digits'"):
+        comparisons(grid({**fair, "data": "mnist5k"}), mixed_code=True)  # allowing mixed code does not allow this
+    assert len(comparisons(grid({**fair, "data": None}))) == 1  # a setting only one side names is not compared
 
 
 def test_a_comparison_of_records_of_several_or_unknown_code_versions_is_refused_unless_allowed():
