@@ -41,12 +41,16 @@ toys, whose data follows the seed). With --score-at only the final budget's mode
 Without --score-at each run also trains in that folder with the Learner's checkpoints on its way (by default every
 250 steps and every 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested; its
 records then carry resumed_at_step, and train_seconds counts only the steps after it). Without --keep-models a
-killed run starts again from step 0.
+killed run starts again from step 0. Each kept folder holds a run.json naming the code version and steps that train
+it; a command of other code or another --steps refuses, before any training, a folder whose checkpoint it would
+continue (or one with no run.json), since the resumed run would be neither version's.
 
 `--from-models DIR` scores the models a `--keep-models DIR` grid kept instead of training: the same command with
 other `--samplers` (or budgets) and another `--out` gives the same records for the solvers the grid used and new
 ones for the rest. Each checkpoint must be the run its folder names (the learner's config check refuses another
-variant or seed) and trained for --steps; runs with no kept model are named and skipped.
+variant or seed) and trained for --steps; runs with no kept model are named and skipped. Their records carry
+trained_code, the code that trained the model (from its run.json; null where it has none), beside code, the scoring
+code.
 """
 from __future__ import annotations
 
@@ -73,7 +77,10 @@ T = TypeVar("T")
 # the settings every record carries as fields (issue: records must not rest on a variant label alone)
 SETTING_FIELDS = ("data", "formulation", "method", "estimator", "stride", "one_step", "n_steps", "lmbda", "full_reach",
                   "coupling", "reweighting", "base_lambda", "target_tau", "target_halflife_images", "target_rampup",
-                  "shared_until", "steps", "batch_size", "lr", "width", "seed", "device")
+                  "shared_until", "steps", "batch_size", "lr", "optimizer", "warmup_steps", "ema_halflife_images",
+                  "width", "depth", "dropout", "channel_mult", "attention", "skip_scale", "hflip", "conditional",
+                  "seed", "device")
+RUN_FILE = "run.json"  # beside a kept checkpoint: the code, budget, variant and seed that trained it
 
 
 # Args fields the grid sets for every run (or that a grid run never reads): a variant may not set them
@@ -125,6 +132,7 @@ def code_version() -> str:
 def run_settings(learner, args: Args) -> dict:
     """The run's full settings as record fields (the learner's resolved values where it has them)."""
     s = {k: getattr(args, k) for k in SETTING_FIELDS}
+    s["train_precision"] = args.precision  # a record's own "precision" is the sampler's autocast (EvalConfig)
     device = str(learner.device)
     if learner.device.type == "cuda":  # name the card: timings and numerics depend on it
         import torch
@@ -144,7 +152,7 @@ def run_settings(learner, args: Args) -> dict:
         s.update(target_tau=None)
     form = learner.formulation
     if form.consistency:  # method.md §10.1-§10.4: the TD-CT choices, and the optimiser of the release's recipes
-        s.update(preset=args.preset or None, optimizer=args.optimizer, ct_loss={
+        s.update(preset=args.preset or None, ct_loss={
             k: v for k, v in form.config().items() if k in ("kappa", "boundary", "weight", "distance", "grid")},
             ct_steps=getattr(form, "max_steps", form.steps), ct_target=mc.get("ct_target"),
             target_tau_schedule=mc.get("tau_schedule"))
@@ -190,6 +198,47 @@ def score_run(learner, args: Args, evaluators: dict, variant: Variant, sample_di
 def kept_model(folder: str | Path, variant: Variant, seed: int) -> Path:
     """Where `--keep-models folder` keeps the final checkpoint of the run (variant, seed)."""
     return Path(folder) / variant.folder() / f"seed{seed}" / "checkpoint.pt"
+
+
+def write_run_file(folder: Path, version: str, steps: int, variant: Variant, seed: int) -> None:
+    """Record beside a kept checkpoint what trains it (the code version and total steps), so that no later command
+    continues it with other code or another budget (`check_kept_folders`) and a rescoring names the code that trained
+    it."""
+    import json
+
+    from diffusion_rl.runs import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / RUN_FILE, json.dumps({"code": version, "steps": steps, "variant": variant.label,
+                                                     "seed": seed}, indent=1))
+
+
+def read_run_file(folder: Path) -> dict | None:
+    """The RUN_FILE of a kept folder; None where there is none (kept by an older version of this script)."""
+    import json
+
+    path = folder / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_kept_folders(folder: str, planned: list[tuple[int, tuple[Variant, Args]]], version: str) -> None:
+    """ConfigError naming every run of `planned` whose --keep-models folder holds a checkpoint that this command
+    would continue although another code version or budget trained it, or that does not say which (a run that
+    neither version would give)."""
+    bad = []
+    for seed, (variant, args) in planned:
+        run_dir = kept_model(folder, variant, seed).parent
+        if not (run_dir / "checkpoint.pt").is_file():
+            continue
+        made = read_run_file(run_dir)
+        if made is None:
+            bad.append(f"{run_dir} (no {RUN_FILE}: which code trained it is unknown)")
+        elif (made.get("code"), made.get("steps")) != (version, args.steps):
+            bad.append(f"{run_dir} (trained by code {made.get('code')} for {made.get('steps')} steps)")
+    if bad:
+        raise ConfigError(f"--keep-models {folder!r} holds checkpoints that this command (code {version}) would "
+                          f"continue or keep: {'; '.join(bad)}; a resumed run must be one code version and one "
+                          "budget: use another --keep-models folder, or run the code that made them")
 
 
 def load_kept(folder: str | Path, variant: Variant, args: Args, dataset):
@@ -348,6 +397,8 @@ def check_grid(a: argparse.Namespace, version: str) -> Grid:
     for option, folder in (("--sample-grids", a.sample_grids), ("--keep-models", a.keep_models)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{option} {folder!r} is a file, not a folder")
+    if a.keep_models is not None:
+        check_kept_folders(a.keep_models, run_order(a.seeds, variants, a.order), version)
     kept = set() if a.from_models is None else check_kept(a, variants, dataset)
     settings = {"data": a.data, "steps": a.steps, "n_samples": a.n_samples, "nfe_grid": list(nfe_grid),
                 "code": version, **({"samplers": samplers} if samplers != ["default"] else {}),
@@ -376,14 +427,28 @@ def check_kept(a: argparse.Namespace, variants: list[tuple[Variant, Args]], data
 
 
 def run_one(g: Grid, seed: int, variant: Variant, args: Args, version: str) -> None:
-    """Train (or load) one run and score it at each of its budgets, writing each result as it finishes."""
-    a = g.a
+    """Claim one run and, unless it is finished or another live worker runs it, train (or load) and score it."""
     # each result this run gives: the budgets of --score-at, then --steps
     stops = [(b, variant.at_steps(b)) for b in g.score_at] + [
         (args.steps, variant.at_steps(args.steps) if g.score_at else variant)]
     key = run_key(stops[-1][1].label, seed)  # the run's last result: claimed for the whole run
     if not g.results.claim(key):  # finished, or another worker runs it
+        if key not in g.results.runs():
+            print(f"seed {seed} {stops[-1][1].label}: skipped, another live worker runs it", file=sys.stderr,
+                  flush=True)
         return
+    try:
+        train_and_score(g, seed, variant, args, version, stops)
+    finally:  # a run that fails midway frees its claim at once (a finished one has already)
+        g.results.release(key)
+
+
+def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: str,
+                    stops: list[tuple[int, Variant]]) -> None:
+    """The body of a claimed run: train (or load) it and score it at each of its `stops` (budget, its label),
+    writing each result as it finishes."""
+    a = g.a
+    key = run_key(stops[-1][1].label, seed)
     evaluators = g.evaluators(seed)
     args = dataclasses.replace(args, seed=seed)
     resumed_at = None  # the step a killed run continued from
@@ -394,8 +459,10 @@ def run_one(g: Grid, seed: int, variant: Variant, args: Args, version: str) -> N
         learner.out_dir = None
         if a.keep_models is not None and not g.score_at:  # trains in its kept folder, checkpointing on its way
             learner.out_dir = kept_model(a.keep_models, variant, seed).parent
-            if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it exactly
+            if (learner.out_dir / "checkpoint.pt").exists():  # a killed run (of this code: check_kept_folders)
                 resumed_at = learner.resume().step
+            else:
+                write_run_file(learner.out_dir, version, args.steps, variant, seed)
     train_s = 0.0
     for budget, shown in stops:
         ts = time.perf_counter()
@@ -414,18 +481,23 @@ def run_one(g: Grid, seed: int, variant: Variant, args: Args, version: str) -> N
                                                                      g.nfe_grid, seed)]
         # a kept model was trained by the grid that kept it: no training time here
         provenance = ({"train_seconds": round(train_s, 1)} if a.from_models is None else
-                      {"train_seconds": None, "scored_from": str(kept_model(a.from_models, variant, seed))})
+                      {"train_seconds": None, "scored_from": str(kept_model(a.from_models, variant, seed)),
+                       "trained_code": (read_run_file(kept_model(a.from_models, variant, seed).parent)
+                                        or {}).get("code")})
         if resumed_at is not None:  # its training time counts only the steps after the resume
             provenance["resumed_at_step"] = resumed_at
         for r in recs:
             r.update(code=version, **provenance)
         if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model
+            if g.score_at:  # trained outside the folder: say now what trained the model kept there
+                write_run_file(kept_model(a.keep_models, variant, seed).parent, version, args.steps, variant, seed)
             learner.save(kept_model(a.keep_models, variant, seed))
         g.results.finish(scored_key, recs)
         how = "kept model" if a.from_models is not None else f"trained {train_s:.0f} s"
         print(f"seed {seed} {shown.label}: {how}; " + ", ".join(
             f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
             file=sys.stderr, flush=True)
+
 
 
 def main(argv: list[str] | None = None) -> None:

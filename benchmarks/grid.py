@@ -3,11 +3,13 @@
 `ResultGrid(path, settings, command)` holds `{"command", "settings", "summary", "runs"}` where `runs` maps a key
 ("variant|seed=S") to that run's records. Every read-modify-write happens under an exclusive `flock` on
 `<path>.lock`, so workers started with the same command share one file:
-- `claim(key)` is true when the key is neither finished nor being run by a live worker; it leaves a claim file
-  `<path>.claims/<key>` naming the worker's PID (a claim whose PID is dead is taken over, so a killed worker's run
-  is redone, never lost or duplicated);
+- `claim(key)` is true when the key is neither finished nor being run by a live worker; the worker then holds an
+  exclusive `flock` on the claim file `<path>.claims/<key>` (which also names its PID, for people) until it
+  finishes or dies: the kernel drops a dead worker's lock, so a killed worker's run is redone, never lost or
+  duplicated, and a reused PID cannot keep a run claimed;
 - `finish(key, records)` merges the records into the file as it is on disk now and drops the claim.
-A file made with other settings is refused before any work.
+The file is written with its settings when the grid opens, so a command with other settings is refused before any
+work even while no run has finished.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.runs import atomic_write_text
@@ -52,16 +54,6 @@ def summarise(records: list[dict]) -> list[dict]:
              "n_seeds": len(vals), "values": vals} for (v, n, m), vals in groups.items()]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class ResultGrid:
     """One resumable, shareable results file (see the module docstring)."""
 
@@ -71,7 +63,10 @@ class ResultGrid:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.claims = self.path.with_name(self.path.name + ".claims")
         self.claims.mkdir(exist_ok=True)
+        self._held: dict[str, IO] = {}  # key -> the open claim file this process holds a lock on
         with self._locked():
+            if not self.path.exists():  # names these settings now: another command is refused from the start
+                self._write({})
             self._load()  # refuses a file made with other settings
 
     @contextlib.contextmanager
@@ -100,28 +95,42 @@ class ResultGrid:
     def _claim_file(self, key: str) -> Path:
         return self.claims / key.replace("/", "_")
 
+    def _write(self, runs: dict[str, list[dict]]) -> None:
+        flat = [r for rs in runs.values() for r in rs]
+        atomic_write_text(self.path, json.dumps({"command": self.command, "settings": self.settings,
+                                                 "summary": summarise(flat), "runs": runs}, indent=1))
+
     def claim(self, key: str) -> bool:
-        """True (and the key is this process's) when `key` is unfinished and no live worker runs it."""
+        """True (and the key is this process's until `finish` or its exit) when `key` is unfinished and no live
+        worker holds it."""
         with self._locked():
+            if key in self._held:
+                return True
             if key in self._load():
                 return False
-            cf = self._claim_file(key)
-            if cf.exists():
-                try:
-                    pid = int(cf.read_text().strip() or 0)
-                except ValueError:
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    return False
-            cf.write_text(str(os.getpid()))
+            f = open(self._claim_file(key), "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live worker holds it
+                f.close()
+                return False
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            self._held[key] = f
             return True
+
+    def release(self, key: str) -> None:
+        """Drop this process's claim on `key` without a result (its run failed): another worker may take it."""
+        held = self._held.pop(key, None)
+        if held is not None:
+            held.close()
 
     def finish(self, key: str, records: list[dict]) -> None:
         """Merge one run's records into the file (atomic replace) and drop its claim."""
         with self._locked():
             runs = self._load()
             runs[key] = records
-            flat = [r for rs in runs.values() for r in rs]
-            atomic_write_text(self.path, json.dumps({"command": self.command, "settings": self.settings,
-                                                     "summary": summarise(flat), "runs": runs}, indent=1))
+            self._write(runs)
             self._claim_file(key).unlink(missing_ok=True)
+            self.release(key)

@@ -46,7 +46,9 @@ REWEIGHTED = "baseline (A: the reweighting alone)"  # a tdoff control against th
 # what both sides of a comparison must share wherever both records name it; what TD adds (stride, base-loss weights,
 # target network) may differ, and the matched control shares those too by construction (`pairs`)
 SHARED_SETTINGS = ("data", "data_hash", "split_key", "formulation", "preset", "training_steps", "batch_size", "lr",
-                   "optimizer", "width", "float64", "precision", "n_samples", "ct_steps", "lpips_substitute")
+                   "optimizer", "warmup_steps", "ema_halflife_images", "width", "depth", "dropout", "channel_mult",
+                   "attention", "skip_scale", "hflip", "conditional", "train_precision", "float64", "precision",
+                   "n_samples", "ct_steps", "lpips_substitute")
 
 
 class MixedCodeError(ValueError):

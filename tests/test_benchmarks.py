@@ -160,18 +160,28 @@ def test_reach_controls_pair_td_lambda_with_both_its_ends():
 def test_result_grid_shares_work_and_survives_killed_workers(tmp_path):
     import os
     import subprocess
+    import sys
 
     from benchmarks.grid import ResultGrid
 
     path = tmp_path / "grid.json"
-    a, b = ResultGrid(path, {"steps": 10}, "cmd"), ResultGrid(path, {"steps": 10}, "cmd")
+    a = ResultGrid(path, {"steps": 10}, "cmd")
+    with pytest.raises(ConfigError, match="was made with settings"):  # refused before any run has finished
+        ResultGrid(path, {"steps": 20}, "cmd")
+    b = ResultGrid(path, {"steps": 10}, "cmd")
     assert a.claim("td|seed=0") and a.claim("td|seed=0")  # a worker may re-claim its own key
-    (path.parent / "grid.json.claims" / "td|seed=1").write_text(str(os.getppid()))  # a live worker runs it
-    assert not b.claim("td|seed=1")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (path.parent / "grid.json.claims" / "td|seed=2").write_text(str(dead.pid))  # its worker was killed
-    assert b.claim("td|seed=2")
+    assert not b.claim("td|seed=0")  # ... but no other worker may while it lives
+    (path.parent / "grid.json.claims" / "td|seed=1").write_text(str(os.getppid()))  # a live PID, but no lock:
+    assert b.claim("td|seed=1")  # a left-over claim file whose PID was reused by another process is no claim
+    worker = ("import sys, time; from benchmarks.grid import ResultGrid; "
+              "g = ResultGrid(sys.argv[1], {'steps': 10}, 'cmd'); assert g.claim('td|seed=2'); print('held', "
+              "flush=True); time.sleep(60)")
+    killed = subprocess.Popen([sys.executable, "-c", worker, str(path)], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline().strip() == "held"
+    assert not b.claim("td|seed=2")  # a live worker runs it
+    killed.kill()
+    killed.wait()
+    assert b.claim("td|seed=2")  # its worker was killed: taken over
     a.finish("td|seed=0", [{"variant": "td", "nfe": 3, "metric": "fid", "value": 1.0}])
     b.finish("td|seed=2", [{"variant": "td", "nfe": 3, "metric": "fid", "value": 3.0}])  # merged, not overwritten
     assert set(a.runs()) == {"td|seed=0", "td|seed=2"} and not a.claim("td|seed=0")
@@ -179,6 +189,8 @@ def test_result_grid_shares_work_and_survives_killed_workers(tmp_path):
     assert summary[("td", "fid")]["values"] == [1.0, 3.0]
     with pytest.raises(ConfigError, match="was made with settings"):
         ResultGrid(path, {"steps": 20}, "cmd")
+    b.finish("td|seed=1", [])
+    assert sorted(p.name for p in (path.parent / "grid.json.claims").iterdir()) == []  # every claim dropped
 
 
 @pytest.mark.parametrize("variants,match", [
@@ -597,6 +609,7 @@ def test_from_models_scores_kept_models_as_the_grid_did_and_refuses_another_runs
         assert value(scored["td:stride=2|seed=0"], variant) == value(grid["td:stride=2|seed=0"], variant)
     assert value(scored["td:stride=2|seed=0"], "td:stride=2 @dpmpp_2m_lof")
     assert all(r["train_seconds"] is None for r in scored["td:stride=2|seed=0"])
+    assert {r["trained_code"] for r in scored["td:stride=2|seed=0"]} == {grid["td:stride=2|seed=0"][0]["code"]}
     shutil.copy(kept_model(models, "td:stride=2", 0), kept_model(models, "baseline", 0))  # the wrong run's model
     with pytest.raises(ConfigError, match="checkpoint config does not match"):
         _compare(monkeypatch, *common, "--from-models", str(models), "--out", str(tmp_path / "wrong.json"))
@@ -642,6 +655,22 @@ def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, 
     assert value(resumed) == value(whole)
     assert {r["resumed_at_step"] for r in resumed["td:stride=2|seed=0"]} == {4}
     assert all("resumed_at_step" not in r for r in whole["td:stride=2|seed=0"])
+    # a kept checkpoint is continued only by the code and budget that began it, refused before any training
+    from benchmarks.variant import Variant
+
+    folder = compare.kept_model(tmp_path / "b", Variant.parse("td:stride=2"), 0).parent
+    made = json.loads((folder / compare.RUN_FILE).read_text())
+    assert made == {"code": resumed["td:stride=2|seed=0"][0]["code"], "steps": 8, "variant": "td:stride=2", "seed": 0}
+    longer = [x if x != "8" else "12" for x in common]
+    with pytest.raises(ConfigError, match=r"trained by code .* for 8 steps"):
+        _compare(monkeypatch, *longer, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "c.json"))
+    monkeypatch.setattr(compare, "code_version", lambda: "0123456789ab")
+    with pytest.raises(ConfigError, match=r"this command \(code 0123456789ab\) would continue"):
+        _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "d.json"))
+    (folder / compare.RUN_FILE).unlink()  # kept by an older version of the script
+    with pytest.raises(ConfigError, match="no run.json: which code trained it is unknown"):
+        _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "e.json"))
+    assert not any((tmp_path / f).exists() for f in ("c.json", "d.json", "e.json"))
 
 
 def test_ground_truth_records_split_the_error_and_are_refused_without_a_truth(tmp_path, monkeypatch):
