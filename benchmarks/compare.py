@@ -40,7 +40,8 @@ out for 'default'; D the grid's device, since the samples' noise is drawn there;
 toys, whose data follows the seed). With --score-at only the final budget's model is kept.
 Without --score-at each run also trains in that folder with the Learner's checkpoints on its way (by default every
 250 steps and every 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested; its
-records then carry resumed_at_step, and train_seconds counts only the steps after it). Without --keep-models a
+records then carry resumed_at_step, and train_seconds the whole run's training time, before and after the resume;
+null for a checkpoint made before checkpoints kept it). Without --keep-models a
 killed run starts again from step 0. Each kept folder holds a run.json naming the code version and steps that train
 it; a command of other code or another --steps refuses, before any training, a folder whose checkpoint it would
 continue (or one with no run.json), since the resumed run would be neither version's.
@@ -56,9 +57,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shlex
 import sys
-import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import TypeVar
@@ -463,13 +464,10 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
                 resumed_at = learner.resume().step
             else:
                 write_run_file(learner.out_dir, version, args.steps, variant, seed)
-    train_s = 0.0
     for budget, shown in stops:
-        ts = time.perf_counter()
         if a.from_models is None:
             for _ in learner.train(budget, progress=False):
                 pass
-        train_s += time.perf_counter() - ts
         scored_key = run_key(shown.label, seed)
         if scored_key != key and scored_key in g.results.runs():  # scored before a restart: only retrained
             continue
@@ -480,11 +478,13 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
             recs += [dict(fields, **r) for r in ground_truth_records(learner, g.dataset, shown, g.samplers,
                                                                      g.nfe_grid, seed)]
         # a kept model was trained by the grid that kept it: no training time here
-        provenance = ({"train_seconds": round(train_s, 1)} if a.from_models is None else
+        seconds = learner.train_seconds  # over every resume; nan when its checkpoint predates the count
+        provenance = ({"train_seconds": round(seconds, 1) if math.isfinite(seconds) else None}
+                      if a.from_models is None else
                       {"train_seconds": None, "scored_from": str(kept_model(a.from_models, variant, seed)),
                        "trained_code": (read_run_file(kept_model(a.from_models, variant, seed).parent)
                                         or {}).get("code")})
-        if resumed_at is not None:  # its training time counts only the steps after the resume
+        if resumed_at is not None:
             provenance["resumed_at_step"] = resumed_at
         for r in recs:
             r.update(code=version, **provenance)
@@ -493,7 +493,7 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
                 write_run_file(kept_model(a.keep_models, variant, seed).parent, version, args.steps, variant, seed)
             learner.save(kept_model(a.keep_models, variant, seed))
         g.results.finish(scored_key, recs)
-        how = "kept model" if a.from_models is not None else f"trained {train_s:.0f} s"
+        how = "kept model" if a.from_models is not None else f"trained {seconds:.0f} s"
         print(f"seed {seed} {shown.label}: {how}; " + ", ".join(
             f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
             file=sys.stderr, flush=True)

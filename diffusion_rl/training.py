@@ -211,6 +211,8 @@ class Learner(ABC):
         self.optimizer = OPTIMIZERS[self.config.optimizer](self.denoiser.parameters(), lr=self.config.lr)
         self.step = 0
         self.images_seen = 0
+        self.train_seconds = 0.0  # wall-clock seconds in `train`, over every resume (nan: an older checkpoint's)
+        self._clock: float | None = None  # when `train_seconds` was last brought up to date, while training
         self.run_id = uuid.uuid4().hex[:12]  # names this run in every metrics line; kept across resumes
         hasher = getattr(self.dataset, "content_hash", None)  # the data is identified by content, not by path
         self.data_hash = hasher() if callable(hasher) else None
@@ -383,7 +385,7 @@ class Learner(ABC):
         bar = tqdm(total=steps, initial=self.step, desc=self.method, disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, leave=False)
         t0, acc, n_acc = time.perf_counter(), {}, 0
-        last_save = t0
+        last_save = self._clock = t0
         stopping = preemption.training()
         stopping.__enter__()
         try:
@@ -426,6 +428,8 @@ class Learner(ABC):
             self.save()
             raise
         finally:
+            self._count_time()
+            self._clock = None
             bar.close()
             stopping.__exit__(None, None, None)
 
@@ -516,7 +520,15 @@ class Learner(ABC):
                 **({"world_size": self.dist.world_size} if self.dist.world_size > 1 else {}),
                 **({"hflip": True} if getattr(self.env, "hflip", False) else {})}
 
+    def _count_time(self) -> None:
+        """Add the training time since the last count to `train_seconds`."""
+        if self._clock is not None:
+            now = time.perf_counter()
+            self.train_seconds += now - self._clock
+            self._clock = now
+
     def state_dict(self) -> dict:
+        self._count_time()
         # the env's pair of generators (data order, noise) is the only RNG state a run draws from besides torch's
         rng = {"torch": torch.get_rng_state(), "env": {k: g.get_state() for k, g in self.env.generators().items()}}
         if self.dist.world_size > 1:  # every rank's data and noise streams, in rank order
@@ -527,6 +539,7 @@ class Learner(ABC):
                 "optimizer": self.optimizer.state_dict(),
                 "extra": {k: m.state_dict() for k, m in self.extra_modules().items()},
                 "step": self.step, "images_seen": self.images_seen, "run_id": self.run_id,
+                "train_seconds": self.train_seconds,
                 "config": json.loads(json.dumps(self.full_config())), "rng": rng,
                 # fp16's loss scale and its growth counter: without them a resumed run skips other steps
                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
@@ -593,6 +606,7 @@ class Learner(ABC):
             group["lr"] = self.config.lr
         self.run_id = str(ckpt.get("run_id", self.run_id))
         self.step, self.images_seen = int(ckpt["step"]), int(ckpt.get("images_seen", 0))
+        self.train_seconds = float(ckpt.get("train_seconds", math.nan))  # unknown for checkpoints before it
         torch.set_rng_state(ckpt["rng"]["torch"])
         env_rng = ckpt["rng"].get("env")
         if self.dist.world_size > 1:

@@ -1,5 +1,6 @@
 """The shared training loop: exact resume, atomic checkpoints, non-finite losses, config checks."""
 import json
+import math
 
 import pytest
 import torch
@@ -48,6 +49,15 @@ def test_checkpoint_contents_and_metrics(tmp_path):
     assert set(ckpt["rng"]) == {"torch", "env"} and set(ckpt["rng"]["env"]) == {"generator", "data_generator"}
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["step"] == 10
+    # the run's training time is kept, and a resume goes on counting from it (compare's train_seconds)
+    assert 0 < ckpt["train_seconds"] <= L.train_seconds  # up to the final save; the learner's goes on to its end
+    resumed = make(tmp_path).resume()
+    assert resumed.train_seconds == ckpt["train_seconds"]
+    list(resumed.train(12, progress=False))
+    assert resumed.train_seconds > ckpt["train_seconds"]
+    del ckpt["train_seconds"]  # a checkpoint from before the count: its time is unknown, not 0
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert math.isnan(make(tmp_path / "other").resume(tmp_path / "old.pt").train_seconds)
 
 
 def test_ema_moves_toward_online_weights(tmp_path):
