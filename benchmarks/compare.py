@@ -43,8 +43,9 @@ Without --score-at each run also trains in that folder with the Learner's checkp
 records then carry resumed_at_step, and train_seconds the whole run's training time, before and after the resume;
 null for a checkpoint made before checkpoints kept it). Without --keep-models a
 killed run starts again from step 0. Each kept folder holds a run.json naming the code version and steps that train
-it; a command of other code or another --steps refuses, before any training, a folder whose checkpoint it would
-continue (or one with no run.json), since the resumed run would be neither version's.
+it; a command of other code or another --steps refuses, before any training, a folder that holds a checkpoint of
+other code or budget (or one with no run.json): it would continue it into a run of neither version, or, with
+--score-at, replace it.
 
 `--from-models DIR` scores the models a `--keep-models DIR` grid kept instead of training: the same command with
 other `--samplers` (or budgets) and another `--out` gives the same records for the solvers the grid used and new
@@ -219,7 +220,16 @@ def read_run_file(folder: Path) -> dict | None:
     import json
 
     path = folder / RUN_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        made = json.loads(path.read_text())
+    except ValueError:
+        made = None
+    if not isinstance(made, dict):
+        raise ConfigError(f"{path} is not a run record (a JSON object naming code and steps); delete that folder "
+                          "or restore the file")
+    return made
 
 
 def check_kept_folders(folder: str, planned: list[tuple[int, tuple[Variant, Args]]], version: str) -> None:
@@ -460,7 +470,8 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
         learner.out_dir = None
         if a.keep_models is not None and not g.score_at:  # trains in its kept folder, checkpointing on its way
             learner.out_dir = kept_model(a.keep_models, variant, seed).parent
-            if (learner.out_dir / "checkpoint.pt").exists():  # a killed run (of this code: check_kept_folders)
+            if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it if this code made it
+                check_kept_folders(a.keep_models, [(seed, (variant, args))], version)  # as at the start: hours ago
                 resumed_at = learner.resume().step
             else:
                 write_run_file(learner.out_dir, version, args.steps, variant, seed)

@@ -39,8 +39,8 @@ def run_seed(key: str) -> int:
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Mean, std and values over seeds of every (variant, nfe, metric); the std is nan when a value is not finite
-    (a diverged sampler's nan FID), which `statistics.stdev` would refuse."""
+    """Mean, std and values over seeds of every (variant, nfe, metric); with two or more seeds the std is nan when a
+    value is not finite (a diverged sampler's nan FID), which `statistics.stdev` would refuse; one seed's std is 0."""
     groups: dict[tuple, list[float]] = {}
     for r in records:
         groups.setdefault((r["variant"], r["nfe"], r["metric"]), []).append(r["value"])
@@ -124,6 +124,7 @@ class ResultGrid:
         """Drop this process's claim on `key` without a result (its run failed): another worker may take it."""
         held = self._held.pop(key, None)
         if held is not None:
+            fcntl.flock(held, fcntl.LOCK_UN)  # not only close: a forked child may share the open file
             held.close()
 
     def finish(self, key: str, records: list[dict]) -> None:
@@ -132,5 +133,6 @@ class ResultGrid:
             runs = self._load()
             runs[key] = records
             self._write(runs)
-            self._claim_file(key).unlink(missing_ok=True)
+            if key in self._held:  # a --score-at budget's key is never claimed: no claim file of another's to drop
+                self._claim_file(key).unlink(missing_ok=True)
             self.release(key)

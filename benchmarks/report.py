@@ -417,6 +417,15 @@ def refresh_blocks(pages: list[Path] | None = None) -> list[Path]:
     return changed
 
 
+def page_files(results: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The grids docs/results.md renders (the matched-control grids of trust/ first, GPU runs last; a grid still on
+    its first run, with no finished run yet, left out) and its appendices with their kind (how to read the numbers)."""
+    found = {f: json.loads(f.read_text()) for folder in ("trust/", "", "gpu/")
+             for f in sorted(results.glob(f"{folder}*.json"))}
+    return ([f for f, d in found.items() if d.get("runs")],
+            [(f, d["kind"]) for f, d in found.items() if d.get("kind") in APPENDICES])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="*", help="JSON files written by benchmarks.compare (default: every committed "
@@ -448,11 +457,7 @@ def main() -> None:
                     plot_vs_nfe(d, Path(a.plot), a.metric, set(reg.fails))
             return
         if not a.blocks_only:
-            found = {f: json.loads(f.read_text())
-                     for f in [*sorted(RESULTS.glob("trust/*.json")), *sorted(RESULTS.glob("*.json")),
-                               *sorted(RESULTS.glob("gpu/*.json"))]}  # the matched-control grids first, GPU runs last
-            files = [f for f, d in found.items() if "runs" in d]
-            appendices = [(f, d["kind"]) for f, d in found.items() if d.get("kind") in APPENDICES]  # how to read
+            files, appendices = page_files(RESULTS)
             allowed = True if a.mixed_code else [RESULTS / name for name in MIXED_CODE_FILES]
             (ROOT / GENERATED_PATH).write_text(results_page(files, ROOT / "docs" / "plots", appendices, allowed,
                                                             a.include_failing_solvers))

@@ -25,7 +25,7 @@ A_LOWER, B_LOWER, NO_DIFFERENCE = "A lower", "B lower", "no difference shown"
 @dataclass(frozen=True)
 class PairedDifference:
     """A - B per shared seed and what they show. `interval` is None with one seed (no spread to estimate) and when a
-    difference is not finite (a diverged sampler's nan FID): such a seed counts as neither side lower."""
+    difference is not finite (a diverged sampler's nan FID: a nan seed counts as neither side lower)."""
 
     seeds: tuple[int, ...]
     differences: tuple[float, ...]

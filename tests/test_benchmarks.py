@@ -1,5 +1,6 @@
 """The benchmark scripts' pure parts: variant parsing (one caster with the CLI), summaries and report tables."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -176,7 +177,8 @@ def test_result_grid_shares_work_and_survives_killed_workers(tmp_path):
     worker = ("import sys, time; from benchmarks.grid import ResultGrid; "
               "g = ResultGrid(sys.argv[1], {'steps': 10}, 'cmd'); assert g.claim('td|seed=2'); print('held', "
               "flush=True); time.sleep(60)")
-    killed = subprocess.Popen([sys.executable, "-c", worker, str(path)], stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen([sys.executable, "-c", worker, str(path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
     assert killed.stdout.readline().strip() == "held"
     assert not b.claim("td|seed=2")  # a live worker runs it
     killed.kill()
@@ -189,6 +191,10 @@ def test_result_grid_shares_work_and_survives_killed_workers(tmp_path):
     assert summary[("td", "fid")]["values"] == [1.0, 3.0]
     with pytest.raises(ConfigError, match="was made with settings"):
         ResultGrid(path, {"steps": 20}, "cmd")
+    assert a.claim("td|seed=3") and not b.claim("td|seed=3")
+    a.release("td|seed=3")  # its run failed: another worker may take it at once
+    assert b.claim("td|seed=3") and not a.claim("td|seed=3")
+    b.finish("td|seed=3", [])
     b.finish("td|seed=1", [])
     assert sorted(p.name for p in (path.parent / "grid.json.claims").iterdir()) == []  # every claim dropped
 

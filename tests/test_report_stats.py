@@ -235,6 +235,19 @@ def test_blocks_are_refreshed_in_the_readme_and_the_docs_pages_but_not_the_gener
     assert report.refresh_blocks() == []  # current pages are left untouched
 
 
+def test_the_results_page_leaves_out_a_grid_with_no_finished_run(tmp_path):
+    """A grid names its settings in its file when it opens: hours before its first run finishes, the page skips it."""
+    from benchmarks.grid import ResultGrid
+    from benchmarks.report import page_files
+
+    (tmp_path / "trust").mkdir()
+    ResultGrid(tmp_path / "trust" / "running.json", {"steps": 3000}, "cmd")
+    done = ResultGrid(tmp_path / "done.json", {"steps": 10}, "cmd")
+    done.finish("baseline|seed=0", [_record("baseline", 0, 3, 1.0)])
+    (tmp_path / "solver_check.json").write_text(json.dumps({"kind": "solver_check"}))
+    assert page_files(tmp_path) == ([tmp_path / "done.json"], [(tmp_path / "solver_check.json", "solver_check")])
+
+
 def test_the_command_line_refuses_mixed_code_with_a_clear_error_and_takes_mixed_code(tmp_path):
     runs = {f"{v}|seed={s}": [_record(v, s, 3, 1.0 + s, code=f"c{s}")] for v in ("baseline", "td") for s in (0, 1)}
     path = tmp_path / "grid.json"
