@@ -172,9 +172,17 @@ def per_seed(d: dict, metric: str) -> dict[tuple[str, int], dict[int, float]]:
 
 
 def code_of(record: dict) -> str | None:
-    """The commit a record was made by; None where it is unknown (older records, or made outside git)."""
-    code = record.get("code")
-    return None if not code or str(code).startswith("unknown") else str(code)
+    """The commit a record was made by; None where it is unknown (older records, or made outside git). A record
+    scored from a kept model (`trained_code`, compare --from-models) is of the code that trained it as much as of
+    the one that scored it: 'T (scored by S)' when they differ, None when the training code is unknown."""
+    def known(c: object) -> str | None:
+        return None if not c or str(c).startswith("unknown") else str(c)
+
+    code = known(record.get("code"))
+    if code is None or "trained_code" not in record:
+        return code
+    trained = known(record["trained_code"])
+    return None if trained is None else code if trained == code else f"{trained} (scored by {code})"
 
 
 def _versions(counts: Counter) -> str:

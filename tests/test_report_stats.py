@@ -145,6 +145,15 @@ def test_a_comparison_of_records_of_several_or_unknown_code_versions_is_refused_
     assert "abc123+dirty is uncommitted code (+dirty)" in note
     dirty = code_note(_file(runs({k: "abc123+dirty" for k in one})))
     assert dirty.startswith("Code version abc123+dirty for every run.") and "uncommitted" in dirty
+    # rescored kept models (compare --from-models): the code that trained them counts too
+    rescored = _file(runs(one))
+    for key, recs in rescored["runs"].items():
+        recs[0]["trained_code"] = "old999" if key == "td|seed=1" else "abc123"
+    with pytest.raises(MixedCodeError, match=r"abc123 \(3 records\), old999 \(scored by abc123\) \(1 records\)"):
+        comparisons(rescored)
+    rescored["runs"]["td|seed=1"][0]["trained_code"] = None  # a model kept before run.json: training code unknown
+    with pytest.raises(MixedCodeError, match=r"not recorded \(1 records\)"):
+        comparisons(rescored)
 
 
 def test_the_solver_regime_flags_cells_of_the_files_own_data_set_above_the_threshold():
