@@ -10,11 +10,7 @@
 #   committed), so new solvers can score them later without retraining.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORKERS=${WORKERS:-1}
-run() {  # the same command in $WORKERS processes: they share the grid file
-    for _ in $(seq 2 "$WORKERS"); do OMP_NUM_THREADS=1 python "$@" & sleep 10; done
-    python "$@"; wait
-}
+source benchmarks/workers.sh  # run: the same command in $WORKERS processes sharing the grid file
 run -m benchmarks.compare --variants baseline td \
   td:stride=1 td:stride=2 td:stride=4 td:stride=6 td:stride=9 \
   td:estimator=nstep,n_steps=2,stride=2 td:estimator=nstep,n_steps=2 \

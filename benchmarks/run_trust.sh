@@ -24,16 +24,13 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 COMMIT=${COMMIT:-$(git -C "$HERE" rev-parse HEAD)}
-WORKERS=${WORKERS:-1}
 TREE="${WORKTREES:-/tmp}/diffusion-rl-$(git -C "$HERE" rev-parse --short=12 "$COMMIT")"
+git -C "$HERE" worktree prune  # a worktree folder deleted by hand (or by a reboot of /tmp) is still registered
 [ -d "$TREE" ] || git -C "$HERE" worktree add --detach "$TREE" "$COMMIT" >/dev/null
 OUT="$HERE/benchmarks/results/trust"
 mkdir -p "$OUT"
 cd "$TREE"  # the worktree's code, not the editable install's: python -m puts the working folder first
-run() {  # the same command in $WORKERS processes: they share the grid file
-    for _ in $(seq 2 "$WORKERS"); do OMP_NUM_THREADS=1 python "$@" & sleep 10; done
-    OMP_NUM_THREADS=1 python "$@"; wait
-}
+source "$HERE/benchmarks/workers.sh"  # run: the same command in $WORKERS processes sharing the grid file
 SOLVERS="--nfe-grid 3,5,9,17,35 --samplers default,dpmpp_2m,ipndm"
 GRIDS=("$@")
 [ ${#GRIDS[@]} -gt 0 ] || GRIDS=(digits gmm budget)
