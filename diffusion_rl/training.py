@@ -615,7 +615,12 @@ class Learner(ABC):
             raise ConfigError("the checkpoint holds no state of the env's generators (written by an older version, "
                               "whose learner drew its own data); it cannot be resumed exactly: start a new run")
         for k, g in self.env.generators().items():
-            g.set_state(env_rng[k])
+            try:
+                g.set_state(env_rng[k])
+            except RuntimeError:  # a CUDA generator's state is not a CPU one's: the streams cannot continue exactly
+                raise ConfigError(f"the checkpoint's {k} state does not fit this run's {g.device.type} generator: it "
+                                  "was trained on another kind of device; resume it on the kind it was trained on "
+                                  "(an exact resume continues its random streams)") from None
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.apply_speed()  # the resumed config's precision and compile settings

@@ -58,6 +58,10 @@ def test_checkpoint_contents_and_metrics(tmp_path):
     del ckpt["train_seconds"]  # a checkpoint from before the count: its time is unknown, not 0
     torch.save(ckpt, tmp_path / "old.pt")
     assert math.isnan(make(tmp_path / "other").resume(tmp_path / "old.pt").train_seconds)
+    ckpt["rng"]["env"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+    torch.save(ckpt, tmp_path / "cuda.pt")
+    with pytest.raises(ConfigError, match="state does not fit this run's cpu generator: it was trained on another"):
+        make(tmp_path / "other2").resume(tmp_path / "cuda.pt")
 
 
 def test_ema_moves_toward_online_weights(tmp_path):
