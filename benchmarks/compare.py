@@ -13,7 +13,9 @@ protocol. The table prints mean +- std over seeds; nothing is hidden when TD los
 
 Resumable: each (variant, seed) result is written to --out as soon as it finishes, and a restarted command skips
 the pairs already there (it refuses a file made with other settings or by another code version: one file, one
-commit). Every record carries its run's settings and the commit.
+commit). Every record carries its run's settings and the commit. A run whose training diverges (a non-finite loss)
+is recorded as such, its main metric nan at every solver and NFE with `diverged_at_step` and the error, and the
+grid goes on: restarting it would diverge again from the same checkpoint.
 
 `--samplers default,dpmpp_2m,ipndm` scores every trained model under each solver (same samples' seed, same
 budgets): rows are labelled `variant @solver` ("default" is the family's Heun, Euler at even NFE), so a table shows
@@ -70,6 +72,7 @@ from diffusion_rl.config import LPIPS_RECIPES, Args, check_seed, parse_nfe_grid,
 from diffusion_rl.data import load_dataset
 from diffusion_rl.errors import ConfigError
 from diffusion_rl.evaluation import EvalConfig, Evaluator
+from diffusion_rl.training import NonFiniteLossError
 
 from .grid import ResultGrid, run_key, summarise
 from .variant import Variant
@@ -477,8 +480,17 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
                 write_run_file(learner.out_dir, version, args.steps, variant, seed)
     for budget, shown in stops:
         if a.from_models is None:
-            for _ in learner.train(budget, progress=False):
-                pass
+            try:
+                for _ in learner.train(budget, progress=False):
+                    pass
+            except NonFiniteLossError as e:  # a restart would diverge again from the same checkpoint: record it
+                for _, rest in stops[stops.index((budget, shown)):]:
+                    if run_key(rest.label, seed) not in g.results.runs():
+                        g.results.finish(run_key(rest.label, seed), diverged_records(g, learner, args, rest, e,
+                                                                                     version))
+                print(f"seed {seed} {variant.label}: diverged at step {learner.step} ({e}); recorded as nan",
+                      file=sys.stderr, flush=True)
+                return
         scored_key = run_key(shown.label, seed)
         if scored_key != key and scored_key in g.results.runs():  # scored before a restart: only retrained
             continue
@@ -509,6 +521,19 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
             f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
             file=sys.stderr, flush=True)
 
+
+
+def diverged_records(g: Grid, learner, args: Args, shown: Variant, error: Exception, version: str) -> list[dict]:
+    """The records of a run whose training diverged: its main metric as nan at every solver and NFE (the report
+    shows "not finite" and gives no interval), with the step and the error, so that the grid moves on."""
+    from diffusion_rl.samplers import sampler_for_nfe
+
+    metric = "fid" if g.dataset.kind == "image" else "sw2"
+    fields = dict(run_settings(learner, args), steps=learner.step, code=version, diverged_at_step=learner.step,
+                  error=str(error))
+    return [dict(fields, variant=shown.on_solver(name).label, nfe=nfe, metric=metric, value=math.nan,
+                 sampler=sampler_for_nfe(learner.formulation, nfe, None if name == "default" else name))
+            for name in g.samplers for nfe in g.nfe_grid]
 
 
 def main(argv: list[str] | None = None) -> None:

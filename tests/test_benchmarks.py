@@ -679,6 +679,40 @@ def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, 
     assert not any((tmp_path / f).exists() for f in ("c.json", "d.json", "e.json"))
 
 
+def test_a_run_that_diverges_is_recorded_as_nan_and_the_grid_moves_on(tmp_path, monkeypatch):
+    """A diverged run would diverge again from the same checkpoint on every restart and block the grid: it is
+    recorded (nan at every solver and NFE, with the step and the error) and the next run goes on."""
+    import math
+
+    from benchmarks import compare
+    from benchmarks.paired import comparisons, difference_text
+    from diffusion_rl.training import NonFiniteLossError
+
+    make = compare.make_learner
+
+    def td_diverges(args, **kw):
+        learner = make(args, **kw)
+        if args.method == "td":
+            def update(batch, **kw):
+                raise NonFiniteLossError(f"non-finite loss at step {learner.step}")
+            learner.update = update
+        return learner
+
+    monkeypatch.setattr(compare, "make_learner", td_diverges)
+    runs = _compare(monkeypatch, "--data", "8gaussians", "--variants", "baseline", "td", "--seeds", "0", "1",
+                    "--steps", "4", "--n-samples", "64", "--nfe-grid", "3,5", "--samplers", "default,dpmpp_2m",
+                    "--out", str(tmp_path / "g.json"))
+    assert set(runs) == {"baseline|seed=0", "td|seed=0", "baseline|seed=1", "td|seed=1"}
+    td = runs["td|seed=1"]
+    assert {(r["variant"], r["nfe"]) for r in td} == {(v, n) for v in ("td", "td @dpmpp_2m") for n in (3, 5)}
+    assert all(math.isnan(r["value"]) and r["metric"] == "sw2" and r["diverged_at_step"] == 0 for r in td)
+    assert all(math.isfinite(r["value"]) for r in runs["baseline|seed=1"] if r["metric"] == "sw2")
+    d = json.loads((tmp_path / "g.json").read_text())
+    d["labels"] = {}
+    cell = comparisons(d, "sw2")[0].cells[3]
+    assert cell.interval is None and difference_text(cell) == "nan (not finite), 0/2"
+
+
 def test_ground_truth_records_split_the_error_and_are_refused_without_a_truth(tmp_path, monkeypatch):
     """compare --ground-truth on a gmm: data set adds, per solver and NFE, the error to the exact ODE solution and
     its solver and network parts, and per-level curves; a data set without a known distribution is refused first."""
