@@ -43,11 +43,10 @@ toys, whose data follows the seed). With --score-at only the final budget's mode
 Without --score-at each run also trains in that folder with the Learner's checkpoints on its way (by default every
 250 steps and every 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested; its
 records then carry resumed_at_step, and train_seconds the whole run's training time, before and after the resume;
-null for a checkpoint made before checkpoints kept it). Without --keep-models a
-killed run starts again from step 0. Each kept folder holds a run.json naming the code version and steps that train
-it; a command of other code or another --steps refuses, before any training, a folder that holds a checkpoint of
-other code or budget (or one with no run.json): it would continue it into a run of neither version, or, with
---score-at, replace it.
+null for a checkpoint made before checkpoints kept it). Without --keep-models a killed run starts again from step 0.
+Each kept folder holds a run.json naming the code version and steps that train it; a command of other code or
+another --steps refuses, before any training, a folder that holds a checkpoint of other code or budget (or one with
+no run.json): it would continue it into a run of neither version, or, with --score-at, replace it.
 
 `--from-models DIR` scores the models a `--keep-models DIR` grid kept instead of training: the same command with
 other `--samplers` (or budgets) and another `--out` gives the same records for the solvers the grid used and new
@@ -520,7 +519,6 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
         print(f"seed {seed} {shown.label}: {how}; " + ", ".join(
             f"NFE {r['nfe']} {r['metric']} {r['value']:.2f}" for r in recs if r["metric"] in ("fid", "sw2")),
             file=sys.stderr, flush=True)
-
 
 
 def diverged_records(g: Grid, learner, args: Args, shown: Variant, error: Exception, version: str) -> list[dict]:
