@@ -366,6 +366,11 @@ class Grid:
     results: ResultGrid
     _evaluators: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def metric(self) -> str:
+        """The grid's main metric: FID on images, SW2 on 2-D points."""
+        return "fid" if self.dataset.kind == "image" else "sw2"
+
     def evaluators(self, seed: int) -> dict[str, Evaluator]:
         """Solver -> its Evaluator for one seed (the samples' noise follows the seed), made once per seed."""
         if seed not in self._evaluators:
@@ -526,10 +531,9 @@ def diverged_records(g: Grid, learner, args: Args, shown: Variant, error: Except
     shows "not finite" and gives no interval), with the step and the error, so that the grid moves on."""
     from diffusion_rl.samplers import sampler_for_nfe
 
-    metric = "fid" if g.dataset.kind == "image" else "sw2"
     fields = dict(run_settings(learner, args), steps=learner.step, code=version, diverged_at_step=learner.step,
                   error=str(error))
-    return [dict(fields, variant=shown.on_solver(name).label, nfe=nfe, metric=metric, value=math.nan,
+    return [dict(fields, variant=shown.on_solver(name).label, nfe=nfe, metric=g.metric, value=math.nan,
                  sampler=sampler_for_nfe(learner.formulation, nfe, None if name == "default" else name))
             for name in g.samplers for nfe in g.nfe_grid]
 
@@ -545,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.from_models is None or (seed, variant) in g.kept:  # the missing kept models were named
             run_one(g, seed, variant, args, version)
     records = [r for rs in g.results.runs().values() for r in rs]
-    print(table(summarise(records), "fid" if g.dataset.kind == "image" else "sw2"))
+    print(table(summarise(records), g.metric))
     print(f"wrote {a.out}")
 
 
