@@ -28,8 +28,8 @@ grid has its first variants (the baseline and TD(0) first) at all seeds. Both fi
 `--score-at 750,1500,3000` also scores every run on its way to --steps, at those step counts: one training per
 seed gives a budget curve. Every result, the one at --steps included, is labelled as the separate run it equals
 ('baseline:steps=750', ..., 'baseline:steps=6000'; the global random state is restored after each scoring, so the
-rest of training is unchanged) and written as it finishes; a restarted run retrains through the budgets it has
-scored and skips their scoring.
+rest of training is unchanged) and written as it finishes; a restarted run skips the scoring of the budgets it has
+scored (and, with --keep-models below, their training too: it resumes from its last checkpoint).
 
 `--sample-grids DIR` also saves, for every run, a PNG of the first 64 evaluation samples per solver and NFE, as
 DIR/<variant>/seed<S>/<solver>/samples/<method>_nfe<NFE>.png (the same samples that were scored).
@@ -40,13 +40,14 @@ by `--from-models` below or by `diffusion-rl evaluate --checkpoint CHECKPOINT --
 --device D [--sampler X]`. The latter gives the grid's records for a solver the grid used (tested; --sampler left
 out for 'default'; D the grid's device, since the samples' noise is drawn there; image data, or seed 0 for the 2-D
 toys, whose data follows the seed). With --score-at only the final budget's model is kept.
-Without --score-at each run also trains in that folder with the Learner's checkpoints on its way (by default every
-250 steps and every 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested; its
-records then carry resumed_at_step, and train_seconds the whole run's training time, before and after the resume;
-null for a checkpoint made before checkpoints kept it). Without --keep-models a killed run starts again from step 0.
+Each run also trains in that folder with the Learner's checkpoints on its way (by default every 250 steps and every
+5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested, with and without --score-at:
+the budgets scored before the kill are skipped, not retrained; its records then carry resumed_at_step, and
+train_seconds the whole run's training time, before and after the resume; null for a checkpoint made before
+checkpoints kept it). Without --keep-models a killed run starts again from step 0.
 Each kept folder holds a run.json naming the code version and steps that train it; a command of other code or
 another --steps refuses, before any training, a folder that holds a checkpoint of other code or budget (or one with
-no run.json): it would continue it into a run of neither version, or, with --score-at, replace it.
+no run.json): it would continue it into a run of neither version.
 
 `--from-models DIR` scores the models a `--keep-models DIR` grid kept instead of training: the same command with
 other `--samplers` (or budgets) and another `--out` gives the same records for the solvers the grid used and new
@@ -475,7 +476,7 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
     else:
         learner = make_learner(args, dataset=g.dataset)
         learner.out_dir = None
-        if a.keep_models is not None and not g.score_at:  # trains in its kept folder, checkpointing on its way
+        if a.keep_models is not None:  # trains in its kept folder, checkpointing on its way
             learner.out_dir = kept_model(a.keep_models, variant, seed).parent
             if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it if this code made it
                 check_kept_folders(a.keep_models, [(seed, (variant, args))], version)  # as at the start: hours ago
@@ -483,6 +484,12 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
             else:
                 write_run_file(learner.out_dir, version, args.steps, variant, seed)
     for budget, shown in stops:
+        scored_key = run_key(shown.label, seed)
+        if a.from_models is None and learner.step > budget:  # resumed past this budget: scored before the kill
+            if scored_key not in g.results.runs():  # training goes on only after a budget's result is written
+                raise ConfigError(f"{learner.out_dir} holds a checkpoint at step {learner.step}, past the budget "
+                                  f"{budget} that {a.out} has no result for; delete that folder to retrain the run")
+            continue
         if a.from_models is None:
             try:
                 for _ in learner.train(budget, progress=False):
@@ -495,7 +502,6 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
                 print(f"seed {seed} {variant.label}: diverged at step {learner.step} ({e}); recorded as nan",
                       file=sys.stderr, flush=True)
                 return
-        scored_key = run_key(shown.label, seed)
         if scored_key != key and scored_key in g.results.runs():  # scored before a restart: only retrained
             continue
         sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / shown.folder() / f"seed{seed}"
@@ -516,8 +522,6 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
         for r in recs:
             r.update(code=version, **provenance)
         if a.keep_models is not None and scored_key == key:  # saved before its result: a result has its model
-            if g.score_at:  # trained outside the folder: say now what trained the model kept there
-                write_run_file(kept_model(a.keep_models, variant, seed).parent, version, args.steps, variant, seed)
             learner.save(kept_model(a.keep_models, variant, seed))
         g.results.finish(scored_key, recs)
         how = "kept model" if a.from_models is not None else f"trained {seconds:.0f} s"

@@ -679,6 +679,51 @@ def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, 
     assert not any((tmp_path / f).exists() for f in ("c.json", "d.json", "e.json"))
 
 
+def test_a_run_scored_on_its_way_and_killed_resumes_past_its_scored_budgets(tmp_path, monkeypatch):
+    """With --score-at and --keep-models a run checkpoints on its way too: killed after its first budget was scored,
+    it resumes from its last checkpoint (past that budget, which it neither retrains nor rescores) and every record
+    equals the uninterrupted run's. A checkpoint past a budget with no result is refused."""
+    from benchmarks import compare
+
+    common = ["--data", "8gaussians", "--variants", "baseline", "--seeds", "0", "--steps", "8", "--score-at", "2",
+              "--n-samples", "64", "--nfe-grid", "3"]
+    make, trained = compare.make_learner, []
+
+    def every_4_steps(args, **kw):  # a checkpoint every 4 steps; the run dies at step 6
+        learner = make(args, **kw)
+        learner.config.checkpoint_every = 4
+        update = learner.update
+
+        def dies_at_6(batch, **kw):
+            if learner.step == 6 and kill:
+                raise KeyboardInterrupt
+            trained.append(learner.step)
+            return update(batch, **kw)
+        learner.update = dies_at_6
+        return learner
+
+    monkeypatch.setattr(compare, "make_learner", every_4_steps)
+    kill = False
+    whole = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "a"), "--out", str(tmp_path / "a.json"))
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
+    assert set(json.loads((tmp_path / "b.json").read_text())["runs"]) == {"baseline:steps=2|seed=0"}
+    kill, trained[:] = False, []
+    resumed = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
+    assert trained == [4, 5, 6, 7]  # from the step-4 checkpoint, not from 0
+    value = lambda recs: [(r["variant"], r["nfe"], r["metric"], r["value"]) for r in recs]  # noqa: E731
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        assert value(resumed[key]) == value(whole[key])
+    assert {r["resumed_at_step"] for r in resumed["baseline:steps=8|seed=0"]} == {4}
+    d = json.loads((tmp_path / "b.json").read_text())  # a budget's result lost, its run's checkpoint past it
+    del d["runs"]["baseline:steps=2|seed=0"], d["runs"]["baseline:steps=8|seed=0"]
+    (tmp_path / "b.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"checkpoint at step 8, past the budget 2 that .* has no result for"):
+        _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
+
+
 def test_a_run_that_diverges_is_recorded_as_nan_and_the_grid_moves_on(tmp_path, monkeypatch):
     """A diverged run would diverge again from the same checkpoint on every restart and block the grid: it is
     recorded (nan at every solver and NFE, with the step and the error) and the next run goes on."""
