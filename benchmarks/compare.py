@@ -116,22 +116,24 @@ def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int
     return [(seed, v) for seed in seeds for v in variants]
 
 
-def code_version() -> str:
-    """The git commit of this checkout, with '+dirty' when tracked files other than benchmarks/results/ differ from
-    it; 'unknown (no git checkout)' outside git. Each record names the code that made it, and a grid file holds
-    one version."""
+def code_version(root: Path | None = None) -> str:
+    """The git commit of the checkout at `root` (this one by default), with '+dirty-<hash of the diff>' when tracked
+    files other than benchmarks/results/ differ from it (two different uncommitted trees on one commit read apart);
+    'unknown (no git checkout)' outside git. Each record names the code that made it, and a grid file holds one
+    version."""
+    import hashlib
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1] if root is None else root
+    code = ["--", ".", ":!benchmarks/results"]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        git = lambda *cmd: subprocess.run(["git", *cmd], cwd=root, capture_output=True, timeout=10,  # noqa: E731
+                                          check=True).stdout
+        head = git("rev-parse", "--short=12", "HEAD").decode().strip()
+        diff = git("diff", "HEAD", "--binary", *code)
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout)"
-    return head + ("+dirty" if dirty else "")
+    return head + (f"+dirty-{hashlib.sha256(diff).hexdigest()[:8]}" if diff else "")
 
 
 def run_settings(learner, args: Args) -> dict:
@@ -457,17 +459,16 @@ def run_one(g: Grid, seed: int, variant: Variant, args: Args, version: str) -> N
                   flush=True)
         return
     try:
-        train_and_score(g, seed, variant, args, version, stops)
+        train_and_score(g, seed, variant, args, version, stops, key)
     finally:  # a run that fails midway frees its claim at once (a finished one has already)
         g.results.release(key)
 
 
 def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: str,
-                    stops: list[tuple[int, Variant]]) -> None:
-    """The body of a claimed run: train (or load) it and score it at each of its `stops` (budget, its label),
-    writing each result as it finishes."""
+                    stops: list[tuple[int, Variant]], key: str) -> None:
+    """The body of the claimed run `key`: train (or load) it and score it at each of its `stops` (budget, its
+    label; the last is `key`'s), writing each result as it finishes."""
     a = g.a
-    key = run_key(stops[-1][1].label, seed)
     evaluators = g.evaluators(seed)
     args = dataclasses.replace(args, seed=seed)
     resumed_at = None  # the step a killed run continued from

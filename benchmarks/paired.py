@@ -252,7 +252,7 @@ def code_note(d: dict, compared: bool = False) -> str:
     allowed to mix them."""
     counts = _run_versions(d)
     codes = {c for c, _ in counts}
-    dirty = sorted(c for c in codes if c and c.endswith("+dirty"))
+    dirty = sorted(c for c in codes if c and "+dirty" in c)
     dirty_text = (f" {', '.join(dirty)} {'is' if len(dirty) == 1 else 'are'} uncommitted code (+dirty): that commit "
                   "alone does not reproduce those runs." if dirty else "")
     if len(codes) == 1 and None not in codes:

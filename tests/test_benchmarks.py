@@ -724,6 +724,35 @@ def test_a_run_scored_on_its_way_and_killed_resumes_past_its_scored_budgets(tmp_
         _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
 
 
+def test_code_version_names_the_commit_and_tells_two_uncommitted_trees_apart(tmp_path):
+    """A clean checkout is its commit; an edit to tracked code adds '+dirty-<hash of the diff>', different for
+    different edits and equal for equal ones; results files and untracked files do not count."""
+    import subprocess
+
+    from benchmarks.compare import code_version
+
+    assert code_version(tmp_path) == "unknown (no git checkout)"
+    git = lambda *cmd: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=tmp_path,  # noqa: E731
+                                      check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "grid.json").write_text("{}")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "--short=12", "HEAD").stdout.decode().strip()
+    (tmp_path / "benchmarks" / "results" / "grid.json").write_text('{"runs": {}}')
+    (tmp_path / "new.py").write_text("untracked\n")
+    assert code_version(tmp_path) == head
+    (tmp_path / "code.py").write_text("a = 2\n")
+    two = code_version(tmp_path)
+    (tmp_path / "code.py").write_text("a = 3\n")
+    three = code_version(tmp_path)
+    assert two.startswith(head + "+dirty-") and three.startswith(head + "+dirty-") and two != three
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert code_version(tmp_path) == two
+
+
 def test_a_run_that_diverges_is_recorded_as_nan_and_the_grid_moves_on(tmp_path, monkeypatch):
     """A diverged run would diverge again from the same checkpoint on every restart and block the grid: it is
     recorded (nan at every solver and NFE, with the step and the error) and the next run goes on."""
