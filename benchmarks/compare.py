@@ -44,7 +44,8 @@ Each run also trains in that folder with the Learner's checkpoints on its way (b
 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested, with and without --score-at:
 the budgets scored before the kill are skipped, not retrained; its records then carry resumed_at_step, and
 train_seconds the whole run's training time, before and after the resume; null for a checkpoint made before
-checkpoints kept it). Without --keep-models a killed run starts again from step 0.
+checkpoints kept it). A run whose checkpoint is past a --score-at budget that --out has no result for (a new --out on a
+kept folder) is retrained from step 0. Without --keep-models a killed run starts again from step 0.
 Each kept folder holds a run.json naming the code version and steps that train it; a command of other code or
 another --steps refuses, before any training, a folder that holds a checkpoint of other code or budget (or one with
 no run.json): it would continue it into a run of neither version.
@@ -52,9 +53,9 @@ no run.json): it would continue it into a run of neither version.
 `--from-models DIR` scores the models a `--keep-models DIR` grid kept instead of training: the same command with
 other `--samplers` (or budgets) and another `--out` gives the same records for the solvers the grid used and new
 ones for the rest. Each checkpoint must be the run its folder names (the learner's config check refuses another
-variant or seed) and trained for --steps; runs with no kept model are named and skipped. Their records carry
-trained_code, the code that trained the model (from its run.json; null where it has none), beside code, the scoring
-code.
+variant or seed) and trained for --steps; runs with no kept model, or one still short of --steps (a killed or
+running run), are named and skipped. Their records carry trained_code, the code that trained the model (from its
+run.json; null where it has none), beside code, the scoring code.
 """
 from __future__ import annotations
 
@@ -117,23 +118,29 @@ def run_order(seeds: list[int], variants: list[T], order: str) -> list[tuple[int
 
 
 def code_version(root: Path | None = None) -> str:
-    """The git commit of the checkout at `root` (this one by default), with '+dirty-<hash of the diff>' when tracked
-    files other than benchmarks/results/ differ from it (two different uncommitted trees on one commit read apart);
-    'unknown (no git checkout)' outside git. Each record names the code that made it, and a grid file holds one
-    version."""
+    """The git commit of the checkout at `root` (this one by default), with '+dirty-<hash>' when tracked files other
+    than benchmarks/results/ differ from it, the hash that of the changed files' names and contents (so two different
+    uncommitted trees on one commit read apart, whatever anyone's git diff settings); 'unknown (no git checkout)'
+    outside git. Each record names the code that made it, and a grid file holds one version."""
     import hashlib
     import subprocess
 
     root = Path(__file__).resolve().parents[1] if root is None else root
-    code = ["--", ".", ":!benchmarks/results"]
     try:
         git = lambda *cmd: subprocess.run(["git", *cmd], cwd=root, capture_output=True, timeout=10,  # noqa: E731
-                                          check=True).stdout
-        head = git("rev-parse", "--short=12", "HEAD").decode().strip()
-        diff = git("diff", "HEAD", "--binary", *code)
+                                          check=True).stdout.decode()
+        head = git("rev-parse", "--short=12", "HEAD").strip()
+        top = Path(git("rev-parse", "--show-toplevel").strip())
+        changed = git("diff", "HEAD", "--name-only", "-z", "--no-renames", "--", ".", ":!benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git checkout)"
-    return head + (f"+dirty-{hashlib.sha256(diff).hexdigest()[:8]}" if diff else "")
+    if not changed:
+        return head
+    h = hashlib.sha256()
+    for name in sorted(n for n in changed.split("\0") if n):
+        path = top / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"(deleted)") + b"\0")
+    return f"{head}+dirty-{h.hexdigest()[:8]}"
 
 
 def run_settings(learner, args: Args) -> dict:
@@ -265,8 +272,14 @@ def load_kept(folder: str | Path, variant: Variant, args: Args, dataset):
     path = kept_model(folder, variant, args.seed)
     learner.resume(path)
     if learner.step != args.steps:
+        if learner.step < args.steps and (read_run_file(path.parent) or {}).get("steps") == args.steps:
+            raise UnfinishedModel(f"{path} is at step {learner.step} of {args.steps}: its run has not finished")
         raise ConfigError(f"{path} was trained for {learner.step} steps, the grid's runs for {args.steps}")
     return learner
+
+
+class UnfinishedModel(ConfigError):
+    """A kept folder's checkpoint is a run still training toward --steps (killed, or running in another worker)."""
 
 
 def check_score_at(text: str, steps: int, variants: list[tuple[Variant, Args]]) -> list[int]:
@@ -434,14 +447,21 @@ def check_grid(a: argparse.Namespace, version: str) -> Grid:
 def check_kept(a: argparse.Namespace, variants: list[tuple[Variant, Args]], dataset) -> set[tuple[int, Variant]]:
     """The (seed, variant) runs --from-models scores, each checked; the missing ones named."""
     planned = run_order(a.seeds, variants, a.order)
-    kept = set()
+    kept, unfinished = set(), []
     for seed, (variant, args) in planned:
         if kept_model(a.from_models, variant, seed).is_file():
-            load_kept(a.from_models, variant, dataclasses.replace(args, seed=seed), dataset)
+            try:
+                load_kept(a.from_models, variant, dataclasses.replace(args, seed=seed), dataset)
+            except UnfinishedModel as e:
+                unfinished.append(str(e))
+                continue
             kept.add((seed, variant))
+    if unfinished:
+        print(f"unfinished, skipped: {'; '.join(unfinished)}", file=sys.stderr)
     if not kept:
-        raise ConfigError(f"--from-models {a.from_models!r} holds none of this grid's models")
-    missing = [f"{v.label} seed {seed}" for seed, (v, _) in planned if (seed, v) not in kept]
+        raise ConfigError(f"--from-models {a.from_models!r} holds none of this grid's finished models")
+    missing = [f"{v.label} seed {seed}" for seed, (v, _) in planned
+               if (seed, v) not in kept and not kept_model(a.from_models, v, seed).is_file()]
     if missing:
         print(f"no kept model, skipped: {', '.join(missing)}", file=sys.stderr)
     return kept
@@ -482,14 +502,18 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
             if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it if this code made it
                 check_kept_folders(a.keep_models, [(seed, (variant, args))], version)  # as at the start: hours ago
                 resumed_at = learner.resume().step
+                lost = [b for b, v in stops if b < resumed_at and run_key(v.label, seed) not in g.results.runs()]
+                if lost:  # passed budgets this --out has no result for: only training from step 0 gives them
+                    print(f"seed {seed} {variant.label}: {learner.out_dir} is at step {resumed_at}, past the "
+                          f"budgets {lost} that {a.out} has no result for: retrained from step 0 (its kept model "
+                          "is replaced at the end)", file=sys.stderr, flush=True)
+                    learner, resumed_at = make_learner(args, dataset=g.dataset), None
+                    learner.out_dir = None
             else:
                 write_run_file(learner.out_dir, version, args.steps, variant, seed)
     for budget, shown in stops:
         scored_key = run_key(shown.label, seed)
-        if a.from_models is None and learner.step > budget:  # resumed past this budget: scored before the kill
-            if scored_key not in g.results.runs():  # training goes on only after a budget's result is written
-                raise ConfigError(f"{learner.out_dir} holds a checkpoint at step {learner.step}, past the budget "
-                                  f"{budget} that {a.out} has no result for; delete that folder to retrain the run")
+        if a.from_models is None and learner.step > budget:  # resumed past this budget, whose result is in
             continue
         if a.from_models is None:
             try:

@@ -619,7 +619,7 @@ def test_from_models_scores_kept_models_as_the_grid_did_and_refuses_another_runs
     shutil.copy(kept_model(models, "td:stride=2", 0), kept_model(models, "baseline", 0))  # the wrong run's model
     with pytest.raises(ConfigError, match="checkpoint config does not match"):
         _compare(monkeypatch, *common, "--from-models", str(models), "--out", str(tmp_path / "wrong.json"))
-    with pytest.raises(ConfigError, match="holds none of this grid's models"):
+    with pytest.raises(ConfigError, match="holds none of this grid's finished models"):
         _compare(monkeypatch, *common, "--from-models", str(tmp_path / "empty"), "--out", str(tmp_path / "x.json"))
     with pytest.raises(ConfigError, match="takes neither --score-at nor --keep-models"):
         _compare(monkeypatch, *common, "--from-models", str(models), "--score-at", "3",
@@ -679,10 +679,11 @@ def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, 
     assert not any((tmp_path / f).exists() for f in ("c.json", "d.json", "e.json"))
 
 
-def test_a_run_scored_on_its_way_and_killed_resumes_past_its_scored_budgets(tmp_path, monkeypatch):
+def test_a_run_scored_on_its_way_and_killed_resumes_past_its_scored_budgets(tmp_path, monkeypatch, capsys):
     """With --score-at and --keep-models a run checkpoints on its way too: killed after its first budget was scored,
     it resumes from its last checkpoint (past that budget, which it neither retrains nor rescores) and every record
-    equals the uninterrupted run's. A checkpoint past a budget with no result is refused."""
+    equals the uninterrupted run's. --from-models skips the unfinished model; a new --out on the same folder, which
+    has no result for the budget the checkpoint passed, retrains the run from step 0."""
     from benchmarks import compare
 
     common = ["--data", "8gaussians", "--variants", "baseline", "--seeds", "0", "--steps", "8", "--score-at", "2",
@@ -709,6 +710,10 @@ def test_a_run_scored_on_its_way_and_killed_resumes_past_its_scored_budgets(tmp_
     with pytest.raises(KeyboardInterrupt):
         _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
     assert set(json.loads((tmp_path / "b.json").read_text())["runs"]) == {"baseline:steps=2|seed=0"}
+    with pytest.raises(ConfigError, match="holds none of this grid's finished models"):  # step 4 of 8: not scored
+        _compare(monkeypatch, *common[:8], *common[10:], "--from-models", str(tmp_path / "b"),  # no --score-at
+                 "--out", str(tmp_path / "f.json"))
+    assert "is at step 4 of 8: its run has not finished" in capsys.readouterr().err
     kill, trained[:] = False, []
     resumed = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
     assert trained == [4, 5, 6, 7]  # from the step-4 checkpoint, not from 0
@@ -717,23 +722,27 @@ def test_a_run_scored_on_its_way_and_killed_resumes_past_its_scored_budgets(tmp_
     for key in whole:
         assert value(resumed[key]) == value(whole[key])
     assert {r["resumed_at_step"] for r in resumed["baseline:steps=8|seed=0"]} == {4}
-    d = json.loads((tmp_path / "b.json").read_text())  # a budget's result lost, its run's checkpoint past it
-    del d["runs"]["baseline:steps=2|seed=0"], d["runs"]["baseline:steps=8|seed=0"]
-    (tmp_path / "b.json").write_text(json.dumps(d))
-    with pytest.raises(ConfigError, match=r"checkpoint at step 8, past the budget 2 that .* has no result for"):
-        _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
+    trained[:] = []  # the same kept folder, a new --out: its step-8 checkpoint is past budget 2, with no result
+    again = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "c.json"))
+    assert trained == list(range(8))  # retrained from step 0
+    for key in whole:
+        assert value(again[key]) == value(whole[key])
 
 
-def test_code_version_names_the_commit_and_tells_two_uncommitted_trees_apart(tmp_path):
-    """A clean checkout is its commit; an edit to tracked code adds '+dirty-<hash of the diff>', different for
-    different edits and equal for equal ones; results files and untracked files do not count."""
+def test_code_version_names_the_commit_and_tells_two_uncommitted_trees_apart(tmp_path, monkeypatch):
+    """A clean checkout is its commit; an edit to tracked code adds '+dirty-<hash>', different for different edits
+    and equal for equal ones whatever the git diff settings; results files and untracked files do not count."""
     import subprocess
 
     from benchmarks.compare import code_version
 
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # tmp_path is in no other checkout
+    for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(name, raising=False)
     assert code_version(tmp_path) == "unknown (no git checkout)"
-    git = lambda *cmd: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=tmp_path,  # noqa: E731
-                                      check=True, capture_output=True)
+    git = lambda *cmd: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t",  # noqa: E731
+                                       "-c", "commit.gpgsign=false", *cmd], cwd=tmp_path, check=True,
+                                      capture_output=True)
     git("init", "-q")
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "code.py").write_text("a = 1\n")
@@ -750,7 +759,11 @@ def test_code_version_names_the_commit_and_tells_two_uncommitted_trees_apart(tmp
     three = code_version(tmp_path)
     assert two.startswith(head + "+dirty-") and three.startswith(head + "+dirty-") and two != three
     (tmp_path / "code.py").write_text("a = 2\n")
+    git("config", "diff.noprefix", "true")
+    git("config", "diff.algorithm", "patience")
     assert code_version(tmp_path) == two
+    (tmp_path / "code.py").unlink()
+    assert code_version(tmp_path) not in (head, two, three)
 
 
 def test_a_run_that_diverges_is_recorded_as_nan_and_the_grid_moves_on(tmp_path, monkeypatch):
