@@ -44,8 +44,8 @@ Each run also trains in that folder with the Learner's checkpoints on its way (b
 5 minutes), so a run killed midway resumes from its last checkpoint, exactly (tested, with and without --score-at:
 the budgets scored before the kill are skipped, not retrained; its records then carry resumed_at_step, and
 train_seconds the whole run's training time, before and after the resume; null for a checkpoint made before
-checkpoints kept it). A run whose checkpoint is past a --score-at budget that --out has no result for (a new --out on a
-kept folder) is retrained from step 0. Without --keep-models a killed run starts again from step 0.
+checkpoints kept it). A run whose checkpoint is past a --score-at budget that --out has no result for (a new --out
+on a kept folder) is retrained from step 0. Without --keep-models a killed run starts again from step 0.
 Each kept folder holds a run.json naming the code version and steps that train it; a command of other code or
 another --steps refuses, before any training, a folder that holds a checkpoint of other code or budget (or one with
 no run.json): it would continue it into a run of neither version.
