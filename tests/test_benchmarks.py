@@ -627,6 +627,27 @@ def test_from_models_scores_kept_models_as_the_grid_did_and_refuses_another_runs
     assert not (tmp_path / "wrong.json").exists() and not (tmp_path / "x.json").exists()
 
 
+class _DiesAt6:
+    """compare.make_learner wrapped: each learner checkpoints every 4 steps and, while `kill` is set, dies at step 6
+    (KeyboardInterrupt); `trained` lists the steps it trained."""
+
+    def __init__(self, make):
+        self.make, self.kill, self.trained = make, False, []
+
+    def __call__(self, args, **kw):
+        learner = self.make(args, **kw)
+        learner.config.checkpoint_every = 4
+        update = learner.update
+
+        def dies_at_6(batch, **kw):
+            if learner.step == 6 and self.kill:
+                raise KeyboardInterrupt
+            self.trained.append(learner.step)
+            return update(batch, **kw)
+        learner.update = dies_at_6
+        return learner
+
+
 def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, monkeypatch):
     """With --keep-models a run checkpoints on its way; killed midway, the same command resumes it from the last
     checkpoint, and its records equal those of an uninterrupted run."""
@@ -634,28 +655,14 @@ def test_a_run_killed_midway_resumes_from_its_kept_checkpoint_exactly(tmp_path, 
 
     common = ["--data", "8gaussians", "--variants", "td:stride=2", "--seeds", "0", "--steps", "8",
               "--n-samples", "64", "--nfe-grid", "3"]
-    make = compare.make_learner
-
-    def every_4_steps(args, **kw):  # a checkpoint every 4 steps; the run dies at step 6
-        learner = make(args, **kw)
-        learner.config.checkpoint_every = 4
-        update = learner.update
-
-        def dies_at_6(batch, **kw):
-            if learner.step == 6 and kill:
-                raise KeyboardInterrupt
-            return update(batch, **kw)
-        learner.update = dies_at_6
-        return learner
-
-    monkeypatch.setattr(compare, "make_learner", every_4_steps)
-    kill = False
+    learners = _DiesAt6(compare.make_learner)
+    monkeypatch.setattr(compare, "make_learner", learners)
     whole = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "a"), "--out", str(tmp_path / "a.json"))
-    kill = True
+    learners.kill = True
     with pytest.raises(KeyboardInterrupt):
         _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
     assert not (tmp_path / "b.json").exists() or not json.loads((tmp_path / "b.json").read_text())["runs"]
-    kill = False
+    learners.kill = False
     resumed = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
     value = lambda runs: [(r["variant"], r["nfe"], r["metric"], r["value"]) for r in runs["td:stride=2|seed=0"]]  # noqa: E731
     assert value(resumed) == value(whole)
@@ -688,25 +695,11 @@ def test_a_run_scored_on_its_way_and_killed_resumes_past_its_scored_budgets(tmp_
 
     common = ["--data", "8gaussians", "--variants", "baseline", "--seeds", "0", "--steps", "8", "--score-at", "2",
               "--n-samples", "64", "--nfe-grid", "3"]
-    make, trained = compare.make_learner, []
-
-    def every_4_steps(args, **kw):  # a checkpoint every 4 steps; the run dies at step 6
-        learner = make(args, **kw)
-        learner.config.checkpoint_every = 4
-        update = learner.update
-
-        def dies_at_6(batch, **kw):
-            if learner.step == 6 and kill:
-                raise KeyboardInterrupt
-            trained.append(learner.step)
-            return update(batch, **kw)
-        learner.update = dies_at_6
-        return learner
-
-    monkeypatch.setattr(compare, "make_learner", every_4_steps)
-    kill = False
+    learners = _DiesAt6(compare.make_learner)
+    trained = learners.trained
+    monkeypatch.setattr(compare, "make_learner", learners)
     whole = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "a"), "--out", str(tmp_path / "a.json"))
-    kill = True
+    learners.kill = True
     with pytest.raises(KeyboardInterrupt):
         _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
     assert set(json.loads((tmp_path / "b.json").read_text())["runs"]) == {"baseline:steps=2|seed=0"}
@@ -714,7 +707,7 @@ def test_a_run_scored_on_its_way_and_killed_resumes_past_its_scored_budgets(tmp_
         _compare(monkeypatch, *common[:8], *common[10:], "--from-models", str(tmp_path / "b"),  # no --score-at
                  "--out", str(tmp_path / "f.json"))
     assert "is at step 4 of 8: its run has not finished" in capsys.readouterr().err
-    kill, trained[:] = False, []
+    learners.kill, trained[:] = False, []
     resumed = _compare(monkeypatch, *common, "--keep-models", str(tmp_path / "b"), "--out", str(tmp_path / "b.json"))
     assert trained == [4, 5, 6, 7]  # from the step-4 checkpoint, not from 0
     value = lambda recs: [(r["variant"], r["nfe"], r["metric"], r["value"]) for r in recs]  # noqa: E731
