@@ -447,21 +447,21 @@ def check_grid(a: argparse.Namespace, version: str) -> Grid:
 def check_kept(a: argparse.Namespace, variants: list[tuple[Variant, Args]], dataset) -> set[tuple[int, Variant]]:
     """The (seed, variant) runs --from-models scores, each checked; the missing ones named."""
     planned = run_order(a.seeds, variants, a.order)
-    kept, unfinished = set(), []
+    kept, unfinished, missing = set(), [], []
     for seed, (variant, args) in planned:
-        if kept_model(a.from_models, variant, seed).is_file():
-            try:
-                load_kept(a.from_models, variant, dataclasses.replace(args, seed=seed), dataset)
-            except UnfinishedModel as e:
-                unfinished.append(str(e))
-                continue
-            kept.add((seed, variant))
+        if not kept_model(a.from_models, variant, seed).is_file():
+            missing.append(f"{variant.label} seed {seed}")
+            continue
+        try:
+            load_kept(a.from_models, variant, dataclasses.replace(args, seed=seed), dataset)
+        except UnfinishedModel as e:
+            unfinished.append(str(e))
+            continue
+        kept.add((seed, variant))
     if unfinished:
         print(f"unfinished, skipped: {'; '.join(unfinished)}", file=sys.stderr)
     if not kept:
         raise ConfigError(f"--from-models {a.from_models!r} holds none of this grid's finished models")
-    missing = [f"{v.label} seed {seed}" for seed, (v, _) in planned
-               if (seed, v) not in kept and not kept_model(a.from_models, v, seed).is_file()]
     if missing:
         print(f"no kept model, skipped: {', '.join(missing)}", file=sys.stderr)
     return kept
@@ -492,6 +492,7 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
     evaluators = g.evaluators(seed)
     args = dataclasses.replace(args, seed=seed)
     resumed_at = None  # the step a killed run continued from
+    done = set(g.results.runs())  # read once: while this worker holds the claim, only it writes this run's results
     if a.from_models is not None:
         learner = load_kept(a.from_models, variant, args, g.dataset)  # trained already: only scored below
     else:
@@ -502,7 +503,7 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
             if (learner.out_dir / "checkpoint.pt").exists():  # a killed run: continue it if this code made it
                 check_kept_folders(a.keep_models, [(seed, (variant, args))], version)  # as at the start: hours ago
                 resumed_at = learner.resume().step
-                lost = [b for b, v in stops if b < resumed_at and run_key(v.label, seed) not in g.results.runs()]
+                lost = [b for b, v in stops if b < resumed_at and run_key(v.label, seed) not in done]
                 if lost:  # passed budgets this --out has no result for: only training from step 0 gives them
                     print(f"seed {seed} {variant.label}: {learner.out_dir} is at step {resumed_at}, past the "
                           f"budgets {lost} that {a.out} has no result for: retrained from step 0 (its kept model "
@@ -513,21 +514,21 @@ def train_and_score(g: Grid, seed: int, variant: Variant, args: Args, version: s
                 write_run_file(learner.out_dir, version, args.steps, variant, seed)
     for budget, shown in stops:
         scored_key = run_key(shown.label, seed)
-        if a.from_models is None and learner.step > budget:  # resumed past this budget, whose result is in
-            continue
         if a.from_models is None:
+            if learner.step > budget:  # resumed past this budget, whose result is in
+                continue
             try:
                 for _ in learner.train(budget, progress=False):
                     pass
             except NonFiniteLossError as e:  # a restart would diverge again from the same checkpoint: record it
                 for _, rest in stops[stops.index((budget, shown)):]:
-                    if run_key(rest.label, seed) not in g.results.runs():
+                    if run_key(rest.label, seed) not in done:
                         g.results.finish(run_key(rest.label, seed), diverged_records(g, learner, args, rest, e,
                                                                                      version))
                 print(f"seed {seed} {variant.label}: diverged at step {learner.step} ({e}); recorded as nan",
                       file=sys.stderr, flush=True)
                 return
-        if scored_key != key and scored_key in g.results.runs():  # scored before a restart: only retrained
+        if scored_key != key and scored_key in done:  # scored before a restart: only retrained
             continue
         sample_dir = None if a.sample_grids is None else Path(a.sample_grids) / shown.folder() / f"seed{seed}"
         recs = score_run(learner, args, evaluators, shown, sample_dir)
